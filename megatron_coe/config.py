@@ -1,0 +1,162 @@
+"""Chain-of-Experts configuration: Megatron-Core's ``TransformerConfig`` plus the CoE fields.
+
+This module owns every CoE option and its validation. The fields follow Megatron's style
+(one documented dataclass field each); ``__post_init__`` checks the CoE-specific rules once,
+with messages that name the field to change, and then defers to Megatron-Core's own checks.
+
+Two concrete classes exist because Megatron-Core keeps MLA options in a subclass:
+``CoETransformerConfig`` (standard attention) and ``CoEMLATransformerConfig`` (DeepSeek-V2 MLA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+
+class CoEConfigError(ValueError):
+    """A CoE configuration that cannot run; the message says which field to change."""
+
+
+@dataclass
+class CoEConfigMixin:
+    """CoE fields, mixed into a Megatron-Core ``TransformerConfig``.
+
+    With ``x0 = LN(h)``, a CoE layer computes, for t in 1..C::
+
+        x_t = I_inner * x_{t-1} + sum_i g_{t,i} E_i(x_{t-1}) + S(x_{t-1})
+        y   = x_C + I_outer * h
+
+    ``moe_router_topk`` is the top-k of each pass (C * topk experts per token in all).
+    """
+
+    coe_iterations: int = 1
+    """C: number of chained routing passes inside one CoE layer (>= 1)."""
+
+    coe_inner_residual: bool = True
+    """Add x_{t-1} to the output of pass t (the paper's default: on)."""
+
+    coe_outer_residual: bool = False
+    """Add the layer's residual stream h to x_C (paper default: off; Megatron's standard MoE: on)."""
+
+    coe_shared_router: bool = False
+    """Ablation: one router module shared by all passes instead of one independent router per pass."""
+
+    def __post_init__(self):
+        validate_coe_config(self)
+        super().__post_init__()  # Megatron-Core's own checks
+
+
+# Megatron features that assume a single route/dispatch/combine per layer. Each entry:
+# (predicate on the config, field to change, why).
+_SINGLE_PASS_FEATURES = (
+    (
+        lambda c: bool(getattr(c, "overlap_moe_expert_parallel_comm", False)),
+        "overlap_moe_expert_parallel_comm",
+        "its schedule splits one MoE forward into single dispatch/combine stages",
+    ),
+    (
+        lambda c: bool(getattr(c, "delay_wgrad_compute", False)),
+        "delay_wgrad_compute",
+        "expert weight gradients are delayed per layer, but CoE reuses the experts in every pass",
+    ),
+    (
+        lambda c: bool(getattr(c, "moe_enable_routing_replay", False)),
+        "moe_enable_routing_replay",
+        "routing replay records one routing decision per layer",
+    ),
+    (
+        lambda c: getattr(c, "moe_layer_freq", 1) != 1,
+        "moe_layer_freq",
+        "every layer of a CoE model is a CoE layer; set moe_layer_freq=1",
+    ),
+    (
+        lambda c: bool(getattr(c, "moe_use_upcycling", False)),
+        "moe_use_upcycling",
+        "use tools/convert_from_hf.py to upcycle a MoE checkpoint into CoE instead",
+    ),
+)
+
+_PARTIAL_CUDA_GRAPH_SCOPES = {"moe", "moe_router", "moe_preprocess"}
+
+
+def _partial_moe_cuda_graph_scopes(config) -> list[str]:
+    if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
+        return []
+    scope = getattr(config, "cuda_graph_scope", None) or []
+    if isinstance(scope, str):
+        scope = scope.split(",")
+    names = [getattr(s, "name", str(s)) for s in scope]
+    return [n for n in names if n in _PARTIAL_CUDA_GRAPH_SCOPES]
+
+
+def validate_coe_config(config) -> None:
+    """Check the CoE rules; raise ``CoEConfigError`` naming the field to change."""
+    c = config
+    if not isinstance(c.coe_iterations, int) or c.coe_iterations < 1:
+        raise CoEConfigError(
+            f"coe_iterations (--coe-iterations) must be an integer >= 1, got {c.coe_iterations!r}. "
+            "Use 1 for a standard MoE layer, 2 for the paper's CoE-2."
+        )
+    if not c.num_moe_experts:
+        raise CoEConfigError(
+            "num_moe_experts (--num-experts) must be set: a CoE layer routes over routed experts."
+        )
+    if c.moe_router_topk < 1 or c.moe_router_topk > c.num_moe_experts:
+        raise CoEConfigError(
+            f"moe_router_topk (--moe-router-topk) is the top-k of each CoE pass and must be in "
+            f"[1, num_moe_experts={c.num_moe_experts}], got {c.moe_router_topk}."
+        )
+    ep = c.expert_model_parallel_size
+    if c.num_moe_experts % ep != 0:
+        raise CoEConfigError(
+            f"num_moe_experts={c.num_moe_experts} is not divisible by expert_model_parallel_size="
+            f"{ep} (--expert-model-parallel-size): choose an EP size that divides the expert count."
+        )
+    if not c.coe_inner_residual and not c.coe_outer_residual:
+        raise CoEConfigError(
+            "coe_inner_residual and coe_outer_residual are both off: the layer would drop the "
+            "residual stream. Enable --coe-inner-residual (paper default) or --coe-outer-residual."
+        )
+    if c.coe_iterations > 1:
+        for predicate, field_name, why in _SINGLE_PASS_FEATURES:
+            if predicate(c):
+                raise CoEConfigError(
+                    f"{field_name} is not supported with coe_iterations={c.coe_iterations}: {why}. "
+                    f"Disable {field_name} or set coe_iterations=1."
+                )
+        scopes = _partial_moe_cuda_graph_scopes(c)
+        if scopes:
+            raise CoEConfigError(
+                f"cuda_graph_scope={scopes} captures part of a MoE layer, which assumes one routing "
+                f"pass; with coe_iterations={c.coe_iterations} capture whole layers (scope 'attn' or "
+                "empty) or disable CUDA graphs (cuda_graph_impl='none')."
+            )
+    if c.coe_shared_router and c.coe_iterations == 1:
+        raise CoEConfigError(
+            "coe_shared_router only makes sense with coe_iterations > 1 (there is one pass)."
+        )
+
+
+@dataclass
+class CoETransformerConfig(CoEConfigMixin, TransformerConfig):
+    """``TransformerConfig`` with Chain-of-Experts fields (standard multi-head attention)."""
+
+
+@dataclass
+class CoEMLATransformerConfig(CoEConfigMixin, MLATransformerConfig):
+    """``MLATransformerConfig`` with Chain-of-Experts fields (DeepSeek-V2 multi-latent attention).
+
+    ``kv_channels`` defaults to ``v_head_dim``: MLA's own projections use the MLA head dims, and
+    the core attention's output width is ``kv_channels`` per head.
+    """
+
+    def __post_init__(self):
+        if self.kv_channels is None:
+            self.kv_channels = self.v_head_dim
+        super().__post_init__()
+
+
+def is_coe_config(config) -> bool:
+    return isinstance(config, CoEConfigMixin)

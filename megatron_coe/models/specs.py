@@ -1,0 +1,120 @@
+"""Layer specs for CoE models, derived from Megatron-Core's own GPT layer specs.
+
+``get_coe_layer_spec(config, use_transformer_engine)`` starts from
+``get_gpt_layer_with_transformer_engine_spec`` (GPU: TE linears/attention/norms, grouped-GEMM
+experts ``TEGroupedMLP``) or ``get_gpt_layer_local_spec`` (CPU: Megatron-Core modules only,
+``SequentialMLP`` experts) and swaps in the CoE pieces:
+
+* the layer module: ``CoETransformerLayer`` (outer residual as configured);
+* the MLP: ``ChainOfExpertsLayer`` with ``CoETopKRouter``, keeping Megatron's experts and
+  shared-expert specs;
+* local spec only: ``TorchNorm`` (sequence-parallel capable) and, for MLA,
+  ``MLADotProductAttention``.
+
+Attention is standard multi-head attention or DeepSeek-V2 multi-latent attention, chosen by the
+config class (``CoEMLATransformerConfig`` sets ``multi_latent_attention``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.identity_op import IdentityOp
+
+from megatron_coe.compat import have_transformer_engine
+from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
+from megatron_coe.transformer.coe_router import CoETopKRouter
+from megatron_coe.transformer.coe_transformer_layer import CoETransformerLayer
+from megatron_coe.transformer.local_modules import MLADotProductAttention, TorchNorm
+
+
+class TransformerEngineUnavailable(RuntimeError):
+    """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
+
+
+def require_transformer_engine(what: str) -> None:
+    """Raise a clear error unless Transformer Engine and a CUDA device are both present."""
+    if not torch.cuda.is_available():
+        raise TransformerEngineUnavailable(
+            f"{what} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device. "
+            "On CPU use the local spec (--transformer-impl local) and no --fp8-format."
+        )
+    if not have_transformer_engine():
+        raise TransformerEngineUnavailable(
+            f"{what} needs Transformer Engine, which is not importable here. Install it "
+            "(requirements-gpu.txt, or use an NVIDIA PyTorch container) or use --transformer-impl local."
+        )
+
+
+def _coe_mlp_spec(mlp_spec: ModuleSpec) -> ModuleSpec:
+    """Megatron's MoE module spec with the CoE layer and per-pass router swapped in."""
+    submodules = dataclasses.replace(mlp_spec.submodules, router=CoETopKRouter)
+    return ModuleSpec(module=ChainOfExpertsLayer, params=dict(mlp_spec.params or {}),
+                      submodules=submodules, metainfo=dict(mlp_spec.metainfo or {}))
+
+
+def _localize(layer_submodules, multi_latent_attention: bool):
+    """Local-spec replacements: SP-capable torch norms and the MLA-compatible core attention."""
+    replace = {}
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(layer_submodules, name) is not IdentityOp:
+            replace[name] = TorchNorm
+    attention = layer_submodules.self_attention
+    attn_sub = attention.submodules
+    attn_replace = {}
+    for name in ("q_layernorm", "k_layernorm", "kv_layernorm"):
+        if hasattr(attn_sub, name) and getattr(attn_sub, name) is not IdentityOp:
+            attn_replace[name] = TorchNorm
+    if multi_latent_attention:
+        attn_replace["core_attention"] = MLADotProductAttention
+    if attn_replace:
+        replace["self_attention"] = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attn_sub, **attn_replace)
+        )
+    return dataclasses.replace(layer_submodules, **replace)
+
+
+def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSpec:
+    """Transformer-layer spec of a CoE model for ``config`` (a ``CoE*TransformerConfig``).
+
+    Args:
+        config: the model config; MLA, normalization, qk-layernorm and grouped GEMM come from it.
+        use_transformer_engine: GPU spec (TE modules, ``TEGroupedMLP`` experts when
+            ``config.moe_grouped_gemm``); raises ``TransformerEngineUnavailable`` without TE/CUDA.
+    """
+    mla = bool(getattr(config, "multi_latent_attention", False))
+    if use_transformer_engine:
+        require_transformer_engine("The Transformer Engine layer spec")
+        base = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
+            multi_latent_attention=mla,
+        )
+        submodules = base.submodules
+    else:
+        if config.moe_grouped_gemm:
+            raise ValueError(
+                "moe_grouped_gemm (--moe-grouped-gemm) needs the Transformer Engine spec "
+                "(--transformer-impl transformer_engine) on a GPU; the local spec uses SequentialMLP."
+            )
+        if config.fp8:
+            require_transformer_engine("FP8 training")
+            raise ValueError("FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine).")
+        base = get_gpt_layer_local_spec(
+            num_experts=config.num_moe_experts,
+            qk_layernorm=config.qk_layernorm,
+            multi_latent_attention=mla,
+            normalization=config.normalization,
+        )
+        submodules = _localize(base.submodules, mla)
+    submodules = dataclasses.replace(submodules, mlp=_coe_mlp_spec(submodules.mlp))
+    return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),
+                      submodules=submodules)

@@ -1,0 +1,32 @@
+"""Process groups: the one place that initializes Megatron-Core's parallel state and RNG."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+
+def initialize_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+    seed: int = 1234,
+) -> ProcessGroupCollection:
+    """Build TP/PP/EP/DP groups on the already-initialized default process group and seed RNGs.
+
+    Returns the ``ProcessGroupCollection`` that modules receive as ``pg_collection``.
+    """
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_parallel() -> None:
+    parallel_state.destroy_model_parallel()

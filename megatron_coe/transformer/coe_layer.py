@@ -1,0 +1,142 @@
+"""The Chain-of-Experts layer: C chained expert-parallel MoE passes inside one layer.
+
+With ``x0`` the pre-MLP layernorm output, pass t (1..C) computes::
+
+    x_t = I_inner * x_{t-1} + sum_i g_{t,i} E_i(x_{t-1}) + S(x_{t-1})
+
+Each pass is a complete Megatron-Core MoE round, built from ``MoELayer``'s own stages:
+route (the pass's router) -> preprocess/permute -> dispatch (all-to-all or all-gather) ->
+routed experts -> combine -> unpermute (+ shared experts). Pass t+1 routes on pass t's output.
+The routed experts, shared experts and the token dispatcher are the same objects in every pass;
+each pass has its own ``TopKRouter`` (``routers.{t-1}``) unless ``coe_shared_router`` is set.
+
+The outer residual (``y = x_C + I_outer * h``) is not applied here: it is the transformer
+layer's residual add (see ``coe_transformer_layer.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.typed_torch import apply_module
+
+from megatron_coe.transformer.coe_router import CoETopKRouter
+
+
+class ChainOfExpertsLayer(MoELayer):
+    """Megatron-Core ``MoELayer`` that runs ``config.coe_iterations`` chained routing passes.
+
+    Shapes: input and output ``[s, b, h]`` (``s`` is the local sequence shard under sequence
+    parallelism). Returns ``(output, None)`` like ``MoELayer``.
+
+    Buffers:
+        tokens_per_expert_per_pass ``[C, num_experts]``: tokens each pass routed to each expert on
+        this rank since the last ``reset_routing_stats()`` (counted once per training step, also
+        under activation recompute; not saved in checkpoints).
+    """
+
+    def __init__(self, config, submodules: Optional[MoESubmodules] = None, layer_number=None,
+                 pg_collection=None):
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number,
+                         pg_collection=pg_collection)
+        self.num_passes = config.coe_iterations
+        # MoELayer built one router (``self.router``); it becomes pass 1's router so that a C=1
+        # CoE layer consumes the RNG exactly like MoELayer. Later passes get their own routers.
+        first_router = self.router
+        del self.router
+        num_routers = 1 if config.coe_shared_router else self.num_passes
+        self.routers = torch.nn.ModuleList(
+            [first_router]
+            + [
+                submodules.router(config=self.config, pg_collection=pg_collection)
+                for _ in range(num_routers - 1)
+            ]
+        )
+        self.register_buffer(
+            "tokens_per_expert_per_pass",
+            torch.zeros(self.num_passes, config.num_moe_experts, dtype=torch.float32),
+            persistent=False,
+        )
+
+    # ----------------------------------------------------------------------------- routers
+    def router_for_pass(self, pass_index: int):
+        """The router of pass ``pass_index`` (0-based)."""
+        return self.routers[0 if self.config.coe_shared_router else pass_index]
+
+    def set_layer_number(self, layer_number: int):
+        self.layer_number = layer_number
+        for router in self.routers:
+            router.set_layer_number(layer_number)
+
+    def route(self, hidden_states, padding_mask=None, pass_index: int = 0):
+        """Pass ``pass_index``'s routing: ``(probs [T, E], routing_map [T, E])``."""
+        router = self.router_for_pass(pass_index)
+        if isinstance(router, CoETopKRouter):
+            router.pass_number = pass_index + 1
+        probs, routing_map = apply_module(router)(hidden_states, padding_mask)
+        if torch.is_grad_enabled():  # once per step, also under recompute (like expert bias)
+            with torch.no_grad():
+                self.tokens_per_expert_per_pass[pass_index] += routing_map.sum(dim=0).float()
+        return probs, routing_map
+
+    def reset_routing_stats(self) -> torch.Tensor:
+        """Return and zero ``tokens_per_expert_per_pass``."""
+        stats = self.tokens_per_expert_per_pass.clone()
+        self.tokens_per_expert_per_pass.zero_()
+        return stats
+
+    # ----------------------------------------------------------------------------- forward
+    def coe_pass(self, pass_index: int, x_prev, padding_mask=None):
+        """One complete expert-parallel round on ``x_prev`` ``[s, b, h]``; returns ``x_t``."""
+        shared_output = self.shared_experts_compute(x_prev)
+        probs, routing_map = self.route(x_prev, padding_mask, pass_index=pass_index)
+        hidden, probs = self.preprocess(x_prev, probs, routing_map)
+        dispatched, probs = self.dispatch(hidden, probs)
+        expert_output, _ = self.routed_experts_compute(dispatched, probs)
+        combined = self.combine(expert_output)
+        x_t = self.postprocess(combined, shared_output)
+        if self.config.coe_inner_residual:
+            x_t = x_prev + x_t
+        return x_t
+
+    def chain(self, hidden_states, padding_mask=None):
+        """All C passes: ``x_0 -> x_C``."""
+        x = hidden_states
+        for pass_index in range(self.num_passes):
+            x = self.coe_pass(pass_index, x, padding_mask)
+        return x
+
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        if intermediate_tensors is not None:
+            raise NotImplementedError(
+                "ChainOfExpertsLayer does not support partial CUDA-graph capture of MoE modules."
+            )
+        if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
+            raise ValueError(
+                "MoE/CoE layers with tensor parallelism need sequence parallelism during training: "
+                "set sequence_parallel=True (--sequence-parallel)."
+            )
+        if padding_mask is not None:  # [b, s] -> [s, b], as MoELayer does
+            padding_mask = padding_mask.transpose(0, 1).bool()
+
+        if self.moe_layer_recompute:
+            if self.config.fp8 or self.config.fp4:
+                from megatron.core.extensions.transformer_engine import te_checkpoint
+
+                output = te_checkpoint(
+                    self.chain,
+                    False,
+                    tensor_parallel.random.get_cuda_rng_tracker,
+                    self.tp_group,
+                    hidden_states,
+                    padding_mask,
+                )
+            else:
+                output = tensor_parallel.checkpoint(self.chain, False, hidden_states, padding_mask)
+        else:
+            output = self.chain(hidden_states, padding_mask)
+        return output, None
