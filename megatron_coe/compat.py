@@ -63,6 +63,26 @@ def have_transformer_engine() -> bool:
     return True
 
 
+class TransformerEngineUnavailable(RuntimeError):
+    """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
+
+
+def require_transformer_engine(what: str) -> None:
+    """Raise a clear error unless Transformer Engine and a CUDA device are both present.
+
+    GPU-only paths (TE specs, FP8, grouped GEMM) call this and never fall back silently."""
+    if not torch.cuda.is_available():
+        raise TransformerEngineUnavailable(
+            f"{what} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device. "
+            "On CPU use the local spec (--transformer-impl local) and no --fp8-format."
+        )
+    if not have_transformer_engine():
+        raise TransformerEngineUnavailable(
+            f"{what} needs Transformer Engine, which is not importable here. Install it "
+            "(requirements-gpu.txt, or use an NVIDIA PyTorch container) or use --transformer-impl local."
+        )
+
+
 def install_megatron_fixes() -> None:
     """Work around Megatron-Core 0.16.1 bugs that show without Transformer Engine."""
     global _FIXES_INSTALLED

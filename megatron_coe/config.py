@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megatron_coe.compat import require_transformer_engine
+
 
 class CoEConfigError(ValueError):
     """A CoE configuration that cannot run; the message says which field to change."""
@@ -70,11 +72,6 @@ _SINGLE_PASS_FEATURES = (
         lambda c: getattr(c, "moe_layer_freq", 1) != 1,
         "moe_layer_freq",
         "every layer of a CoE model is a CoE layer; set moe_layer_freq=1",
-    ),
-    (
-        lambda c: bool(getattr(c, "moe_use_upcycling", False)),
-        "moe_use_upcycling",
-        "use tools/convert_from_hf.py to upcycle a MoE checkpoint into CoE instead",
     ),
 )
 
@@ -133,6 +130,8 @@ def validate_coe_config(config) -> None:
                 f"pass; with coe_iterations={c.coe_iterations} capture whole layers (scope 'attn' or "
                 "empty) or disable CUDA graphs (cuda_graph_impl='none')."
             )
+    if c.fp8 or c.fp4:
+        require_transformer_engine(f"{'FP8' if c.fp8 else 'FP4'} training (--fp8-format)")
     if c.coe_shared_router and c.coe_iterations == 1:
         raise CoEConfigError(
             "coe_shared_router only makes sense with coe_iterations > 1 (there is one pass)."

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -28,29 +26,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_coe.compat import have_transformer_engine
+from megatron_coe.compat import TransformerEngineUnavailable, require_transformer_engine  # noqa: F401
 from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 from megatron_coe.transformer.coe_router import CoETopKRouter
 from megatron_coe.transformer.coe_transformer_layer import CoETransformerLayer
 from megatron_coe.transformer.local_modules import MLADotProductAttention, TorchNorm
-
-
-class TransformerEngineUnavailable(RuntimeError):
-    """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
-
-
-def require_transformer_engine(what: str) -> None:
-    """Raise a clear error unless Transformer Engine and a CUDA device are both present."""
-    if not torch.cuda.is_available():
-        raise TransformerEngineUnavailable(
-            f"{what} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device. "
-            "On CPU use the local spec (--transformer-impl local) and no --fp8-format."
-        )
-    if not have_transformer_engine():
-        raise TransformerEngineUnavailable(
-            f"{what} needs Transformer Engine, which is not importable here. Install it "
-            "(requirements-gpu.txt, or use an NVIDIA PyTorch container) or use --transformer-impl local."
-        )
 
 
 def _coe_mlp_spec(mlp_spec: ModuleSpec) -> ModuleSpec:

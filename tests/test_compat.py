@@ -1,0 +1,69 @@
+"""The CPU compatibility layer is active only without CUDA, and each stand-in behaves as documented."""
+
+import numpy as np
+import torch
+
+from megatron_coe import compat
+
+
+def test_active_only_without_cuda():
+    assert not torch.cuda.is_available()
+    assert compat.install_cpu_compat() is True  # idempotent, reports active
+
+
+def test_current_device_and_streams_are_cpu_noops():
+    assert torch.cuda.current_device() == torch.device("cpu")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        x = torch.ones(2)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert x.sum().item() == 2
+
+
+def test_cuda_rng_calls_drive_the_cpu_generator():
+    torch.cuda.manual_seed(5)
+    a = torch.rand(3)
+    state = torch.cuda.get_rng_state()
+    b = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(3), b)
+    torch.cuda.manual_seed(5)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_megatron_rng_tracker_forks_reproducibly():
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("compat-test", 11)
+    with tracker.fork("compat-test"):
+        first = torch.rand(4)
+    tracker.reset()
+    tracker.add("compat-test", 11)
+    with tracker.fork("compat-test"):
+        assert torch.equal(torch.rand(4), first)
+
+
+def test_alltoall_split_sizes_become_numpy_on_cpu():
+    import megatron.core.transformer.moe.token_dispatcher as token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [1, 2]
+
+
+def test_megatron_fixes_for_missing_transformer_engine():
+    import megatron.core.transformer.moe.moe_utils as moe_utils
+    import megatron.core.transformer.multi_latent_attention as mla
+
+    assert moe_utils.te_general_gemm is None
+    assert mla.HAVE_TE is False
+
+
+def test_cuda_device_redirect_is_scoped():
+    with compat.cuda_device_redirect():
+        t = torch.zeros(2, device="cuda")
+        assert t.device.type == "cpu"
+        assert t.type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(2).type() == "torch.FloatTensor"
