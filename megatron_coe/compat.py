@@ -32,6 +32,11 @@ Two independent parts, both idempotent and both no-ops where they are not needed
     * ``moe/moe_utils.py:1093`` turns all-to-all split sizes into numpy only for CUDA tensors, so
       ``tensor_parallel/mappings.py:444`` hands tensors to ``all_to_all_single`` (TypeError on
       gloo): CPU split sizes are converted too.
+    * ``tensor_parallel/mappings.py:148-150`` gathers uneven shards (``output_split_sizes``, used
+      by the all-to-all dispatcher with expert tensor parallelism > 1) with a list
+      ``all_gather``, which gloo rejects ("invalid tensor size"): CPU tensors are padded to the
+      longest shard, gathered and unpadded. (The uneven ``reduce_scatter`` of its backward works
+      on gloo as is.)
 
     ``cuda_device_redirect()`` is a separate, opt-in context for the training loop: Megatron's
     DDP and optimizers create tensors with a literal ``device='cuda'`` (``optimizer/optimizer.py:481,485``,
@@ -203,6 +208,26 @@ def install_cpu_compat() -> bool:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    original_gather = mappings._gather_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or input_.is_cuda or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        # gloo's all_gather needs equal shapes: pad each shard to the longest, gather, unpad.
+        longest = max(output_split_sizes)
+        rest = tuple(input_.shape[1:])
+        padded = input_.new_zeros((longest,) + rest)
+        padded[: input_.shape[0]] = input_
+        gathered = input_.new_empty((longest * group.size(),) + rest)
+        torch.distributed.all_gather_into_tensor(gathered, padded, group=group)
+        return torch.cat(
+            [gathered[r * longest : r * longest + n] for r, n in enumerate(output_split_sizes)]
+        )
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _CPU_INSTALLED = True

@@ -67,3 +67,18 @@ def test_cuda_device_redirect_is_scoped():
         assert t.device.type == "cpu"
         assert t.type() == "torch.cuda.FloatTensor"
     assert torch.zeros(2).type() == "torch.FloatTensor"
+
+
+def _uneven_gather(rank, world_size):
+    import megatron.core.tensor_parallel.mappings as mappings
+
+    group = torch.distributed.group.WORLD
+    local = torch.full((rank + 1, 2), float(rank))  # rank 0: 1 row, rank 1: 2 rows
+    return mappings._gather_along_first_dim(local, group, output_split_sizes=[1, 2])
+
+
+def test_uneven_all_gather_works_on_gloo():
+    from megatron_coe.testing.distributed import run_distributed
+
+    for gathered in run_distributed(_uneven_gather, 2, timeout=60):
+        assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]

@@ -7,7 +7,7 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from megatron_coe.models.specs import get_coe_layer_spec
+from megatron_coe.models.specs import get_coe_block_spec
 
 
 def build_coe_gpt_model(
@@ -33,7 +33,10 @@ def build_coe_gpt_model(
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_coe_layer_spec(config, use_transformer_engine),
+        transformer_layer_spec=get_coe_block_spec(
+            config, use_transformer_engine, vp_stage=vp_stage,
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        ),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

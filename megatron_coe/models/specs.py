@@ -24,6 +24,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.identity_op import IdentityOp
 
 from megatron_coe.compat import TransformerEngineUnavailable, require_transformer_engine  # noqa: F401
@@ -98,3 +102,17 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
     submodules = dataclasses.replace(submodules, mlp=_coe_mlp_spec(submodules.mlp))
     return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),
                       submodules=submodules)
+
+
+def get_coe_block_spec(config, use_transformer_engine: bool = False, vp_stage=None, pp_rank=None):
+    """Decoder-block spec: this pipeline stage's CoE layers plus the final norm.
+
+    On the local spec the final norm is ``TorchNorm`` (Megatron's default, ``WrappedTorchNorm``,
+    refuses sequence parallelism, which MoE with TP > 1 requires); the TE spec keeps Megatron's
+    default final norm (``TENorm``).
+    """
+    layer_spec = get_coe_layer_spec(config, use_transformer_engine)
+    if use_transformer_engine:
+        return layer_spec
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=TorchNorm)
