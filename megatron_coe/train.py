@@ -1,0 +1,97 @@
+"""Train a Chain-of-Experts GPT with Megatron-Core.
+
+    # CPU, 2 processes, expert parallelism 2 (examples/quickstart.sh prepares the data):
+    torchrun --nproc-per-node 2 --master-addr 127.0.0.1 -m megatron_coe.train \\
+        --config examples/tiny/coe2_cpu.yaml --expert-model-parallel-size 2
+
+    # one process, no torchrun:
+    python -m megatron_coe.train --config examples/tiny/coe2_cpu.yaml --train-iters 20
+
+Options: ``coe-train --help`` (Megatron-LM flag names; ``--config FILE.yaml`` with the same keys,
+flags override the file). The loop is in ``megatron_coe/training/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _user_errors() -> tuple:
+    """Exception types that mean "the run is misconfigured" (message only, no traceback)."""
+    from megatron_coe.config import CoEConfigError
+    from megatron_coe.training.checkpoint import CheckpointError
+    from megatron_coe.training.options import OptionError
+    from megatron_coe.training.setup import SetupError
+
+    errors = [OptionError, SetupError, CoEConfigError, CheckpointError]
+    try:
+        from megatron_coe.data.tokenizer import TokenizerError
+
+        errors.append(TokenizerError)
+    except ImportError:
+        pass
+    try:
+        from megatron_coe.data.datasets import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _quiet_known_warnings() -> None:
+    """Megatron's import-time notices about optional GPU packages, repeated on every rank."""
+    import warnings
+
+    for pattern in (r".*(Apex|Transformer Engine).* not installed.*", r".*full scope is deprecated.*",
+                    r".*\.grad attribute of a Tensor that is not a leaf.*",
+                    r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor).*deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: list | None = None) -> int:
+    from megatron_coe.training.options import OptionError, parse_args
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        args = parse_args(argv)  # before importing torch: --help and typos answer at once
+    except OptionError as e:
+        if rank == 0:
+            print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    import torch
+
+    _quiet_known_warnings()
+    if not torch.cuda.is_available():
+        # Megatron's jit_fuser is torch.compile: ~15 s of compilation per step shape on a CPU.
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+    from megatron_coe.compat import install_cpu_compat
+    from megatron_coe.training import setup
+
+    user_errors = _user_errors()
+    try:
+        from megatron_coe.training.trainer import Trainer, preflight
+
+        pre = preflight(args, int(os.environ.get("WORLD_SIZE", "1")))  # user errors, fast
+        install_cpu_compat()
+        setup.init_distributed(args)
+        Trainer(args, pre).train()
+    except user_errors as e:
+        if rank == 0:
+            print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            from megatron_coe.parallel import destroy_parallel
+
+            destroy_parallel()
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":  # required: dist_checkpointing spawns a process that imports __main__
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Checkpoints with ``megatron.core.dist_checkpointing``, published atomically.
+
+Layout of ``--save DIR``::
+
+    DIR/iter_0000020/              a published checkpoint (complete by construction)
+        metadata.json, common.pt,  dist_checkpointing: model + distributed optimizer
+        *.distcp, .metadata          (resharding formats) + scheduler (common state)
+        coe_checkpoint.json        iteration, consumed samples, args, padded vocab, layout
+        rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, CUDA, Megatron)
+    DIR/iter_0000030.tmp/          being written (or left by a crash): never loaded
+    DIR/latest_checkpointed_iteration.txt
+
+All ranks write into ``iter_N.tmp``; after a barrier rank 0 renames it to ``iter_N`` and then
+replaces the tracker file (write-temp + ``os.replace``). ``--load`` considers only directories
+named exactly ``iter_NNNNNNN`` that hold ``coe_checkpoint.json``, so a checkpoint interrupted at
+any point is never picked. Model tensors use Megatron's sharded state dicts and the distributed
+optimizer the ``fully_sharded_model_space`` format, so a checkpoint reloads under other TP / PP /
+EP / DP sizes; the RNG states are restored only under the same layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_coe.training.options import OPTIONS, TrainArgs, flag_name
+
+TRACKER = "latest_checkpointed_iteration.txt"
+META = "coe_checkpoint.json"
+FORMAT_VERSION = 1
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                     "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this run; the message says why."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def find_checkpoint(load: str) -> Optional[str]:
+    """The newest published checkpoint under ``load`` (or ``load`` itself if it is one)."""
+    if os.path.isfile(os.path.join(load, META)):
+        return load
+    if not os.path.isdir(load):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(load)
+             if (m := _ITER_DIR.match(name)) and os.path.isfile(os.path.join(load, name, META))]
+    return os.path.join(load, max(found)[1]) if found else None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) -> None:
+    """Refuse a checkpoint whose model shape differs from this run's, naming every field."""
+    saved = meta["args"]
+    diffs = [(name, saved.get(name), getattr(args, name)) for name, f in OPTIONS.items()
+             if f.metadata["shape"] and saved.get(name) != getattr(args, name)
+             and _matters(name, saved, args)]
+    if meta["vocab_size"] != vocab_size:
+        diffs.append(("padded vocab size (tokenizer)", meta["vocab_size"], vocab_size))
+    if diffs:
+        lines = "\n".join(f"  {name} ({flag_name(name) if name in OPTIONS else 'tokenizer'}): "
+                          f"checkpoint {a!r}, this run {b!r}" for name, a, b in diffs)
+        raise CheckpointError(f"checkpoint {path} has a different model shape than this run:\n"
+                              f"{lines}\nUse the checkpoint's values or a different --load.")
+
+
+def _matters(name: str, saved: dict, args: TrainArgs) -> bool:
+    """MLA dims only matter when MLA is on (in both, as the flag itself is compared too)."""
+    mla_dims = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+    return not (name in mla_dims and not args.multi_latent_attention
+                and not saved.get("multi_latent_attention"))
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"random": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh torch AdamW the per-parameter state that Megatron's loading expects.
+
+    Without Apex/TE, ``DistributedOptimizer.state_dict()`` reads ``step`` from every parameter's
+    state (``distrib_optimizer.py:640``, 0.16.1), which torch creates lazily at the first step;
+    loading into (or saving) a fresh optimizer would fail. Zero moments at step 0 are exactly
+    what AdamW's first step would create; a load overwrites them. No step is taken.
+    """
+    for dist_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = dist_opt.optimizer
+        if not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def _torch_adam_step_fix():
+    """Load ``fully_reshardable`` optimizer state into torch AdamW (Megatron 0.16.1 w/o Apex/TE).
+
+    ``DistributedOptimizer.load_state_dict`` gives every torch-AdamW state a ``step`` (taken from
+    the saved param groups, ``distrib_optimizer.py:818-826``) and then copies each saved tensor
+    onto *every* state key (``_set_main_param_and_optimizer_states``, ``:938-940``), but the
+    saved per-parameter tensors hold no ``step``: KeyError. Inside this context the missing
+    ``step`` is copied onto itself (a no-op). Afterwards ``_unshare_steps`` gives each parameter
+    its own ``step`` tensor (the load assigns one shared tensor, which AdamW would increment once
+    per parameter).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_steps(optimizer) -> None:
+    for dist_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in dist_opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].detach().clone()
+
+
+def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
+    from megatron_coe.training.setup import unwrap
+
+    model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        _ensure_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=SHARDING_METADATA)
+    return state
+
+
+_WARM_UP: Optional[threading.Thread] = None
+
+
+def warm_up_writer() -> None:
+    """Start dist_checkpointing's result-queue process in the background, while training runs.
+
+    The first save creates a spawn-mode ``Manager`` (``filesystem_async.py:51-56``) whose server
+    process imports torch to unpickle the first write results: 3-5 s inside the first save on a
+    small CPU machine. Doing it now (one tensor through the queue) moves that off the save path.
+    """
+    global _WARM_UP
+
+    def warm():
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        queue = filesystem_async._get_write_results_queue()
+        queue.put(torch.zeros(1))
+        queue.get()
+
+    _WARM_UP = threading.Thread(target=warm, name="ckpt-writer-warm-up", daemon=True)
+    _WARM_UP.start()
+
+
+def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: list, optimizer,
+                    scheduler, args: TrainArgs, vocab_size: int, layout) -> str:
+    """Write ``root/iter_N.tmp`` on all ranks, then publish it as ``root/iter_N``."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_coe.compat import cuda_device_redirect
+
+    if _WARM_UP is not None:
+        _WARM_UP.join()
+    rank = torch.distributed.get_rank()
+    final = iteration_dir(root, iteration)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    with cuda_device_redirect():
+        state = _sharded_state(model, optimizer, is_loading=False)
+        state["scheduler"] = scheduler.state_dict()
+        dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    if rank == 0:
+        meta = dict(format_version=FORMAT_VERSION, iteration=iteration,
+                    consumed_train_samples=consumed_samples, vocab_size=vocab_size,
+                    layout=vars(layout), args=args.to_dict())
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+    torch.distributed.barrier()  # every rank finished writing
+    if rank == 0:
+        _publish(root, tmp, final, iteration)
+    torch.distributed.barrier()
+    return final
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
+    old = final + ".old"
+    if os.path.exists(final):  # re-saving an iteration (e.g. after a resume)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    try:
+        fd = os.open(root, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArgs,
+                    layout) -> tuple[int, int]:
+    """Load ``path`` (a published iteration directory); returns (iteration, consumed samples)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.training.setup import unwrap
+
+    meta = read_meta(path)
+    load_optim = not args.no_load_optim
+    with cuda_device_redirect():
+        state = _sharded_state(model, optimizer if load_optim else None, is_loading=True)
+        loaded = dist_checkpointing.load(state, path)
+        unwrap(model[0]).load_state_dict(loaded["model"])
+        if load_optim:
+            with _torch_adam_step_fix():
+                optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_steps(optimizer)
+            scheduler.load_state_dict(loaded["scheduler"])
+    rank = torch.distributed.get_rank()
+    same_layout = meta["layout"] == vars(layout)
+    if not args.no_load_rng and same_layout:
+        _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{rank:05d}.pt"),
+                                  weights_only=False))
+    elif rank == 0 and not args.no_load_rng:
+        print(f"note: parallel layout changed ({meta['layout']} -> {vars(layout)}); RNG states "
+              "are not restored.", flush=True)
+    if not load_optim:
+        if args.bf16:  # fp32 main params follow the loaded bf16 weights
+            optimizer.reload_model_params()
+        return 0, 0
+    return meta["iteration"], meta["consumed_train_samples"]

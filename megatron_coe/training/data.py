@@ -1,0 +1,105 @@
+"""Data for the trainer: Megatron GPT datasets (``megatron_coe.data``) or ``--mock-data``.
+
+Every rank reads its own data-parallel shard of each global batch (pipeline and tensor-parallel
+peers read the same samples), so no broadcast is needed. The train position is the number of
+consumed samples, which checkpoints store: a resumed run continues with the next sample. Each
+validation pass reads the same first ``eval_iters`` global batches of the validation split.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from megatron_coe.training.options import TrainArgs
+from megatron_coe.training.setup import SetupError
+
+
+class MockDataset(torch.utils.data.Dataset):
+    """Learnable synthetic sequences: ``t_i = (a + b * i) mod V`` with (a, b) drawn per sample."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int):
+        self.num_samples, self.seq_length, self.vocab_size, self.seed = (
+            num_samples, seq_length, vocab_size, seed)
+
+    def __len__(self):
+        return self.num_samples
+
+    def __getitem__(self, idx):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx))
+        start, stride = torch.randint(0, self.vocab_size, (2,), generator=gen).tolist()
+        stride = 1 + stride % 7
+        t = (start + stride * torch.arange(self.seq_length + 1)) % self.vocab_size
+        return dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(self.seq_length),
+                    position_ids=torch.arange(self.seq_length))
+
+
+class MockTokenizer:
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eod = vocab_size, 0
+
+    def fingerprint(self) -> str:
+        return f"mock-{self.vocab_size}"
+
+
+def num_samples(args: TrainArgs) -> tuple[int, int, int]:
+    """(train, valid, test) samples the run reads."""
+    train = args.train_iters * args.global_batch_size
+    valid = args.eval_iters * args.global_batch_size
+    return train, valid, 0
+
+
+def load_tokenizer(args: TrainArgs):
+    """``--tokenizer-model``, else ``<first data prefix>.tokenizer.json`` (preprocess_data.py)."""
+    if args.mock_data:
+        return MockTokenizer(args.vocab_size)
+    from megatron_coe.data.datasets import parse_blend
+    from megatron_coe.data.tokenizer import load_tokenizer as load
+
+    if not args.data_path:
+        raise SetupError("--data-path is required (or --mock-data for synthetic data).")
+    prefixes, _ = parse_blend(args.data_path)
+    return load(args.tokenizer_model or prefixes[0] + ".tokenizer.json")
+
+
+def validate_data(args: TrainArgs, tokenizer) -> None:
+    """Each data prefix exists, is complete and was tokenized with ``tokenizer`` (DataError)."""
+    if args.mock_data:
+        return
+    from megatron_coe.data.datasets import parse_blend, validate_data_prefix
+
+    for prefix in parse_blend(args.data_path)[0]:
+        validate_data_prefix(prefix, tokenizer)
+
+
+def build_datasets(args: TrainArgs, tokenizer):
+    """(train, valid) datasets; data files, tokenizer and splits are validated first."""
+    train_n, valid_n, test_n = num_samples(args)
+    if args.mock_data:
+        return (MockDataset(train_n, args.seq_length, args.vocab_size, args.seed),
+                MockDataset(valid_n, args.seq_length, args.vocab_size, args.seed + 1))
+    from megatron_coe.data.datasets import build_train_valid_test_datasets
+
+    train, valid, _ = build_train_valid_test_datasets(
+        data_path=list(args.data_path), split=args.split, seq_length=args.seq_length,
+        seed=args.seed, num_samples=(train_n, valid_n if args.eval_iters else 0, test_n),
+        tokenizer=tokenizer, data_cache_path=args.data_cache_path)
+    if args.eval_iters > 0 and valid is None:
+        raise SetupError(f"--split {args.split} leaves no validation data but --eval-iters is "
+                         f"{args.eval_iters}: give the validation split a weight or set "
+                         "--eval-iters 0.")
+    return train, valid
+
+
+def micro_batches(dataset, micro_batch_size: int, consumed_samples: int, dp_rank: int,
+                  dp_size: int, num_workers: int = 0) -> Iterator[dict]:
+    """This rank's micro-batches from ``consumed_samples`` on (tensors moved to the GPU if any)."""
+    from megatron_coe.data.datasets import build_data_loader
+
+    loader = build_data_loader(dataset, micro_batch_size, consumed_samples, dp_rank, dp_size,
+                               num_workers=num_workers)
+    for batch in loader:
+        if torch.cuda.is_available():
+            batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+        yield batch

@@ -1,0 +1,270 @@
+"""What a run reports: progress lines, a per-step JSONL file and TensorBoard scalars.
+
+All ranks take part in the reductions (they are collectives); only global rank 0 writes.
+
+* lm loss: token-weighted mean over the global batch (``[sum, tokens]`` summed over all ranks;
+  only last pipeline stages contribute, tensor-parallel duplicates cancel in the ratio).
+* aux losses: Megatron's aux-loss tracker, one entry per (name, layer); CoE names end in
+  ``_pass{t}``. Values are per micro-batch means of ``loss / coeff`` (as Megatron-LM logs them).
+* expert-load imbalance: max/mean of ``tokens_per_expert_per_pass`` per (layer, pass), summed
+  over all ranks (data/expert/sequence shards see disjoint tokens, pipeline stages own disjoint
+  layers) since the last log line.
+* model FLOPs per step count attention, the router, C x top-k routed experts and the shared
+  expert of every pass, and the output layer (x3 for forward + backward). MFU needs a peak:
+  ``--peak-tflops`` or a known GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import defaultdict
+from typing import Optional
+
+import torch
+
+from megatron_coe.training.options import TrainArgs
+
+_PASS = re.compile(r"^(?P<name>.+)_pass(?P<t>\d+)$")
+_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+# --------------------------------------------------------------------------- FLOPs
+def flops_per_token(args: TrainArgs, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per MAC)."""
+    h, n, s = args.hidden_size, args.num_attention_heads, args.seq_length
+    s_attn = s / 2  # causal: on average half the keys are visible
+    if args.multi_latent_attention:
+        dq, dr, dv = args.qk_head_dim, args.qk_pos_emb_head_dim, args.v_head_dim
+        q = h * args.q_lora_rank + args.q_lora_rank * n * (dq + dr) if args.q_lora_rank \
+            else h * n * (dq + dr)
+        kv = h * (args.kv_lora_rank + dr) + args.kv_lora_rank * n * (dq + dv)
+        attn = q + kv + n * dv * h + n * (dq + dr) * s_attn + n * dv * s_attn
+    else:
+        d = args.kv_channels or h // n
+        attn = 4 * h * n * d + 2 * n * d * s_attn
+    mats = 3 if args.swiglu else 2
+    routed = args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * h
+    shared = args.moe_shared_expert_intermediate_size or 0
+    per_pass = h * args.num_experts + args.moe_router_topk * mats * h * routed + mats * h * shared
+    layer = attn + args.coe_iterations * per_pass
+    macs = args.num_layers * layer + h * vocab_size
+    return 3 * 2 * macs
+
+
+def peak_flops_per_device(args: TrainArgs) -> Optional[float]:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in _PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+# --------------------------------------------------------------------------- reductions
+def reduce_lm_loss(reports: list, extra: float = 0.0) -> tuple[float, float]:
+    """(global token-weighted lm loss, max of ``extra`` over ranks); one all-reduce."""
+    vec = torch.zeros(3, dtype=torch.float64)
+    for r in reports:
+        vec[:2] += r["lm loss"].detach().to("cpu", torch.float64)
+    vec[2] = extra
+    if torch.cuda.is_available():
+        vec = vec.cuda()
+    torch.distributed.all_reduce(vec)
+    vec = vec.cpu()
+    return (vec[0] / vec[1].clamp(min=1)).item(), vec[2].item()
+
+
+def reduce_aux_losses(num_microbatches: int, pg_collection) -> dict:
+    """{tracker name: [value per layer]} for this step, then clears the tracker."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = sorted(tracker)
+    if not names:
+        return {}
+    reduce_aux_losses_tracker_across_ranks(names, pg_collection=pg_collection)
+    out = {n: (tracker[n]["values"].float() / num_microbatches).tolist() for n in names}
+    clear_aux_losses_tracker()
+    return out
+
+
+def summarize_passes(aux: dict) -> dict:
+    """{name_pass{t}: mean over layers}."""
+    return {name: sum(v) / max(len(v), 1) for name, v in aux.items()}
+
+
+def expert_load_imbalance(model: list, num_layers: int) -> dict:
+    """{(layer, pass): max/mean tokens per expert} over all ranks; resets the counters."""
+    from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
+
+    layers = [m for chunk in model for m in chunk.modules() if isinstance(m, ChainOfExpertsLayer)]
+    if not layers:
+        return {}
+    first = layers[0].tokens_per_expert_per_pass
+    counts = torch.zeros(num_layers, *first.shape, dtype=torch.float64, device=first.device)
+    for layer in layers:
+        counts[layer.layer_number - 1] += layer.reset_routing_stats().to(torch.float64)
+    torch.distributed.all_reduce(counts)
+    mean = counts.mean(dim=-1).clamp(min=1e-12)
+    ratio = (counts.max(dim=-1).values / mean).cpu()
+    return {(l + 1, t + 1): ratio[l, t].item() for l in range(ratio.shape[0])
+            for t in range(ratio.shape[1]) if counts[l, t].sum() > 0}
+
+
+# --------------------------------------------------------------------------- GPU
+class GpuMonitor:
+    """Utilisation and memory of this rank's GPU via NVML; inactive without CUDA or NVML."""
+
+    def __init__(self):
+        self.handle = None
+        if not torch.cuda.is_available():
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            self.nvml = pynvml
+        except Exception:  # NVMLError_LibraryNotFound and friends: no GPU metrics
+            self.handle = None
+
+    def read(self) -> dict:
+        if self.handle is None:
+            return {}
+        try:
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used
+        except Exception:
+            return {}
+        return {"gpu/utilization_pct": float(util), "gpu/memory_used_gib": mem / 2**30,
+                "gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+# --------------------------------------------------------------------------- writer
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    """Rank 0: progress lines, JSONL (one record per train step / validation) and TensorBoard."""
+
+    def __init__(self, args: TrainArgs, flops_per_step: float, world_size: int):
+        self.args = args
+        self.rank0 = torch.distributed.get_rank() == 0
+        self.flops_per_step = flops_per_step
+        self.world_size = world_size
+        self.peak = peak_flops_per_device(args)
+        self.gpu = GpuMonitor() if self.rank0 else None
+        self.tb = None
+        self.jsonl = None
+        self.step_times = []
+        self.window = defaultdict(float)
+        if not self.rank0:
+            return
+        path = args.metrics_file or (
+            os.path.join(args.tensorboard_dir or args.save, "metrics.jsonl")
+            if (args.tensorboard_dir or args.save) else None)
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.jsonl = open(path, "a")
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def _record(self, record: dict) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def _scalars(self, values: dict, step: int) -> None:
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def train_step(self, iteration: int, loss: float, lr: float, grad_norm, step_time: float,
+                   aux: dict, imbalance: Optional[dict]) -> None:
+        if not self.rank0:
+            return
+        self.step_times = (self.step_times + [step_time])[-20:]
+        tokens = self.args.global_batch_size * self.args.seq_length
+        tok_s = tokens / step_time
+        gn = float(grad_norm) if grad_norm is not None else None
+        per_pass = summarize_passes(aux)
+        record = dict(type="train", iteration=iteration, lm_loss=loss, lr=lr, grad_norm=gn,
+                      step_time_s=step_time, tokens_per_s=tok_s,
+                      model_tflops_per_step=self.flops_per_step / 1e12, aux=per_pass)
+        scalars = {"train/lm_loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s,
+                   "train/step_time_ms": step_time * 1e3,
+                   "train/model_tflops_per_step": self.flops_per_step / 1e12}
+        if gn is not None:
+            scalars["train/grad_norm"] = gn
+        if self.peak:
+            record["mfu"] = self.flops_per_step / (step_time * self.world_size * self.peak)
+            scalars["train/mfu"] = record["mfu"]
+        for name, values in aux.items():
+            scalars[f"aux/{name}"] = per_pass[name]
+            for layer, v in enumerate(values, start=1):
+                scalars[f"aux_per_layer/{name}/layer{layer}"] = v
+        if imbalance:
+            record["load_imbalance"] = {f"layer{l}_pass{t}": v for (l, t), v in imbalance.items()}
+            for (l, t), v in imbalance.items():
+                scalars[f"load_imbalance/layer{l}_pass{t}"] = v
+        if self.gpu:
+            scalars.update(self.gpu.read())
+        self._record(record)
+        self._scalars(scalars, iteration)
+        if imbalance is not None:  # a log-interval step
+            self._print(iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance,
+                        record.get("mfu"))
+
+    def _print(self, iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance, mfu):
+        mean_step = sum(self.step_times) / len(self.step_times)
+        eta = mean_step * (self.args.train_iters - iteration)
+        parts = [f"iter {iteration:>{len(str(self.args.train_iters))}}/{self.args.train_iters}",
+                 f"lm loss {loss:.4f}"]
+        by_pass = defaultdict(list)
+        for name, v in per_pass.items():
+            m = _PASS.match(name)
+            if m and "load_balancing" in m["name"]:
+                by_pass[int(m["t"])].append(v)
+        if by_pass:
+            parts.append("aux " + " ".join(f"p{t} {sum(v):.3g}" for t, v in sorted(by_pass.items())))
+        if imbalance:
+            worst = max(imbalance.values())
+            parts.append(f"max load/mean {worst:.2f}")
+        parts += [f"lr {lr:.3e}", f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
+                  f"{tok_s:,.0f} tok/s", f"{step_time * 1e3:.1f} ms/step"]
+        if mfu is not None:
+            parts.append(f"MFU {100 * mfu:.1f}%")
+        parts.append(f"ETA {_fmt_time(eta)}")
+        print(" | ".join(parts), flush=True)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        if not self.rank0:
+            return
+        self._record(dict(type="valid", iteration=iteration, lm_loss=loss))
+        self._scalars({"valid/lm_loss": loss}, iteration)
+        print(f"validation at iter {iteration} | lm loss {loss:.6f}", flush=True)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def now() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()

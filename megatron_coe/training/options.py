@@ -1,0 +1,297 @@
+"""Trainer options: ONE table (the ``TrainArgs`` dataclass) for the command line and YAML files.
+
+Every option is one dataclass field declared with ``opt(...)``. The command-line flag is the field
+name with dashes (``moe_router_topk`` -> ``--moe-router-topk``, the Megatron-LM spelling); YAML
+files use the same keys, with dashes or underscores. Precedence: defaults < ``--config FILE.yaml``
+< flags.
+
+``model=`` names the Megatron-Core ``TransformerConfig`` field an option feeds (``True``: same
+name); ``setup.build_model_config`` passes these through, and the config validates them itself.
+``shape=True`` marks the options that change parameter shapes or state-dict keys: a ``--load``
+checkpoint must agree on all of them (``checkpoint.check_compatible``).
+
+This module only parses and type-checks; cross-option rules live with their owners (model config
+``__post_init__``, ``setup.check_batch_arithmetic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+
+class OptionError(ValueError):
+    """A bad option value or config file; the message names the option."""
+
+
+def opt(default, help, *, type=None, choices=None, model=None, shape=False, list_of=None,
+        group="training"):
+    """Declare one option. ``type`` defaults to the default's type; ``list_of`` for list options."""
+    if type is None and list_of is None:
+        if default is None:
+            raise TypeError(f"option with default None needs type= ({help!r})")
+        type = default.__class__
+    meta = dict(help=help, type=type, choices=choices, model=model, shape=shape, list_of=list_of,
+                group=group)
+    if list_of is not None:
+        return field(default_factory=lambda: list(default or []), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+M, P, T, D, C, L = "model", "parallelism", "training", "data", "checkpointing", "logging"
+
+
+@dataclass
+class TrainArgs:
+    # ------------------------------------------------------------------ model
+    num_layers: int = opt(2, "Number of transformer layers.", model=True, shape=True, group=M)
+    hidden_size: int = opt(64, "Transformer hidden size.", model=True, shape=True, group=M)
+    num_attention_heads: int = opt(4, "Number of attention heads.", model=True, shape=True, group=M)
+    ffn_hidden_size: Optional[int] = opt(None, "Dense FFN hidden size (default 4 x hidden). "
+                                         "Unused by CoE layers, kept for Megatron parity.",
+                                         type=int, model=True, shape=True, group=M)
+    kv_channels: Optional[int] = opt(None, "Attention head dim (default hidden/heads; MLA: "
+                                     "v_head_dim).", type=int, model=True, shape=True, group=M)
+    num_experts: int = opt(8, "Routed experts per layer.", model="num_moe_experts", shape=True,
+                           group=M)
+    moe_router_topk: int = opt(2, "Experts per token in each CoE pass.", model=True, group=M)
+    moe_ffn_hidden_size: Optional[int] = opt(None, "Routed expert FFN size (default "
+                                             "ffn_hidden_size).", type=int, model=True,
+                                             shape=True, group=M)
+    moe_shared_expert_intermediate_size: Optional[int] = opt(
+        None, "Total FFN size of the shared expert(s); unset = no shared expert.", type=int,
+        model=True, shape=True, group=M)
+    moe_router_score_function: str = opt("softmax", "Router score function.",
+                                         choices=["softmax", "sigmoid"], model=True, group=M)
+    moe_router_pre_softmax: bool = opt(False, "Softmax over all experts before top-k (no "
+                                       "renormalisation of the top-k weights).", model=True,
+                                       group=M)
+    moe_router_load_balancing_type: str = opt(
+        "aux_loss", "Load-balancing loss.",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], model=True,
+        group=M)
+    moe_aux_loss_coeff: float = opt(0.0, "Load-balancing loss coefficient.", model=True, group=M)
+    moe_z_loss_coeff: Optional[float] = opt(None, "Router z-loss coefficient.", type=float,
+                                            model=True, group=M)
+    moe_token_dispatcher_type: str = opt("alltoall", "Token dispatcher.",
+                                         choices=["allgather", "alltoall", "flex"], model=True,
+                                         group=M)
+    moe_router_enable_expert_bias: bool = opt(False, "Aux-loss-free expert bias (updated once "
+                                              "per step in finalize_model_grads).", model=True,
+                                              shape=True, group=M)
+    moe_router_bias_update_rate: float = opt(1e-3, "Expert-bias update rate.", model=True,
+                                             group=M)
+    moe_grouped_gemm: bool = opt(False, "Grouped-GEMM experts (GPU, Transformer Engine).",
+                                 model=True, group=M)
+    multi_latent_attention: bool = opt(False, "DeepSeek-V2 multi-latent attention (MLA).",
+                                       shape=True, group=M)
+    q_lora_rank: Optional[int] = opt(None, "MLA query low-rank dim (unset: no q compression).",
+                                     type=int, shape=True, group=M)
+    kv_lora_rank: int = opt(512, "MLA key/value low-rank dim.", shape=True, group=M)
+    qk_head_dim: int = opt(128, "MLA query/key head dim (without RoPE part).", shape=True, group=M)
+    qk_pos_emb_head_dim: int = opt(64, "MLA RoPE head dim of query/key.", shape=True, group=M)
+    v_head_dim: int = opt(128, "MLA value head dim.", shape=True, group=M)
+    normalization: str = opt("RMSNorm", "Norm layer.", choices=["LayerNorm", "RMSNorm"],
+                             model=True, shape=True, group=M)
+    qk_layernorm: bool = opt(False, "Norm on queries and keys.", model=True, shape=True, group=M)
+    swiglu: bool = opt(False, "SwiGLU expert/FFN activation (gated SiLU).", shape=True, group=M)
+    init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M)
+    hidden_dropout: float = opt(0.0, "Dropout on hidden states.", model=True, group=M)
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.", model=True, group=M)
+    seq_length: int = opt(128, "Sequence length (tokens per sample).", group=M)
+    make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this.",
+                                            group=M)
+    coe_iterations: int = opt(2, "C: chained routing passes per CoE layer (1 = plain MoE).",
+                              model=True, shape=True, group=M)
+    coe_inner_residual: bool = opt(True, "Residual around each CoE pass.", model=True, group=M)
+    coe_outer_residual: bool = opt(False, "Residual around the whole CoE layer.", model=True,
+                                   group=M)
+    coe_shared_router: bool = opt(False, "One router shared by all passes (ablation).",
+                                  model=True, shape=True, group=M)
+    # ------------------------------------------------------------------ parallelism
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", model=True, group=P)
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", model=True, group=P)
+    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", model=True, group=P)
+    expert_tensor_parallel_size: Optional[int] = opt(None, "Expert tensor-parallel size "
+                                                     "(default: tensor-parallel size).", type=int,
+                                                     model=True, group=P)
+    sequence_parallel: bool = opt(False, "Sequence parallelism (required by MoE with TP > 1).",
+                                  model=True, group=P)
+    distributed_backend: Optional[str] = opt(None, "torch.distributed backend (default: nccl "
+                                             "with CUDA, else gloo).", type=str,
+                                             choices=["gloo", "nccl"], group=P)
+    transformer_impl: Optional[str] = opt(None, "Layer implementation (default: "
+                                          "transformer_engine on a GPU with TE, else local).",
+                                          type=str, choices=["local", "transformer_engine"],
+                                          group=P)
+    bf16: bool = opt(False, "bf16 mixed precision (GPU).", group=P)
+    fp8_format: Optional[str] = opt(None, "FP8 training (GPU + Transformer Engine only).",
+                                    type=str, choices=["e4m3", "hybrid"], group=P)
+    fp8_recipe: str = opt("delayed", "FP8 scaling recipe.",
+                          choices=["delayed", "tensorwise", "mxfp8", "blockwise"], group=P)
+    recompute_modules: list = opt(None, "Selective activation recompute of these modules "
+                                  "(e.g. core_attn moe layernorm mla_up_proj shared_experts).",
+                                  list_of=str, group=P)
+    # ------------------------------------------------------------------ training
+    micro_batch_size: int = opt(2, "Samples per micro-batch per data-parallel rank.")
+    global_batch_size: int = opt(8, "Samples per optimizer step (all ranks, all micro-batches).")
+    train_iters: int = opt(100, "Optimizer steps to train for.")
+    lr: float = opt(3e-4, "Peak learning rate.")
+    min_lr: float = opt(0.0, "Final learning rate of the decay.")
+    lr_decay_style: str = opt("cosine", "LR decay after warmup.",
+                              choices=["cosine", "constant", "linear"])
+    lr_warmup_iters: int = opt(0, "Linear warmup steps (from 0).")
+    lr_warmup_fraction: Optional[float] = opt(None, "Warmup as a fraction of the decay steps "
+                                              "(overrides --lr-warmup-iters).", type=float)
+    lr_decay_iters: Optional[int] = opt(None, "Decay steps (default: --train-iters).", type=int)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0: off).")
+    seed: int = opt(1234, "Random seed (init, data order).")
+    exit_interval: Optional[int] = opt(None, "Save (if --save) and exit after an iteration "
+                                       "divisible by this.", type=int)
+    exit_signal_handler: bool = opt(True, "On SIGTERM/SIGUSR1: save at the next step boundary "
+                                    "and exit 0.")
+    # ------------------------------------------------------------------ data
+    data_path: list = opt(None, "Data prefixes (optionally weighted: W1 P1 W2 P2).",
+                          list_of=str, group=D)
+    split: str = opt("969,30,1", "Train,valid,test split weights.", group=D)
+    tokenizer_model: Optional[str] = opt(None, "Tokenizer file or directory (default: the one "
+                                         "beside the first data prefix).", type=str, group=D)
+    data_cache_path: Optional[str] = opt(None, "Where dataset index caches are written.",
+                                         type=str, group=D)
+    mock_data: bool = opt(False, "Synthetic learnable sequences instead of --data-path.",
+                          group=D)
+    vocab_size: int = opt(256, "Vocabulary of --mock-data.", group=D)
+    num_workers: int = opt(0, "DataLoader worker processes.", group=D)
+    # ------------------------------------------------------------------ evaluation / logging
+    eval_interval: int = opt(1000, "Validate every this many steps (and at the end).", group=L)
+    eval_iters: int = opt(10, "Global batches per validation (the same ones each time).", group=L)
+    skip_train: bool = opt(False, "Only evaluate (after --load) and exit.", group=L)
+    log_interval: int = opt(10, "Print a progress line every this many steps.", group=L)
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.", type=str, group=L)
+    metrics_file: Optional[str] = opt(None, "Per-step JSONL metrics (default: "
+                                      "<tensorboard-dir or save>/metrics.jsonl).", type=str,
+                                      group=L)
+    peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s per device for MFU (default: known "
+                                       "GPUs only).", type=float, group=L)
+    # ------------------------------------------------------------------ checkpointing
+    save: Optional[str] = opt(None, "Checkpoint directory to save to.", type=str, group=C)
+    save_interval: Optional[int] = opt(None, "Save every this many steps (and at the end).",
+                                       type=int, group=C)
+    load: Optional[str] = opt(None, "Checkpoint directory to resume from (latest published "
+                              "iteration; none found = start fresh).", type=str, group=C)
+    no_load_optim: bool = opt(False, "Load only model weights (new optimizer and schedule).",
+                              group=C)
+    no_load_rng: bool = opt(False, "Do not restore RNG states.", group=C)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+OPTIONS = {f.name: f for f in fields(TrainArgs)}
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/flag value to option ``name``'s type; ``OptionError`` naming the option."""
+    meta = OPTIONS[name].metadata
+    try:
+        if value is None:
+            return [] if meta["list_of"] else None
+        if meta["list_of"] is not None:
+            items = value.split() if isinstance(value, str) else list(value)
+            return [meta["list_of"](v) for v in items]
+        kind = meta["type"]
+        if kind is bool:
+            value = _parse_bool(value)
+        elif kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        elif kind is int and isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        else:
+            value = kind(value)
+    except (TypeError, ValueError) as e:
+        raise OptionError(f"option {name} ({flag_name(name)}): {e}") from None
+    if meta["choices"] and value not in meta["choices"]:
+        raise OptionError(f"option {name} ({flag_name(name)}): {value!r} is not one of "
+                          f"{meta['choices']}")
+    return value
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(OPTIONS), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def load_yaml(path: str) -> dict:
+    """Read a config file into {option: value}; unknown keys are an error naming the key."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise OptionError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise OptionError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise OptionError(f"config file {path} must hold a mapping of option: value")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in OPTIONS:
+            raise OptionError(f"unknown key '{key}' in config file {path}.{_suggest(name)}")
+        values[name] = coerce(name, value)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coe-train", argument_default=argparse.SUPPRESS,
+        description="Train a Chain-of-Experts GPT with Megatron-Core. Options may also come from "
+                    "--config FILE.yaml (same names); flags override the file.")
+    parser.add_argument("--config", help="YAML file of options (keys as below, - or _).")
+    groups = {}
+    for f in fields(TrainArgs):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(
+            meta["group"], parser.add_argument_group(meta["group"]))
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{meta['help']} (default: {default})"
+        if meta["list_of"] is not None:
+            group.add_argument(flag_name(f.name), nargs="+", help=help_text)
+        elif meta["type"] is bool:
+            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
+                               help=meta["help"] + f" (default: {default})")
+        else:
+            group.add_argument(flag_name(f.name), help=help_text, choices=meta["choices"],
+                               type=str if meta["type"] is not str else None, metavar=None)
+    return parser
+
+
+def parse_args(argv: Optional[list] = None) -> TrainArgs:
+    """Defaults < ``--config`` file < flags. Raises ``OptionError`` (flags: argparse exits 2)."""
+    ns = vars(build_parser().parse_args(argv))
+    values = load_yaml(ns.pop("config")) if "config" in ns else {}
+    for name, value in ns.items():
+        values[name] = coerce(name, value)
+    return TrainArgs(**values)

@@ -1,0 +1,266 @@
+"""Everything built once before the loop: process groups, model config, model, DDP, optimizer, LR.
+
+Each builder takes the parsed ``TrainArgs``. Checks that belong to the trainer (batch arithmetic,
+parallel layout, GPU-only features on a CPU) are here; the model config validates itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megatron_coe.compat import cuda_device_redirect, have_transformer_engine, install_cpu_compat
+from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
+from megatron_coe.training.options import OPTIONS, TrainArgs
+
+
+class SetupError(ValueError):
+    """A run that cannot start as configured; the message says which option to change."""
+
+
+# --------------------------------------------------------------------------- runtime / layout
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def check_runtime(args: TrainArgs) -> None:
+    """GPU-only features refused on a CPU machine, with the option to change."""
+    if use_cuda():
+        if args.fp8_format and not have_transformer_engine():
+            raise SetupError("--fp8-format needs Transformer Engine (requirements-gpu.txt).")
+        return
+    if args.fp8_format:
+        raise SetupError("--fp8-format needs a CUDA GPU with Transformer Engine; this machine has "
+                         "no CUDA device. Drop --fp8-format for CPU runs.")
+    if args.bf16:
+        raise SetupError("--bf16 is for GPU runs; this machine has no CUDA device and CPU runs "
+                         "train in fp32. Drop --bf16.")
+    if args.transformer_impl == "transformer_engine":
+        raise SetupError("--transformer-impl transformer_engine needs a CUDA GPU; use "
+                         "--transformer-impl local on CPU.")
+    if args.distributed_backend == "nccl":
+        raise SetupError("--distributed-backend nccl needs CUDA; use gloo on CPU.")
+
+
+def transformer_impl(args: TrainArgs) -> str:
+    if args.transformer_impl:
+        return args.transformer_impl
+    return "transformer_engine" if use_cuda() and have_transformer_engine() else "local"
+
+
+@dataclass
+class Layout:
+    """Parallel layout of this job (sizes only; Megatron's parallel_state holds the groups)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    ep: int
+    dp: int
+    num_microbatches: int
+
+
+def check_layout(args: TrainArgs, world_size: int) -> Layout:
+    """Parallel sizes and batch arithmetic; errors say what to change."""
+    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                  args.expert_model_parallel_size)
+    etp = args.expert_tensor_parallel_size or tp
+    if world_size % (tp * pp):
+        raise SetupError(f"world size {world_size} is not divisible by tensor-parallel {tp} x "
+                         f"pipeline-parallel {pp}: change --tensor-model-parallel-size / "
+                         "--pipeline-model-parallel-size or the number of processes.")
+    if (world_size // pp) % (ep * etp):
+        raise SetupError(f"world size {world_size} / pipeline-parallel {pp} is not divisible by "
+                         f"expert-parallel {ep} x expert-tensor-parallel {etp}: change "
+                         "--expert-model-parallel-size or the number of processes.")
+    if args.num_layers % pp:
+        raise SetupError(f"--num-layers {args.num_layers} is not divisible by "
+                         f"--pipeline-model-parallel-size {pp}.")
+    if tp > 1 and not args.sequence_parallel:
+        raise SetupError("MoE/CoE layers with tensor parallelism need --sequence-parallel.")
+    dp = world_size // (tp * pp)
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        lower = max(per_step, args.global_batch_size // per_step * per_step)
+        raise SetupError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}: use a multiple of "
+            f"{per_step} (e.g. {lower} or {lower + per_step}) or change --micro-batch-size "
+            "(data-parallel size = processes / (tensor-parallel x pipeline-parallel)).")
+    return Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(args: TrainArgs) -> None:
+    """``torch.distributed`` from torchrun's environment (or a single local process)."""
+    if "RANK" not in os.environ:  # plain `python -m megatron_coe.train`: one process
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = args.distributed_backend or ("nccl" if use_cuda() else "gloo")
+    if use_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group(backend=backend,
+                                         timeout=datetime.timedelta(minutes=10))
+
+
+def set_seed(seed: int) -> None:
+    """Python, numpy, torch and Megatron's model-parallel RNG tracker (call after parallel init)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- model
+def padded_vocab_size(vocab_size: int, args: TrainArgs) -> int:
+    multiple = args.make_vocab_size_divisible_by
+    if multiple % args.tensor_model_parallel_size:
+        raise SetupError(f"--make-vocab-size-divisible-by {multiple} must be a multiple of "
+                         f"--tensor-model-parallel-size {args.tensor_model_parallel_size}.")
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model_config(args: TrainArgs):
+    """The CoE ``TransformerConfig`` (MLA subclass with --multi-latent-attention).
+
+    CoE rules raise ``CoEConfigError``; Megatron-Core's own checks (ValueError/AssertionError)
+    become ``SetupError`` so that they too reach the user as one line.
+    """
+    from megatron_coe.config import CoEConfigError
+
+    try:
+        return _build_model_config(args)
+    except CoEConfigError:
+        raise
+    except (ValueError, AssertionError) as e:
+        raise SetupError(f"invalid model configuration: {e}") from e
+
+
+def _build_model_config(args: TrainArgs):
+    kw = {}
+    for name, f in OPTIONS.items():
+        target = f.metadata["model"]
+        if target:
+            kw[name if target is True else target] = getattr(args, name)
+    if kw["ffn_hidden_size"] is None:
+        kw["ffn_hidden_size"] = 4 * args.hidden_size
+    if kw["moe_ffn_hidden_size"] is None:
+        kw["moe_ffn_hidden_size"] = kw["ffn_hidden_size"]
+    if kw["expert_tensor_parallel_size"] is None:
+        kw.pop("expert_tensor_parallel_size")
+    if args.swiglu:
+        kw.update(gated_linear_unit=True, activation_func=F.silu)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    kw.update(params_dtype=dtype, pipeline_dtype=dtype, bf16=args.bf16, add_bias_linear=False,
+              gradient_accumulation_fusion=False, variable_seq_lengths=False,
+              calculate_per_token_loss=False)
+    if args.recompute_modules:
+        kw.update(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
+    if args.fp8_format:
+        kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    if not use_cuda():  # Megatron-Core's fused kernels are CUDA-only
+        kw.update(use_cpu_initialization=True, bias_dropout_fusion=False,
+                  masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+                  bias_activation_fusion=False)
+    if args.multi_latent_attention:
+        kw.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+                  qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+                  v_head_dim=args.v_head_dim, rope_type="rope")
+        return CoEMLATransformerConfig(**kw)
+    return CoETransformerConfig(**kw)
+
+
+def build_model(args: TrainArgs, config, vocab_size: int) -> list:
+    """``[DistributedDataParallel(GPTModel)]`` (one chunk: no virtual pipeline stages)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_coe.models.gpt import build_coe_gpt_model
+
+    install_cpu_compat()
+    model = build_coe_gpt_model(
+        config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
+        use_transformer_engine=transformer_impl(args) == "transformer_engine")
+    if use_cuda():
+        model.cuda(torch.cuda.current_device())
+    if args.bf16:
+        model = Float16Module(config, model)
+    mark_routed_experts(model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+    with cuda_device_redirect():
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return [model]
+
+
+def mark_routed_experts(model) -> None:
+    """Routed-expert parameters always go to Megatron's expert buffers and expert optimizer.
+
+    Megatron marks them (``param.allreduce = False``) only when EP > 1, so the number of chained
+    optimizers, and with it the checkpoint's optimizer layout, would depend on the EP size and an
+    EP=2 checkpoint could not restore its optimizer at EP=1. With EP=1 the expert data-parallel
+    group is the data-parallel group, so gradients are reduced exactly as before.
+    """
+    for name, param in model.named_parameters():
+        if ".experts." in f".{name}":  # mlp.experts.* (routed), not mlp.shared_experts.*
+            param.allreduce = False
+
+
+def unwrap(model_chunk):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while hasattr(model_chunk, "module"):
+        model_chunk = model_chunk.module
+    return model_chunk
+
+
+# --------------------------------------------------------------------------- optimizer / LR
+def build_optimizer(args: TrainArgs, model: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=True)
+    with cuda_device_redirect():
+        return get_megatron_optimizer(config, model)
+
+
+def warmup_iters(args: TrainArgs) -> int:
+    decay = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_fraction is not None:
+        return int(args.lr_warmup_fraction * decay)
+    return args.lr_warmup_iters
+
+
+def build_scheduler(args: TrainArgs, optimizer):
+    """Megatron's scheduler in units of optimizer steps: linear warmup from 0, then decay."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay = args.lr_decay_iters or args.train_iters
+    warmup = warmup_iters(args)
+    if warmup >= decay:
+        raise SetupError(f"warmup ({warmup} steps) must be shorter than the LR decay ({decay} "
+                         "steps): lower --lr-warmup-iters/--lr-warmup-fraction.")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=decay, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant")

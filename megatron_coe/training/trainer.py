@@ -1,0 +1,266 @@
+"""The training loop: Megatron-Core schedules, DDP + distributed optimizer, eval, checkpoints.
+
+``Trainer(args)`` builds everything (see ``setup.py``); ``Trainer.train()`` runs::
+
+    for each step: zero grads -> forward_backward_func (all micro-batches, pipeline schedule,
+                   finalize_model_grads: DP/EP grad reduction, SP norms, expert-bias update)
+                -> optimizer.step (clip, AdamW) -> LR scheduler -> metrics
+                -> validate / save / exit (interval, signal) at the step boundary
+
+Loss scaling for MoE aux losses is done by Megatron's schedule itself
+(``MoEAuxLossAutoScaler.set_loss_scale(1 / num_microbatches)`` in ``forward_step_calc_loss``,
+0.16.1), matching the lm loss's per-micro-batch mean; nothing is added here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+
+from megatron_coe.compat import cuda_device_redirect
+from megatron_coe.training import checkpoint as ckpt
+from megatron_coe.training import data, metrics, setup
+from megatron_coe.training.options import TrainArgs
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron 0.16 3-tuple: (summed loss, token count, {'lm loss': [sum, count]}).
+
+    The schedule divides the sum by the count and by the number of micro-batches.
+    """
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach().clone(), mask.sum().detach()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+@contextlib.contextmanager
+def _model_outside_redirect():
+    """Run the model's forward without ``cuda_device_redirect``.
+
+    The redirect must wrap Megatron's schedule (it allocates ``device="cuda"`` counters) and the
+    DDP/optimizer calls, but the model needs none of it on CPU, and the mode costs every torch
+    call of the forward (10-20% of a tiny CPU step).
+    """
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    from megatron_coe.compat import _CudaToCpuMode
+
+    stack = _get_current_function_mode_stack()
+    if stack and isinstance(stack[-1], _CudaToCpuMode):
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+@dataclass
+class Preflight:
+    """What is checked before any process group exists: every user error surfaces here."""
+
+    layout: setup.Layout
+    model_config: object
+    tokenizer: object
+    vocab_size: int
+    resume_from: Optional[str]
+
+
+def preflight(args: TrainArgs, world_size: int) -> Preflight:
+    """Layout and batch arithmetic, model config, tokenizer + data files, --load compatibility."""
+    setup.check_runtime(args)
+    layout = setup.check_layout(args, world_size)
+    model_config = setup.build_model_config(args)  # validates itself (CoEConfigError / SetupError)
+    data.validate_data(args, None)  # files first: a wrong --data-path names the data files
+    tokenizer = data.load_tokenizer(args)
+    data.validate_data(args, tokenizer)
+    vocab_size = setup.padded_vocab_size(tokenizer.vocab_size, args)
+    resume_from = ckpt.find_checkpoint(args.load) if args.load else None
+    if resume_from:  # a wrong shape fails here, before any tensor is built or read
+        ckpt.check_compatible(ckpt.read_meta(resume_from), args, vocab_size, resume_from)
+    return Preflight(layout, model_config, tokenizer, vocab_size, resume_from)
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, pre: Preflight):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_coe.parallel import initialize_parallel
+
+        self.args = args
+        world = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+        self.layout, self.model_config = pre.layout, pre.model_config
+        self.vocab_size, self.resume_from = pre.vocab_size, pre.resume_from
+        tokenizer = pre.tokenizer
+
+        self.pg_collection = initialize_parallel(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed)
+        setup.set_seed(args.seed)
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
+
+        self.model = setup.build_model(args, self.model_config, self.vocab_size)
+        self.optimizer = setup.build_optimizer(args, self.model)
+        self.scheduler = setup.build_scheduler(args, self.optimizer)
+        config = self.model_config
+        config.no_sync_func = self.model[0].no_sync
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+
+        self.iteration, self.consumed = 0, 0
+        if self.resume_from:
+            self.iteration, self.consumed = ckpt.load_checkpoint(
+                self.resume_from, self.model, self.optimizer, self.scheduler, args, self.layout)
+            self._log(f"resumed from {self.resume_from} at iteration {self.iteration}")
+        elif args.load:
+            self._log(f"no published checkpoint in {args.load}: starting from scratch")
+        self.last_saved = self.iteration if self.resume_from else None
+
+        s = args.seq_length
+        mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
+        self.attention_mask = mask.cuda() if torch.cuda.is_available() else mask
+        flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
+        self.metrics = metrics.MetricsWriter(args, flops, world)
+        self.signal = 0
+        n_params = sum(p.numel() for p in setup.unwrap(self.model[0]).parameters())
+        self._log(f"model: {type(config).__name__} C={config.coe_iterations} "
+                  f"layers={config.num_layers} hidden={config.hidden_size} "
+                  f"experts={config.num_moe_experts} top-k={config.moe_router_topk} | "
+                  f"params on rank 0: {n_params:,} | layout {vars(self.layout)} | "
+                  f"model TFLOPs/step {flops / 1e12:.4g}")
+
+    # ------------------------------------------------------------------ helpers
+    def _log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    def _install_signal_handler(self) -> None:
+        def handler(signum, frame):
+            self.signal = signum
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        with _model_outside_redirect():
+            output = model(batch["tokens"], batch["position_ids"], self.attention_mask,
+                           labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    def _run_schedule(self, iterator, forward_only: bool) -> list:
+        return self.forward_backward(
+            forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
+            num_microbatches=self.layout.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self, iterator):
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+        with cuda_device_redirect():
+            reports = self._run_schedule(iterator, forward_only=False)
+            _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return reports, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Token-weighted lm loss over the first ``eval_iters`` global validation batches."""
+        iterator = data.micro_batches(self.valid_ds, self.args.micro_batch_size, 0, self.dp_rank,
+                                      self.dp_size, self.args.num_workers)
+        for chunk in self.model:
+            chunk.eval()
+        reports = []
+        with cuda_device_redirect():
+            for _ in range(self.args.eval_iters):
+                reports += self._run_schedule(iterator, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        loss, _ = metrics.reduce_lm_loss(reports)
+        self.metrics.validation(self.iteration, loss)
+        return loss
+
+    def save(self) -> None:
+        if not self.args.save or self.last_saved == self.iteration:
+            return
+        t0 = metrics.now()
+        path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed, self.model,
+                                    self.optimizer, self.scheduler, self.args, self.vocab_size,
+                                    self.layout)
+        self.last_saved = self.iteration
+        self._log(f"saved checkpoint {path} ({metrics.now() - t0:.1f} s)")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> None:
+        args = self.args
+        if args.skip_train:
+            if args.eval_iters > 0:
+                self.evaluate()
+            return
+        if args.exit_signal_handler:
+            self._install_signal_handler()
+        if args.save:
+            ckpt.warm_up_writer()
+        iterator = data.micro_batches(self.train_ds, args.micro_batch_size, self.consumed,
+                                      self.dp_rank, self.dp_size, args.num_workers)
+        self._log(f"training from iteration {self.iteration} to {args.train_iters}")
+        try:
+            while self.iteration < args.train_iters:
+                if self._one_step(iterator):
+                    break
+            else:
+                if args.eval_iters > 0 and self.iteration % args.eval_interval:
+                    self.evaluate()
+                self.save()
+        except BaseException:
+            if self.rank == 0 and args.save:
+                found = ckpt.find_checkpoint(args.save)
+                print(f"training failed at iteration {self.iteration}; last published "
+                      f"checkpoint: {found or 'none'} (left untouched)", flush=True)
+            raise
+        finally:
+            self.metrics.close()
+
+    def _one_step(self, iterator) -> bool:
+        """One optimizer step plus what is due after it; True when the run should stop."""
+        args = self.args
+        t0 = metrics.now()
+        reports, grad_norm = self.train_step(iterator)
+        self.iteration += 1
+        self.consumed += args.global_batch_size
+        loss, signal_seen = metrics.reduce_lm_loss(reports, extra=float(self.signal != 0))
+        aux = metrics.reduce_aux_losses(self.layout.num_microbatches, self.pg_collection)
+        log_now = self.iteration % args.log_interval == 0 or self.iteration == args.train_iters
+        imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
+                     if log_now else None)
+        step_time = metrics.now() - t0
+        self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance)
+
+        if args.eval_iters > 0 and self.iteration % args.eval_interval == 0:
+            self.evaluate()
+        if args.save_interval and self.iteration % args.save_interval == 0:
+            self.save()
+        if signal_seen:
+            self._log(f"signal {self.signal or '(on another rank)'} received at iteration "
+                      f"{self.iteration}: saving and exiting")
+            self.save()
+            return True
+        if args.exit_interval and self.iteration % args.exit_interval == 0:
+            self._log(f"exit interval reached at iteration {self.iteration}")
+            self.save()
+            return True
+        return False
+
