@@ -37,6 +37,9 @@ Two independent parts, both idempotent and both no-ops where they are not needed
       ``all_gather``, which gloo rejects ("invalid tensor size"): CPU tensors are padded to the
       longest shard, gathered and unpadded. (The uneven ``reduce_scatter`` of its backward works
       on gloo as is.)
+    * ``transformer/utils.py:35`` ``get_default_causal_mask`` (used by ``fusions/fused_softmax.py:327``
+      when no attention mask is passed) allocates on ``device="cuda"``: a CPU version is bound
+      in ``fused_softmax``.
 
     ``cuda_device_redirect()`` is a separate, opt-in context for the training loop: Megatron's
     DDP and optimizers create tensors with a literal ``device='cuda'`` (``optimizer/optimizer.py:481,485``,
@@ -228,6 +231,16 @@ def install_cpu_compat() -> bool:
         )
 
     mappings._gather_along_first_dim = _gather_along_first_dim
+
+    import functools
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _CPU_INSTALLED = True

@@ -82,3 +82,11 @@ def test_uneven_all_gather_works_on_gloo():
 
     for gathered in run_distributed(_uneven_gather, 2, timeout=60):
         assert gathered.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+def test_default_causal_mask_is_built_on_cpu():
+    import megatron.core.fusions.fused_softmax as fused_softmax
+
+    mask = fused_softmax.get_default_causal_mask(3)
+    assert mask.device.type == "cpu"
+    assert mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
