@@ -42,6 +42,10 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+# the daemons live in /usr/sbin, which a non-root-style PATH may lack
+SEARCH_PATH = os.pathsep.join(dict.fromkeys(
+    os.environ.get("PATH", "").split(os.pathsep) + ["/usr/local/sbin", "/usr/sbin", "/sbin",
+                                                    "/usr/bin", "/bin"]))
 DAEMON_START_TIMEOUT = 60.0
 
 
@@ -60,7 +64,8 @@ def _run(cmd: Sequence[str], timeout: float, env: Optional[Mapping[str, str]] = 
 
 def ensure_slurm_installed(timeout: float = 600.0) -> None:
     """Install the SLURM/munge packages if ``slurmctld`` is missing; ``SlurmUnavailable`` if not possible."""
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged", "mungekey")):
+    binaries = ("slurmctld", "slurmd", "sbatch", "munged", "mungekey")
+    if all(shutil.which(b, path=SEARCH_PATH) for b in binaries):
         return
     if os.geteuid() != 0:
         raise SlurmUnavailable("slurmctld is not installed and installing it needs root")
@@ -71,15 +76,17 @@ def ensure_slurm_installed(timeout: float = 600.0) -> None:
         update = _run(["apt-get", "update", "-qq"], timeout=timeout, env=env, check=False)
         if update.returncode != 0:
             raise SlurmUnavailable(f"apt-get update failed (no network?):\n{update.stdout[-2000:]}")
-        install = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+        install = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
+                        "-o", "DPkg::Lock::Timeout=120", *PACKAGES],
                        timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired as e:
         raise SlurmUnavailable(f"{' '.join(e.cmd)} timed out after {timeout:.0f} s") from None
     if install.returncode != 0:
         raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed:\n"
                                f"{install.stdout[-2000:]}")
-    if shutil.which("slurmctld") is None:
-        raise RuntimeError("apt-get install succeeded but slurmctld is still not on PATH")
+    missing = [b for b in binaries if shutil.which(b, path=SEARCH_PATH) is None]
+    if missing:
+        raise RuntimeError(f"apt-get install succeeded but {missing} are still not found")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -187,6 +194,7 @@ class SlurmCluster:
         """The environment for SLURM clients (and, through sbatch's --export=ALL, for jobs)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
         env["SLURM_CONF"] = str(self.conf)
+        env["PATH"] = SEARCH_PATH
         return env
 
     def run(self, cmd: Sequence[str], timeout: float = 30.0, check: bool = True,
@@ -229,7 +237,7 @@ class SlurmCluster:
     def _start_munged(self) -> None:
         key = self.base / "munge" / "key" / "munge.key"
         if not key.exists():
-            _run(["mungekey", "-c", "-k", str(key)], timeout=30)
+            _run(["mungekey", "-c", "-k", str(key)], timeout=30, env=self.env)
         m = self.base / "munge"
         proc = self._spawn("munged", [
             "munged", "--foreground", "-S", str(self.munge_socket), f"--key-file={key}",
@@ -241,9 +249,11 @@ class SlurmCluster:
                 raise RuntimeError(f"munged exited {proc.returncode}:\n"
                                    + (self.base / "log" / "munged.out").read_text(errors="replace"))
             if self.munge_socket.exists():
-                cred = _run(["munge", "-S", str(self.munge_socket), "-n"], timeout=10, check=False)
+                cred = _run(["munge", "-S", str(self.munge_socket), "-n"], timeout=10,
+                            env=self.env, check=False)
                 if cred.returncode == 0 and subprocess.run(
                         ["unmunge", "-S", str(self.munge_socket)], input=cred.stdout, text=True,
+                        env=self.env,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                         timeout=10).returncode == 0:
                     return
@@ -254,7 +264,7 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + self.nodes)
         mem = 1024
-        probe = _run(["slurmd", "-C"], timeout=30, check=False).stdout
+        probe = _run(["slurmd", "-C"], timeout=30, env=self.env, check=False).stdout
         for tok in probe.split():
             if tok.startswith("RealMemory="):
                 mem = max(1, int(tok.split("=", 1)[1]) // self.nodes)

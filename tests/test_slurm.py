@@ -9,10 +9,11 @@ environment variables, sbatch options on the command line) in its CPU mode: gloo
 * a 2-node EP=2 run of the tiny config trains, its loss falls and it publishes a checkpoint;
 * preemption: a longer run gets SIGUSR1 on its batch shell (what ``--signal=B:USR1@...`` does
   before the time limit; here ``scancel --signal=USR1 --batch``), which sends it to the trainer
-  processes by pid; they save at the next step boundary; the script requeues the job, the second run resumes from that
-  checkpoint and finishes, and its final loss equals the uninterrupted run's bit for bit;
-* cheap checks: srun spans both nodes, bad parallel layouts and a missing converter fail fast
-  with clear messages.
+  processes by pid; they save at the next step boundary, the script requeues the job, the second
+  run resumes from that checkpoint and finishes, and every step's loss equals the uninterrupted
+  run's bit for bit;
+* cheap checks: srun spans both nodes, bad parallel layouts are refused before launch, the dry
+  run resolves the rendezvous, convert.sbatch fails clearly without a converter or checkpoint.
 """
 
 from __future__ import annotations
