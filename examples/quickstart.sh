@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
-ITERS=${ITERS:-200}
+ITERS=${ITERS:-300}
 OUT=${OUT:-runs/quickstart}
 PREFIX=data/processed/gsm8k_train_v1k    # the data_path of examples/tiny/*.yaml
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1

@@ -9,6 +9,11 @@
 
 Options: ``coe-train --help`` (Megatron-LM flag names; ``--config FILE.yaml`` with the same keys,
 flags override the file). The loop is in ``megatron_coe/training/``.
+
+SIGTERM or SIGUSR1 on the ranks: save a checkpoint at the next step boundary and exit 0 (all
+ranks agree on the step). Under torchrun, signal the rank processes; a SIGTERM to torchrun itself
+is forwarded to them, but torchrun SIGKILLs ranks still alive 30 s later. ``--load DIR`` resumes
+from the newest published checkpoint in DIR (or starts fresh when there is none).
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 Fast, in-process: options and YAML, example configs, every user error the trainer reports before
 building anything (data, tokenizer, batch arithmetic, checkpoint shape), checkpoint discovery.
-Real runs (torchrun, gloo, a tiny CoE-2 with MLA-free attention and 8 experts):
+Real runs (torchrun, gloo, a tiny CoE-2: standard attention, 8 experts + 1 shared):
 
 * EP=2 over 2 processes trains: the loss falls;
 * a run SIGKILLed after its step-10 checkpoint and resumed with --load reproduces the
   uninterrupted run's per-step losses 11..20 bit for bit (unpublished ``iter_*.tmp`` ignored);
-* the EP=2 checkpoint loads into one process at EP=1 with the same validation loss;
+* the EP=2 checkpoint loads into one process (EP=1) and at TP=2 with the same validation loss;
 * PP=2 trains; SIGTERM saves at the next step boundary and exits 0.
 """
 
@@ -286,11 +286,15 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(gsm8k, reference):
 
 
 @pytest.mark.timeout(300)
-def test_ep2_checkpoint_loads_at_ep1_with_same_validation_loss(gsm8k, reference):
-    out = gsm8k["dir"] / "ep1"
-    args = [*TINY, *data_args(gsm8k), "--load", reference["out"] / "ckpt", "--skip-train",
-            "--metrics-file", out / "metrics.jsonl"]
-    log = run(args, 1, gsm8k["dir"] / "ep1.log")
+@pytest.mark.parametrize("layout", ["ep1", "tp2"])
+def test_ep2_checkpoint_reshards_with_same_validation_loss(gsm8k, reference, layout):
+    """EP=2 x DP=2 -> one process (EP=1), or TP=2 + SP: model and optimizer state reshard."""
+    out = gsm8k["dir"] / layout
+    nproc, extra = (1, []) if layout == "ep1" else (
+        2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"])
+    args = [*TINY, *data_args(gsm8k), *extra, "--load", reference["out"] / "ckpt",
+            "--skip-train", "--metrics-file", out / "metrics.jsonl"]
+    log = run(args, nproc, gsm8k["dir"] / f"{layout}.log")
     assert "RNG states are not restored" in log  # the layout changed
     loss = metrics(out / "metrics.jsonl")[("valid", 20)]["lm_loss"]
     assert abs(loss - reference["metrics"][("valid", 20)]["lm_loss"]) < 1e-6

@@ -14,8 +14,10 @@ All ranks write into ``iter_N.tmp``; after a barrier rank 0 renames it to ``iter
 replaces the tracker file (write-temp + ``os.replace``). ``--load`` considers only directories
 named exactly ``iter_NNNNNNN`` that hold ``coe_checkpoint.json``, so a checkpoint interrupted at
 any point is never picked. Model tensors use Megatron's sharded state dicts and the distributed
-optimizer the ``fully_sharded_model_space`` format, so a checkpoint reloads under other TP / PP /
-EP / DP sizes; the RNG states are restored only under the same layout.
+optimizer the ``fully_reshardable`` format (model-space tensors, one per parameter), so model and
+optimizer state reload under other TP / PP / EP / DP sizes; the RNG states are restored only
+under the same layout. (``fully_sharded_model_space``, the 0.16.1 default, cannot be saved: it
+builds ``ShardedTensor.flattened_range``, which 0.16.1's dist_checkpointing rejects.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ name); ``setup.build_model_config`` passes these through, and the config validat
 checkpoint must agree on all of them (``checkpoint.check_compatible``).
 
 This module only parses and type-checks; cross-option rules live with their owners (model config
-``__post_init__``, ``setup.check_batch_arithmetic``).
+``__post_init__``; parallel layout and batch arithmetic in ``setup.check_layout``).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class TrainArgs:
     num_layers: int = opt(2, "Number of transformer layers.", model=True, shape=True, group=M)
     hidden_size: int = opt(64, "Transformer hidden size.", model=True, shape=True, group=M)
     num_attention_heads: int = opt(4, "Number of attention heads.", model=True, shape=True, group=M)
-    ffn_hidden_size: Optional[int] = opt(None, "Dense FFN hidden size (default 4 x hidden). "
-                                         "Unused by CoE layers, kept for Megatron parity.",
+    ffn_hidden_size: Optional[int] = opt(None, "Dense FFN size (default 4 x hidden); the routed "
+                                         "experts' size when --moe-ffn-hidden-size is unset.",
                                          type=int, model=True, shape=True, group=M)
     kv_channels: Optional[int] = opt(None, "Attention head dim (default hidden/heads; MLA: "
                                      "v_head_dim).", type=int, model=True, shape=True, group=M)
@@ -273,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {}
     for f in fields(TrainArgs):
         meta = f.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(
-            meta["group"], parser.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = groups[meta["group"]]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{meta['help']} (default: {default})"
         if meta["list_of"] is not None:
@@ -283,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
                                help=meta["help"] + f" (default: {default})")
         else:
-            group.add_argument(flag_name(f.name), help=help_text, choices=meta["choices"],
-                               type=str if meta["type"] is not str else None, metavar=None)
+            group.add_argument(flag_name(f.name), help=help_text, choices=meta["choices"])
     return parser
 
 

@@ -1,6 +1,7 @@
 """The training loop: Megatron-Core schedules, DDP + distributed optimizer, eval, checkpoints.
 
-``Trainer(args)`` builds everything (see ``setup.py``); ``Trainer.train()`` runs::
+``preflight(args, world_size)`` checks everything a user can get wrong before any process group
+exists; ``Trainer(args, preflight)`` builds the rest (``setup.py``); ``Trainer.train()`` runs::
 
     for each step: zero grads -> forward_backward_func (all micro-batches, pipeline schedule,
                    finalize_model_grads: DP/EP grad reduction, SP norms, expert-bias update)
@@ -132,7 +133,8 @@ class Trainer:
         self.attention_mask = mask.cuda() if torch.cuda.is_available() else mask
         flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
         self.metrics = metrics.MetricsWriter(args, flops, world)
-        self.signal = 0
+        self.signal = 0  # set by the SIGTERM/SIGUSR1 handler
+        self.lr = args.lr  # LR of the current step (for the metrics)
         n_params = sum(p.numel() for p in setup.unwrap(self.model[0]).parameters())
         self._log(f"model: {type(config).__name__} C={config.coe_iterations} "
                   f"layers={config.num_layers} hidden={config.hidden_size} "

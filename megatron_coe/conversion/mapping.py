@@ -1,0 +1,310 @@
+"""Tensor mapping between Megatron-Core CoE models and Hugging Face weights, one layer at a time.
+
+Megatron side, "canonical" names: the module names of a TP=EP=PP=1 model relative to
+``decoder.layers.N.`` (global expert index ``E``, global tensors)::
+
+    input_layernorm.weight                       pre_mlp_layernorm.weight
+    self_attention.linear_qkv.weight             (standard attention; QKV interleaved per query group)
+    self_attention.{q,k}_layernorm.weight        (qk_layernorm; MLA: q_layernorm / kv_layernorm latents)
+    self_attention.linear_q_proj.weight | linear_q_down_proj / linear_q_up_proj      (MLA)
+    self_attention.linear_kv_down_proj.weight, linear_kv_up_proj.weight              (MLA)
+    self_attention.linear_proj.weight
+    mlp.routers.T.weight [, mlp.routers.T.expert_bias]
+    mlp.experts.local_experts.E.linear_fc1.weight   ([gate; up] along dim 0 when gated)
+    mlp.experts.local_experts.E.linear_fc2.weight
+    mlp.shared_experts.linear_fc1.weight, linear_fc2.weight
+
+plus ``embedding.word_embeddings.weight``, ``decoder.final_layernorm.weight``, ``output_layer.weight``.
+
+Hugging Face side: DeepSeek-V2 names under ``model.layers.N.`` (see ``hf_template/modeling_coe.py``).
+Every function here is a pure tensor reshuffle (no arithmetic), so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable
+
+import torch
+
+from megatron_coe.conversion.spec import ArchSpec, ConversionError
+
+Tensor = torch.Tensor
+
+# dist_checkpointing stores some norms under the key of the fused TE module they live in on GPU
+# (``sharded_state_dict_keys_map`` of the layer spec). Checkpoint suffix -> canonical suffix.
+CHECKPOINT_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+    "self_attention.linear_q_up_proj.layer_norm_bias": "self_attention.q_layernorm.bias",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_bias": "self_attention.kv_layernorm.bias",
+}
+# Routed experts are saved stacked over a global-expert axis (SequentialMLP and TEGroupedMLP alike).
+STACKED_EXPERT_PREFIX = "mlp.experts.experts."
+EXPERT_PREFIX = "mlp.experts.local_experts."
+_EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
+
+NON_LAYER = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "decoder.final_layernorm.bias": "model.norm.bias",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def canonical_suffix(ckpt_suffix: str) -> str:
+    return CHECKPOINT_ALIASES.get(ckpt_suffix, ckpt_suffix)
+
+
+def split_stacked_experts(suffix: str, tensor: Tensor) -> Dict[str, Tensor]:
+    """``mlp.experts.experts.linear_fc1.weight [E, ...]`` -> per-expert canonical names."""
+    rest = suffix[len(STACKED_EXPERT_PREFIX):]
+    return {f"{EXPERT_PREFIX}{e}.{rest}": tensor[e] for e in range(tensor.shape[0])}
+
+
+# --------------------------------------------------------------------------- helpers
+def _norm_names(spec: ArchSpec) -> tuple:
+    return ("weight", "bias") if spec.normalization == "LayerNorm" else ("weight",)
+
+
+def _take(sd: Dict[str, Tensor], name: str, where: str) -> Tensor:
+    try:
+        return sd.pop(name)
+    except KeyError:
+        raise ConversionError(f"missing tensor {name!r} ({where})") from None
+
+
+def _gate_name(spec: ArchSpec, t: int, stock: bool) -> str:
+    return "mlp.gate" if (stock or spec.shared_router) else f"mlp.gate.{t}"
+
+
+def _split_qkv(spec: ArchSpec, qkv: Tensor):
+    ng, d = spec.kv_groups, spec.mha_head_dim
+    npg = spec.num_attention_heads // ng
+    w = qkv.reshape(ng, (npg + 2) * d, -1)
+    q = w[:, : npg * d].reshape(ng * npg * d, -1)
+    k = w[:, npg * d: (npg + 1) * d].reshape(ng * d, -1)
+    v = w[:, (npg + 1) * d:].reshape(ng * d, -1)
+    return q, k, v
+
+
+def _merge_qkv(spec: ArchSpec, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    ng, d = spec.kv_groups, spec.mha_head_dim
+    npg = spec.num_attention_heads // ng
+    h = q.shape[-1]
+    w = torch.cat([q.reshape(ng, npg * d, h), k.reshape(ng, d, h), v.reshape(ng, d, h)], dim=1)
+    return w.reshape(-1, h)
+
+
+def _mlp_to_hf(spec, fc1: Tensor, fc2: Tensor, prefix: str) -> Dict[str, Tensor]:
+    if spec.gated:
+        gate, up = torch.chunk(fc1, 2, dim=0)
+        return {f"{prefix}.gate_proj.weight": gate, f"{prefix}.up_proj.weight": up,
+                f"{prefix}.down_proj.weight": fc2}
+    return {f"{prefix}.up_proj.weight": fc1, f"{prefix}.down_proj.weight": fc2}
+
+
+def _mlp_from_hf(spec, sd, prefix: str, where: str):
+    if spec.gated:
+        fc1 = torch.cat([_take(sd, f"{prefix}.gate_proj.weight", where),
+                         _take(sd, f"{prefix}.up_proj.weight", where)], dim=0)
+    else:
+        fc1 = _take(sd, f"{prefix}.up_proj.weight", where)
+    return fc1, _take(sd, f"{prefix}.down_proj.weight", where)
+
+
+# --------------------------------------------------------------------------- Megatron -> HF
+def layer_to_hf(spec: ArchSpec, layer: Dict[str, Tensor], layer_idx: int, stock: bool = False,
+                strict: bool = True) -> Dict[str, Tensor]:
+    """One layer's canonical Megatron tensors -> HF tensors named ``model.layers.{layer_idx}.*``."""
+    sd = dict(layer)
+    where = f"Megatron layer {layer_idx}"
+    out: Dict[str, Tensor] = {}
+    for name in _norm_names(spec):
+        out[f"input_layernorm.{name}"] = _take(sd, f"input_layernorm.{name}", where)
+        out[f"post_attention_layernorm.{name}"] = _take(sd, f"pre_mlp_layernorm.{name}", where)
+    a = "self_attention."
+    if spec.attention == "mha":
+        q, k, v = _split_qkv(spec, _take(sd, a + "linear_qkv.weight", where))
+        out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v})
+        if spec.qk_layernorm:
+            for name in _norm_names(spec):
+                out[f"self_attn.q_norm.{name}"] = _take(sd, f"{a}q_layernorm.{name}", where)
+                out[f"self_attn.k_norm.{name}"] = _take(sd, f"{a}k_layernorm.{name}", where)
+    else:
+        if spec.q_lora_rank is None:
+            out["self_attn.q_proj.weight"] = _take(sd, a + "linear_q_proj.weight", where)
+        else:
+            out["self_attn.q_a_proj.weight"] = _take(sd, a + "linear_q_down_proj.weight", where)
+            out["self_attn.q_b_proj.weight"] = _take(sd, a + "linear_q_up_proj.weight", where)
+            if spec.qk_layernorm:
+                for name in _norm_names(spec):
+                    out[f"self_attn.q_a_layernorm.{name}"] = _take(sd, f"{a}q_layernorm.{name}", where)
+        out["self_attn.kv_a_proj_with_mqa.weight"] = _take(sd, a + "linear_kv_down_proj.weight", where)
+        if spec.qk_layernorm:
+            for name in _norm_names(spec):
+                out[f"self_attn.kv_a_layernorm.{name}"] = _take(sd, f"{a}kv_layernorm.{name}", where)
+        out["self_attn.kv_b_proj.weight"] = _take(sd, a + "linear_kv_up_proj.weight", where)
+    out["self_attn.o_proj.weight"] = _take(sd, a + "linear_proj.weight", where)
+    for t in range(spec.num_routers):
+        gate = _gate_name(spec, t, stock)
+        out[f"{gate}.weight"] = _take(sd, f"mlp.routers.{t}.weight", where)
+        if spec.expert_bias:
+            out[f"{gate}.e_score_correction_bias"] = _take(sd, f"mlp.routers.{t}.expert_bias", where)
+    for e in range(spec.num_experts):
+        p = f"{EXPERT_PREFIX}{e}."
+        out.update(_mlp_to_hf(spec, _take(sd, p + "linear_fc1.weight", where),
+                              _take(sd, p + "linear_fc2.weight", where), f"mlp.experts.{e}"))
+    if spec.shared_expert_size:
+        out.update(_mlp_to_hf(spec, _take(sd, "mlp.shared_experts.linear_fc1.weight", where),
+                              _take(sd, "mlp.shared_experts.linear_fc2.weight", where),
+                              "mlp.shared_experts"))
+    if strict and sd:
+        raise ConversionError(f"{where}: tensors with no Hugging Face counterpart: {sorted(sd)}")
+    return {f"model.layers.{layer_idx}.{k}": v for k, v in out.items()}
+
+
+def non_layer_to_hf(spec: ArchSpec, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for mname, hname in NON_LAYER.items():
+        if mname in tensors:
+            out[hname] = tensors[mname]
+    if spec.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in out:
+        raise ConversionError("missing tensor 'output_layer.weight'")
+    for needed in ("model.embed_tokens.weight", "model.norm.weight"):
+        if needed not in out:
+            raise ConversionError(f"missing Megatron tensor for {needed!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- HF -> Megatron
+def layer_from_hf(spec: ArchSpec, hf: Dict[str, Tensor], layer_idx: int, stock: bool = False,
+                  strict: bool = True) -> Dict[str, Tensor]:
+    """HF tensors of layer ``layer_idx`` (full names) -> canonical Megatron tensors of that layer."""
+    prefix = f"model.layers.{layer_idx}."
+    sd = {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
+    where = f"Hugging Face layer {layer_idx}"
+    out: Dict[str, Tensor] = {}
+    for name in _norm_names(spec):
+        out[f"input_layernorm.{name}"] = _take(sd, f"input_layernorm.{name}", where)
+        out[f"pre_mlp_layernorm.{name}"] = _take(sd, f"post_attention_layernorm.{name}", where)
+    a = "self_attention."
+    if spec.attention == "mha":
+        out[a + "linear_qkv.weight"] = _merge_qkv(spec, _take(sd, "self_attn.q_proj.weight", where),
+                                                  _take(sd, "self_attn.k_proj.weight", where),
+                                                  _take(sd, "self_attn.v_proj.weight", where))
+        if spec.qk_layernorm:
+            for name in _norm_names(spec):
+                out[f"{a}q_layernorm.{name}"] = _take(sd, f"self_attn.q_norm.{name}", where)
+                out[f"{a}k_layernorm.{name}"] = _take(sd, f"self_attn.k_norm.{name}", where)
+    else:
+        if spec.q_lora_rank is None:
+            out[a + "linear_q_proj.weight"] = _take(sd, "self_attn.q_proj.weight", where)
+        else:
+            out[a + "linear_q_down_proj.weight"] = _take(sd, "self_attn.q_a_proj.weight", where)
+            out[a + "linear_q_up_proj.weight"] = _take(sd, "self_attn.q_b_proj.weight", where)
+            if spec.qk_layernorm:
+                for name in _norm_names(spec):
+                    out[f"{a}q_layernorm.{name}"] = _take(sd, f"self_attn.q_a_layernorm.{name}", where)
+        out[a + "linear_kv_down_proj.weight"] = _take(sd, "self_attn.kv_a_proj_with_mqa.weight", where)
+        if spec.qk_layernorm:
+            for name in _norm_names(spec):
+                out[f"{a}kv_layernorm.{name}"] = _take(sd, f"self_attn.kv_a_layernorm.{name}", where)
+        out[a + "linear_kv_up_proj.weight"] = _take(sd, "self_attn.kv_b_proj.weight", where)
+    out[a + "linear_proj.weight"] = _take(sd, "self_attn.o_proj.weight", where)
+    for t in range(spec.num_routers):
+        gate = _gate_name(spec, t, stock)
+        out[f"mlp.routers.{t}.weight"] = _take(sd, f"{gate}.weight", where)
+        if spec.expert_bias:
+            out[f"mlp.routers.{t}.expert_bias"] = _take(sd, f"{gate}.e_score_correction_bias", where)
+    for e in range(spec.num_experts):
+        fc1, fc2 = _mlp_from_hf(spec, sd, f"mlp.experts.{e}", where)
+        out[f"{EXPERT_PREFIX}{e}.linear_fc1.weight"] = fc1
+        out[f"{EXPERT_PREFIX}{e}.linear_fc2.weight"] = fc2
+    if spec.shared_expert_size:
+        fc1, fc2 = _mlp_from_hf(spec, sd, "mlp.shared_experts", where)
+        out["mlp.shared_experts.linear_fc1.weight"] = fc1
+        out["mlp.shared_experts.linear_fc2.weight"] = fc2
+    if strict and sd:
+        raise ConversionError(f"{where}: unexpected tensors {sorted(sd)}")
+    return out
+
+
+def non_layer_from_hf(spec: ArchSpec, hf: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for mname, hname in NON_LAYER.items():
+        if hname in hf:
+            out[mname] = hf[hname]
+    if "embedding.word_embeddings.weight" not in out:
+        raise ConversionError("missing tensor 'model.embed_tokens.weight'")
+    if "output_layer.weight" not in out:
+        if not spec.tie_word_embeddings:
+            raise ConversionError("missing tensor 'lm_head.weight'")
+    return out
+
+
+def hf_layer_names(spec: ArchSpec, layer_idx: int, stock: bool = False) -> Iterable[str]:
+    """Expected HF tensor names of one layer (used to check a checkpoint is complete)."""
+    dummy = _dummy_layer(spec)
+    return layer_to_hf(spec, dummy, layer_idx, stock=stock).keys()
+
+
+def _dummy_layer(spec: ArchSpec) -> Dict[str, Tensor]:
+    e = torch.empty(0)
+    names = ["pre_mlp_layernorm", "input_layernorm"]
+    out = {f"{n}.{w}": e for n in names for w in _norm_names(spec)}
+    a = "self_attention."
+    if spec.attention == "mha":
+        out[a + "linear_qkv.weight"] = torch.empty(
+            (spec.num_attention_heads + 2 * spec.kv_groups) * spec.mha_head_dim, 0)
+        if spec.qk_layernorm:
+            out.update({f"{a}{n}.{w}": e for n in ("q_layernorm", "k_layernorm") for w in _norm_names(spec)})
+    else:
+        if spec.q_lora_rank is None:
+            out[a + "linear_q_proj.weight"] = e
+        else:
+            out[a + "linear_q_down_proj.weight"] = e
+            out[a + "linear_q_up_proj.weight"] = e
+            if spec.qk_layernorm:
+                out.update({f"{a}q_layernorm.{w}": e for w in _norm_names(spec)})
+        out[a + "linear_kv_down_proj.weight"] = e
+        out[a + "linear_kv_up_proj.weight"] = e
+        if spec.qk_layernorm:
+            out.update({f"{a}kv_layernorm.{w}": e for w in _norm_names(spec)})
+    out[a + "linear_proj.weight"] = e
+    for t in range(spec.num_routers):
+        out[f"mlp.routers.{t}.weight"] = e
+        if spec.expert_bias:
+            out[f"mlp.routers.{t}.expert_bias"] = e
+    fc1 = torch.empty(2, 0)
+    for i in range(spec.num_experts):
+        out[f"{EXPERT_PREFIX}{i}.linear_fc1.weight"] = fc1
+        out[f"{EXPERT_PREFIX}{i}.linear_fc2.weight"] = e
+    if spec.shared_expert_size:
+        out["mlp.shared_experts.linear_fc1.weight"] = fc1
+        out["mlp.shared_experts.linear_fc2.weight"] = e
+    return out
+
+
+# --------------------------------------------------------------------------- in-memory models
+def module_state_to_layers(state_dict: Dict[str, Tensor], spec: ArchSpec):
+    """A TP=EP=PP=1 Megatron ``GPTModel.state_dict()`` -> (non-layer dict, [per-layer canonical dicts])."""
+    layers = [dict() for _ in range(spec.num_layers)]
+    non_layer = {}
+    pat = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+    for name, t in state_dict.items():
+        if name.endswith("_extra_state") or t is None:
+            continue
+        m = pat.match(name)
+        if m:
+            idx, suffix = int(m.group(1)), m.group(2)
+            layers[idx][canonical_suffix(suffix)] = t
+        elif name in NON_LAYER:
+            non_layer[name] = t
+    return non_layer, layers
