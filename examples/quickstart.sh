@@ -10,6 +10,7 @@
 # Then: tensorboard --logdir runs/quickstart/tensorboard
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash tools/setup_env.sh    # creates ./.venv with the pinned versions if it is missing
 
 PY=${PY:-.venv/bin/python}
 TORCHRUN=${TORCHRUN:-.venv/bin/torchrun}
