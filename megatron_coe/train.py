@@ -11,15 +11,24 @@ Options: ``coe-train --help`` (Megatron-LM flag names; ``--config FILE.yaml`` wi
 flags override the file). The loop is in ``megatron_coe/training/``.
 
 SIGTERM or SIGUSR1 on the ranks: save a checkpoint at the next step boundary and exit 0 (all
-ranks agree on the step). Under torchrun, signal the rank processes; a SIGTERM to torchrun itself
-is forwarded to them, but torchrun SIGKILLs ranks still alive 30 s later. ``--load DIR`` resumes
-from the newest published checkpoint in DIR (or starts fresh when there is none).
+ranks agree on the step). The handler is installed right after the options are parsed, so a
+signal during start-up (imports, model build, checkpoint loading) ends the run cleanly before its
+first step, writing nothing. Helper processes (checkpoint writer, DataLoader workers) ignore
+these signals, so a SIGTERM to every process of the job (``scancel``, Slurm preemption,
+``kill -TERM -PGID``) still ends with a published checkpoint. Under torchrun, a SIGTERM to
+torchrun itself is forwarded to the ranks, but torchrun SIGKILLs ranks still alive 30 s later.
+``--exit-duration-in-mins`` and ``$COE_JOB_END_TIME`` (minus ``--exit-time-margin-mins``) stop the
+run the same way before a time limit. ``--load DIR`` resumes from the newest published
+checkpoint in DIR (or starts fresh when there is none).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+
+_START_TIME = time.time()  # process start, for --exit-duration-in-mins
 
 
 def _user_errors() -> tuple:
@@ -65,6 +74,10 @@ def main(argv: list | None = None) -> int:
         if rank == 0:
             print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.exit_signal_handler:  # before anything slow: a signal from now on is never lost
+        from megatron_coe.training import signals
+
+        signals.install()
 
     import torch
 
@@ -84,7 +97,7 @@ def main(argv: list | None = None) -> int:
         pre = preflight(args, int(os.environ.get("WORLD_SIZE", "1")))  # user errors, fast
         install_cpu_compat()
         setup.init_distributed(args)
-        Trainer(args, pre).train()
+        Trainer(args, pre, start_time=_START_TIME).train()
     except user_errors as e:
         if rank == 0:
             print(f"coe-train: error: {e}", file=sys.stderr, flush=True)

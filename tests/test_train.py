@@ -8,7 +8,13 @@ Real runs (torchrun, gloo, a tiny CoE-2: standard attention, 8 experts + 1 share
 * a run SIGKILLed after its step-10 checkpoint and resumed with --load reproduces the
   uninterrupted run's per-step losses 11..20 bit for bit (unpublished ``iter_*.tmp`` ignored);
 * the EP=2 checkpoint loads into one process (EP=1) and at TP=2 with the same validation loss;
-* PP=2 trains; SIGTERM saves at the next step boundary and exits 0.
+* PP=2 trains; SIGTERM saves at the next step boundary and exits 0;
+* time limit (--exit-duration-in-mins; $COE_JOB_END_TIME minus a margin): saves at the last step
+  boundary before the deadline, publishes the checkpoint and exits 0;
+* SIGTERM to every process of a 2-rank job (os.killpg: what scancel / Slurm preemption do; the
+  checkpoint-writer Manager and DataLoader workers get it too): the ranks still save, publish
+  and exit 0, and the run resumes from that checkpoint; a SIGTERM during start-up exits 0 before
+  the first step without writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -72,17 +78,23 @@ def _command(args: list, nproc: int) -> list:
             "--master-port", str(_free_port()), "-m", "megatron_coe.train", *args]
 
 
-def _env() -> dict:
-    return dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+def _env(**extra) -> dict:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    for name in ("COE_JOB_END_TIME", "COE_EXIT_REASON_FILE"):  # e.g. when run inside a job
+        env.pop(name, None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
 
 
-def launch(args: list, nproc: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(_command([str(a) for a in args], nproc), cwd=ROOT, env=_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def launch(args: list, nproc: int, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(_command([str(a) for a in args], nproc), cwd=ROOT,
+                            env=_env(**(env or {})), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
-def run(args: list, nproc: int, log: Path, timeout: float = 180, expect_rc: int = 0) -> str:
-    proc = launch(args, nproc, log)
+def run(args: list, nproc: int, log: Path, timeout: float = 180, expect_rc: int = 0,
+        env: dict | None = None) -> str:
+    proc = launch(args, nproc, log, env)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -338,3 +350,163 @@ def test_cli_error_is_one_clear_line(gsm8k, reference):
     assert "coe-train: error: checkpoint" in text
     assert "hidden_size (--hidden-size): checkpoint 32, this run 64" in text
     assert "Traceback" not in text
+
+
+# --------------------------------------------------------------------------- time limit
+def test_time_limit_deadline_from_flag_and_job_end_time():
+    from megatron_coe.training import timelimit
+
+    args = parse_args(["--exit-duration-in-mins", "10"])
+    assert timelimit.deadline(args, 1000.0, {}) == 1000.0 + 600
+    env = {"COE_JOB_END_TIME": "2000"}
+    assert timelimit.deadline(parse_args([]), 1000.0, env) == 2000 - 5 * 60  # default margin
+    assert timelimit.deadline(parse_args(["--exit-time-margin-mins", "1"]), 1000.0, env) == 1940
+    assert timelimit.deadline(args, 1000.0, env) == 1600  # the earlier one: the flag's
+    assert timelimit.deadline(args, 1000.0, {"COE_JOB_END_TIME": "1800"}) == 1500  # the env's
+    assert timelimit.deadline(parse_args([]), 1000.0, {"COE_JOB_END_TIME": ""}) is None
+    with pytest.raises(SetupError, match="COE_JOB_END_TIME='soon' is not a time"):
+        timelimit.check(parse_args([]), {"COE_JOB_END_TIME": "soon"})
+    with pytest.raises(SetupError, match="--exit-duration-in-mins must be > 0"):
+        timelimit.check(parse_args(["--exit-duration-in-mins", "0"]), {})
+
+    guard = timelimit.TimeGuard(deadline=100.0)
+    for t in (3.0, 1.0, 1.0):  # the estimate is the slowest recent step
+        guard.record_step(t)
+    assert not guard.time_up(now=96.0) and guard.time_up(now=97.5)
+    assert guard.time_up(now=95.0, extra=2.5)  # a validation due at this boundary counts
+    assert not timelimit.TimeGuard(None).time_up(now=1e12)
+
+
+@pytest.mark.timeout(300)
+def test_exit_duration_saves_publishes_and_exits_0(tmp_path):
+    """--exit-duration-in-mins 0.05 (3 s, less than start-up): stop after the first step(s)."""
+    reason = tmp_path / "exit_reason"
+    args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0", "--save",
+            tmp_path / "ckpt", "--metrics-file", tmp_path / "metrics.jsonl",
+            "--exit-duration-in-mins", "0.05"]
+    log = run(args, 1, tmp_path / "run.log", env={"COE_EXIT_REASON_FILE": reason})
+    assert "time limit: the next step" in log and "saving and exiting" in log
+    last = max(train_losses(metrics(tmp_path / "metrics.jsonl")))
+    saved = ckpt.find_checkpoint(str(tmp_path / "ckpt"))
+    assert saved and ckpt.read_meta(saved)["iteration"] == last < 1000
+    assert (tmp_path / "ckpt" / ckpt.TRACKER).read_text().strip() == str(last)
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    assert reason.read_text().strip() == "time_limit"
+
+
+@pytest.mark.timeout(300)
+def test_job_end_time_env_stops_before_the_margin(tmp_path):
+    """$COE_JOB_END_TIME = now + 5 min + 1 s with the default 5-minute margin: stop at once."""
+    args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0", "--save",
+            tmp_path / "ckpt", "--metrics-file", tmp_path / "metrics.jsonl"]
+    log = run(args, 1, tmp_path / "run.log", env={"COE_JOB_END_TIME": int(time.time()) + 301})
+    assert "time limit: the next step" in log
+    last = max(train_losses(metrics(tmp_path / "metrics.jsonl")))
+    assert last < 1000
+    assert ckpt.read_meta(ckpt.find_checkpoint(str(tmp_path / "ckpt")))["iteration"] == last
+
+
+# --------------------------------------------------------------------------- preemption
+def _launch_ranks(args: list, nproc: int, logs: list) -> list:
+    """``nproc`` trainer processes without torchrun (as srun starts them), all in one new
+    process group whose id is rank 0's pid: ``os.killpg`` then reaches the ranks and every
+    helper process they start, like Slurm's SIGTERM to all processes of a job."""
+    port, procs = _free_port(), []
+    for rank in range(nproc):
+        env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "megatron_coe.train", *[str(a) for a in args]], cwd=ROOT, env=env,
+            stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT,
+            process_group=0 if rank == 0 else procs[0].pid))
+    return procs
+
+
+def _wait_for_lines(path: Path, n: int, procs: list, logs: list, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        dead = [p for p in procs if p.poll() is not None]
+        assert not dead and time.time() < deadline, "\n".join(
+            Path(log).read_text()[-2000:] for log in logs)
+        time.sleep(0.05)
+
+
+def _helpers(procs: list) -> list:
+    out = []
+    for p in procs:
+        try:
+            out += [c.name() for c in psutil.Process(p.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_sigterm_to_whole_process_group_saves_publishes_and_resumes(tmp_path):
+    """2 ranks (EP=2) with DataLoader workers and the checkpoint writer's Manager running:
+    SIGTERM to every process of the group -> checkpoint saved + published, exit 0; resume."""
+    save = tmp_path / "ckpt"
+    args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0",
+            "--expert-model-parallel-size", "2", "--num-workers", "1", "--save", save,
+            "--metrics-file", tmp_path / "metrics.jsonl"]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = _launch_ranks(args, 2, logs)
+    try:
+        _wait_for_lines(tmp_path / "metrics.jsonl", 3, procs, logs)
+        # per rank: 1 DataLoader worker + the writer Manager (spawned at training start)
+        deadline = time.time() + 60
+        while len(_helpers(procs)) < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        helpers = _helpers(procs)
+        assert len(helpers) >= 4, f"helper processes not running: {helpers}"
+        os.killpg(procs[0].pid, signal.SIGTERM)
+        rcs = [p.wait(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p)
+    text = "\n".join(log.read_text() for log in logs)
+    assert rcs == [0, 0], f"exit codes {rcs}:\n{text[-4000:]}"
+    assert "received at iteration" in text, text[-3000:]
+    last = max(train_losses(metrics(tmp_path / "metrics.jsonl")))
+    saved = ckpt.find_checkpoint(str(save))
+    assert saved and ckpt.read_meta(saved)["iteration"] == last < 1000, text[-3000:]
+    assert (save / ckpt.TRACKER).read_text().strip() == str(last)
+    assert not list(save.glob("*.tmp"))
+    assert sorted(p.name for p in (Path(saved) / "rng").iterdir()) == ["rank_00000.pt",
+                                                                        "rank_00001.pt"]
+
+    resumed = [*args, "--load", save, "--train-iters", last + 2, "--metrics-file",
+               tmp_path / "resumed.jsonl"]
+    log = run(resumed, 2, tmp_path / "resumed.log")
+    assert f"iter_{last:07d} at iteration {last}" in log
+    assert sorted(train_losses(metrics(tmp_path / "resumed.jsonl"))) == [last + 1, last + 2]
+    assert ckpt.read_meta(ckpt.find_checkpoint(str(save)))["iteration"] == last + 2
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_startup_exits_0_without_a_checkpoint(tmp_path):
+    """The handler is installed before torch is imported: a SIGTERM while the trainer is still
+    importing/building ends it with exit 0 before the first step, and nothing is written."""
+    save = tmp_path / "ckpt"
+    reason = tmp_path / "exit_reason"
+    args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0", "--save", save,
+            "--load", save, "--metrics-file", tmp_path / "metrics.jsonl"]
+    log = tmp_path / "run.log"
+    proc = launch(args, 1, log, env={"COE_EXIT_REASON_FILE": reason})
+    try:
+        deadline = time.time() + 60
+        # `import torch` starts right after the handler is installed: signal once it is mapped
+        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "received during start-up: exiting before the first step" in text, text[-3000:]
+    assert not list(save.glob("iter_*")) and ckpt.find_checkpoint(str(save)) is None
+    assert reason.read_text().strip() == "signal"

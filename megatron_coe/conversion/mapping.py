@@ -23,7 +23,7 @@ Every function here is a pure tensor reshuffle (no arithmetic), so a round trip 
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable
+from typing import Dict
 
 import torch
 
@@ -246,49 +246,6 @@ def non_layer_from_hf(spec: ArchSpec, hf: Dict[str, Tensor]) -> Dict[str, Tensor
     if "output_layer.weight" not in out:
         if not spec.tie_word_embeddings:
             raise ConversionError("missing tensor 'lm_head.weight'")
-    return out
-
-
-def hf_layer_names(spec: ArchSpec, layer_idx: int, stock: bool = False) -> Iterable[str]:
-    """Expected HF tensor names of one layer (used to check a checkpoint is complete)."""
-    dummy = _dummy_layer(spec)
-    return layer_to_hf(spec, dummy, layer_idx, stock=stock).keys()
-
-
-def _dummy_layer(spec: ArchSpec) -> Dict[str, Tensor]:
-    e = torch.empty(0)
-    names = ["pre_mlp_layernorm", "input_layernorm"]
-    out = {f"{n}.{w}": e for n in names for w in _norm_names(spec)}
-    a = "self_attention."
-    if spec.attention == "mha":
-        out[a + "linear_qkv.weight"] = torch.empty(
-            (spec.num_attention_heads + 2 * spec.kv_groups) * spec.mha_head_dim, 0)
-        if spec.qk_layernorm:
-            out.update({f"{a}{n}.{w}": e for n in ("q_layernorm", "k_layernorm") for w in _norm_names(spec)})
-    else:
-        if spec.q_lora_rank is None:
-            out[a + "linear_q_proj.weight"] = e
-        else:
-            out[a + "linear_q_down_proj.weight"] = e
-            out[a + "linear_q_up_proj.weight"] = e
-            if spec.qk_layernorm:
-                out.update({f"{a}q_layernorm.{w}": e for w in _norm_names(spec)})
-        out[a + "linear_kv_down_proj.weight"] = e
-        out[a + "linear_kv_up_proj.weight"] = e
-        if spec.qk_layernorm:
-            out.update({f"{a}kv_layernorm.{w}": e for w in _norm_names(spec)})
-    out[a + "linear_proj.weight"] = e
-    for t in range(spec.num_routers):
-        out[f"mlp.routers.{t}.weight"] = e
-        if spec.expert_bias:
-            out[f"mlp.routers.{t}.expert_bias"] = e
-    fc1 = torch.empty(2, 0)
-    for i in range(spec.num_experts):
-        out[f"{EXPERT_PREFIX}{i}.linear_fc1.weight"] = fc1
-        out[f"{EXPERT_PREFIX}{i}.linear_fc2.weight"] = e
-    if spec.shared_expert_size:
-        out["mlp.shared_experts.linear_fc1.weight"] = fc1
-        out["mlp.shared_experts.linear_fc2.weight"] = e
     return out
 
 

@@ -20,7 +20,6 @@ Hugging Face ``model_type`` values:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -108,12 +107,12 @@ class ArchSpec:
     # ------------------------------------------------------------------ Megatron
     @classmethod
     def from_megatron_config(cls, config, vocab_size: int, max_position_embeddings: int = 4096,
-                             rotary_base: float = 10000.0,
+                             rotary_base: float = 10000.0, rotary_percent: float = 1.0,
                              tie_word_embeddings: bool = False) -> "ArchSpec":
         """Spec of a model built by ``build_coe_gpt_model(config, ...)``; refuses what HF cannot express.
 
-        ``rotary_base`` is ``build_coe_gpt_model``'s argument (standard attention); MLA uses
-        ``config.rotary_base``.
+        ``rotary_base`` / ``rotary_percent`` are ``GPTModel`` arguments (standard attention;
+        ``build_coe_gpt_model`` uses 10000 / 1.0); MLA uses ``config.rotary_base``.
         """
         c = config
         problems = []
@@ -154,8 +153,6 @@ class ArchSpec:
                 problems.append("mscale_all_dim with rope_type='rope' (softmax scale mscale) is not supported")
             if c.rotary_interleaved:
                 problems.append("rotary_interleaved with multi-latent attention is not supported")
-            if c.rotary_percent != 1.0:
-                problems.append("rotary_percent != 1 with multi-latent attention is not supported")
             if getattr(c, "kv_channels", None) not in (None, c.v_head_dim):
                 problems.append("MLA with kv_channels != v_head_dim is not supported")
         if problems:
@@ -189,7 +186,7 @@ class ArchSpec:
             spec = spec.replace(num_query_groups=c.num_query_groups or c.num_attention_heads,
                                 head_dim=c.kv_channels, rope_theta=float(rotary_base),
                                 rope_interleaved=bool(c.rotary_interleaved),
-                                rotary_percent=float(c.rotary_percent))
+                                rotary_percent=float(rotary_percent))
         return spec
 
     def megatron_config_overrides(self) -> dict:
@@ -205,8 +202,10 @@ class ArchSpec:
                            beta_fast=rs["beta_fast"], beta_slow=rs["beta_slow"], mscale=rs["mscale"],
                            mscale_all_dim=rs["mscale_all_dim"])
         else:
-            out.update(num_query_groups=self.kv_groups, rotary_interleaved=self.rope_interleaved,
-                       rotary_percent=self.rotary_percent)
+            if self.rotary_percent != 1.0 or self.rope_theta != 10000.0:
+                raise ConversionError("build_coe_gpt_model uses rotary_percent 1.0 and rotary base "
+                                      "10000 for standard attention; this model differs")
+            out.update(num_query_groups=self.kv_groups, rotary_interleaved=self.rope_interleaved)
         return out
 
     # ------------------------------------------------------------------ Hugging Face
@@ -438,6 +437,18 @@ class ArchSpec:
         kw.update(overrides)
         return TrainArgs(**kw)
 
+    def train_args_warnings(self) -> list:
+        """Settings the trainer's options cannot set, which it silently replaces by its defaults."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        default_eps = TransformerConfig.__dataclass_fields__["layernorm_epsilon"].default
+        notes = []
+        if self.norm_eps != default_eps:
+            notes.append(f"the model's norm epsilon is {self.norm_eps:g} but megatron_coe.train has no "
+                         f"option for it and uses {default_eps:g}: a run loading this checkpoint "
+                         "normalises slightly differently")
+        return notes
+
     def to_megatron_config(self, **overrides):
         """The CoE ``TransformerConfig`` of this spec (CPU-safe settings; ``overrides`` win)."""
         import torch
@@ -483,10 +494,3 @@ class ArchSpec:
     def from_dict(cls, d: dict) -> "ArchSpec":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-def softmax_scale_note(spec: ArchSpec) -> float:  # pragma: no cover - documentation helper
-    """Attention softmax scale of ``spec`` (Megatron and the exported model agree)."""
-    if spec.attention == "mla":
-        return 1.0 / math.sqrt(spec.qk_nope_head_dim + spec.qk_rope_head_dim)
-    return 1.0 / math.sqrt(spec.mha_head_dim)

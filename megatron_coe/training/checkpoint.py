@@ -183,6 +183,36 @@ def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
 
 
 _WARM_UP: Optional[threading.Thread] = None
+_MANAGER = None  # the results Manager we start in place of Megatron's (kept alive here)
+
+
+def _results_queue():
+    """dist_checkpointing's write-results queue, served by a Manager that ignores stop signals.
+
+    Megatron creates it lazily as ``mp.get_context("spawn").Manager().Queue()``
+    (``filesystem_async._get_write_results_queue``, 0.16.1), a server process that dies of the
+    SIGTERM ``scancel`` / Slurm preemption send to every process of the job, so the save the
+    trainer makes on that signal fails ("Connection refused"). We start the same Manager with an
+    initializer that sets SIG_IGN for SIGTERM/SIGUSR1 and hand its queue to Megatron. (Blocking
+    the signals around Megatron's own spawn is not enough: starting multiprocessing's
+    resource tracker unblocks SIGTERM in the spawning thread right before the Manager starts.)
+    """
+    global _MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_coe.training import signals
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        from multiprocessing.managers import SyncManager
+
+        from torch import multiprocessing as mp
+
+        with signals.shielded():  # the resource tracker (started by the spawn) keeps USR1 blocked
+            manager = SyncManager(ctx=mp.get_context("spawn"))
+            manager.start(initializer=signals.ignore_in_child)
+        _MANAGER = manager
+        filesystem_async._results_queue = manager.Queue()
+    return filesystem_async._get_write_results_queue()
 
 
 def warm_up_writer() -> None:
@@ -191,13 +221,12 @@ def warm_up_writer() -> None:
     The first save creates a spawn-mode ``Manager`` (``filesystem_async.py:51-56``) whose server
     process imports torch to unpickle the first write results: 3-5 s inside the first save on a
     small CPU machine. Doing it now (one tensor through the queue) moves that off the save path.
+    The Manager ignores SIGTERM/SIGUSR1 (``_results_queue``).
     """
     global _WARM_UP
 
     def warm():
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-        queue = filesystem_async._get_write_results_queue()
+        queue = _results_queue()
         queue.put(torch.zeros(1))
         queue.get()
 
@@ -211,9 +240,11 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.training import signals
 
     if _WARM_UP is not None:
         _WARM_UP.join()
+    _results_queue()  # no warm-up (or it failed): start the signal-proof Manager now
     rank = torch.distributed.get_rank()
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -222,7 +253,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
         os.makedirs(tmp)
     torch.distributed.barrier()
-    with cuda_device_redirect():
+    # shielded: the writer processes dist_checkpointing forks (and the results Manager, if the
+    # warm-up did not start it) ignore SIGTERM/SIGUSR1; the trainer still sees them afterwards.
+    with cuda_device_redirect(), signals.shielded():
         state = _sharded_state(model, optimizer, is_loading=False)
         state["scheduler"] = scheduler.state_dict()
         dist_checkpointing.save(state, tmp)
@@ -289,7 +322,9 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
         print(f"note: parallel layout changed ({meta['layout']} -> {vars(layout)}); RNG states "
               "are not restored.", flush=True)
     if not load_optim:
-        if args.bf16:  # fp32 main params follow the loaded bf16 weights
+        from megatron_coe.training.precision import uses_bf16
+
+        if uses_bf16(args):  # fp32 main params follow the loaded bf16 weights
             optimizer.reload_model_params()
         return 0, 0
     return meta["iteration"], meta["consumed_train_samples"]

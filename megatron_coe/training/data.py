@@ -96,10 +96,19 @@ def micro_batches(dataset, micro_batch_size: int, consumed_samples: int, dp_rank
                   dp_size: int, num_workers: int = 0) -> Iterator[dict]:
     """This rank's micro-batches from ``consumed_samples`` on (tensors moved to the GPU if any)."""
     from megatron_coe.data.datasets import build_data_loader
+    from megatron_coe.training import signals
 
     loader = build_data_loader(dataset, micro_batch_size, consumed_samples, dp_rank, dp_size,
                                num_workers=num_workers)
-    for batch in loader:
+    if num_workers > 0:
+        # Workers ignore SIGTERM/SIGUSR1 (a job-wide SIGTERM must not kill them before the
+        # trainer's final save); they are forked inside the block, then set SIG_IGN themselves.
+        loader.worker_init_fn = signals.ignore_in_child
+        with signals.shielded():
+            batches = iter(loader)
+    else:
+        batches = iter(loader)
+    for batch in batches:
         if torch.cuda.is_available():
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         yield batch

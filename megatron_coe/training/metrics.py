@@ -12,6 +12,8 @@ All ranks take part in the reductions (they are collectives); only global rank 0
 * model FLOPs per step count attention, the router, C x top-k routed experts and the shared
   expert of every pass, and the output layer (x3 for forward + backward). MFU needs a peak:
   ``--peak-tflops`` or a known GPU.
+* GPU memory (CUDA only): ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` of rank 0
+  since the start, in every JSONL record (``max_memory_*_gib``) and on the progress line.
 """
 
 from __future__ import annotations
@@ -66,17 +68,24 @@ def peak_flops_per_device(args: TrainArgs) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------- reductions
-def reduce_lm_loss(reports: list, extra: float = 0.0) -> tuple[float, float]:
-    """(global token-weighted lm loss, max of ``extra`` over ranks); one all-reduce."""
-    vec = torch.zeros(3, dtype=torch.float64)
+def reduce_lm_loss(reports: list, extra=0.0):
+    """(global token-weighted lm loss, ``extra`` summed over ranks); one all-reduce.
+
+    ``extra`` is a float or a tuple of floats (per-rank flags: a sum > 0 means "some rank set
+    it"); the second result has the same form.
+    """
+    flags = tuple(extra) if isinstance(extra, (tuple, list)) else (extra,)
+    vec = torch.zeros(2 + len(flags), dtype=torch.float64)
     for r in reports:
         vec[:2] += r["lm loss"].detach().to("cpu", torch.float64)
-    vec[2] = extra
+    vec[2:] = torch.tensor(flags, dtype=torch.float64)
     if torch.cuda.is_available():
         vec = vec.cuda()
     torch.distributed.all_reduce(vec)
     vec = vec.cpu()
-    return (vec[0] / vec[1].clamp(min=1)).item(), vec[2].item()
+    summed = tuple(v.item() for v in vec[2:])
+    loss = (vec[0] / vec[1].clamp(min=1)).item()
+    return loss, (summed if isinstance(extra, (tuple, list)) else summed[0])
 
 
 def reduce_aux_losses(num_microbatches: int, pg_collection) -> dict:
@@ -222,13 +231,19 @@ class MetricsWriter:
                 scalars[f"load_imbalance/layer{l}_pass{t}"] = v
         if self.gpu:
             scalars.update(self.gpu.read())
+        if torch.cuda.is_available():  # this rank's (rank 0's) peak since the start
+            record["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            record["max_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+            scalars["gpu/max_allocated_gib"] = record["max_memory_allocated_gib"]
+            scalars["gpu/max_reserved_gib"] = record["max_memory_reserved_gib"]
         self._record(record)
         self._scalars(scalars, iteration)
         if imbalance is not None:  # a log-interval step
             self._print(iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance,
-                        record.get("mfu"))
+                        record.get("mfu"), record.get("max_memory_allocated_gib"))
 
-    def _print(self, iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance, mfu):
+    def _print(self, iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance, mfu,
+               peak_gib=None):
         mean_step = sum(self.step_times) / len(self.step_times)
         eta = mean_step * (self.args.train_iters - iteration)
         parts = [f"iter {iteration:>{len(str(self.args.train_iters))}}/{self.args.train_iters}",
@@ -247,6 +262,8 @@ class MetricsWriter:
                   f"{tok_s:,.0f} tok/s", f"{step_time * 1e3:.1f} ms/step"]
         if mfu is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
+        if peak_gib is not None:
+            parts.append(f"peak mem {peak_gib:.2f} GiB")
         parts.append(f"ETA {_fmt_time(eta)}")
         print(" | ".join(parts), flush=True)
 

@@ -130,9 +130,13 @@ class TrainArgs:
                                           type=str, choices=["local", "transformer_engine"],
                                           group=P)
     bf16: bool = opt(False, "bf16 mixed precision (GPU).", group=P)
-    fp8_format: Optional[str] = opt(None, "FP8 training (GPU + Transformer Engine only).",
+    fp8_format: Optional[str] = opt(None, "FP8 training on a Hopper/Ada GPU with Transformer "
+                                    "Engine: e4m3, or hybrid (E4M3 forward, E5M2 gradients). "
+                                    "Implies --bf16, the TE layers, grouped-GEMM experts and "
+                                    "router padding (training/precision.py).",
                                     type=str, choices=["e4m3", "hybrid"], group=P)
-    fp8_recipe: str = opt("delayed", "FP8 scaling recipe.",
+    fp8_recipe: str = opt("delayed", "FP8 scaling recipe (Megatron-Core fp8_recipe): delayed, "
+                          "tensorwise (current scaling), blockwise (Hopper), mxfp8 (Blackwell).",
                           choices=["delayed", "tensorwise", "mxfp8", "blockwise"], group=P)
     recompute_modules: list = opt(None, "Selective activation recompute of these modules "
                                   "(e.g. core_attn moe layernorm mla_up_proj shared_experts).",
@@ -159,6 +163,12 @@ class TrainArgs:
                                        "divisible by this.", type=int)
     exit_signal_handler: bool = opt(True, "On SIGTERM/SIGUSR1: save at the next step boundary "
                                     "and exit 0.")
+    exit_duration_in_mins: Optional[float] = opt(
+        None, "Save and exit 0 at the last step boundary before this many minutes of wall time "
+        "since the trainer started.", type=float)
+    exit_time_margin_mins: float = opt(
+        5.0, "With $COE_JOB_END_TIME (epoch seconds, set by slurm/pretrain.sbatch): save and "
+        "exit 0 at the last step boundary this many minutes before it.")
     # ------------------------------------------------------------------ data
     data_path: list = opt(None, "Data prefixes (optionally weighted: W1 P1 W2 P2).",
                           list_of=str, group=D)

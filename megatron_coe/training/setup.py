@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from megatron_coe.compat import cuda_device_redirect, have_transformer_engine, install_cpu_compat
 from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
+from megatron_coe.training import precision
+from megatron_coe.training.errors import SetupError
 from megatron_coe.training.options import OPTIONS, TrainArgs
 
-
-class SetupError(ValueError):
-    """A run that cannot start as configured; the message says which option to change."""
+__all__ = ["SetupError"]  # re-exported: defined in errors.py (precision.PrecisionError derives)
 
 
 # --------------------------------------------------------------------------- runtime / layout
@@ -31,14 +31,14 @@ def use_cuda() -> bool:
 
 
 def check_runtime(args: TrainArgs) -> None:
-    """GPU-only features refused on a CPU machine, with the option to change."""
+    """GPU-only features refused on a CPU machine, with the option to change.
+
+    FP8: a CUDA device, Transformer Engine and a GPU of the recipe's class
+    (``precision.check_fp8_device``; ``PrecisionError`` is a ``SetupError``).
+    """
+    precision.check_fp8_device(args)
     if use_cuda():
-        if args.fp8_format and not have_transformer_engine():
-            raise SetupError("--fp8-format needs Transformer Engine (requirements-gpu.txt).")
         return
-    if args.fp8_format:
-        raise SetupError("--fp8-format needs a CUDA GPU with Transformer Engine; this machine has "
-                         "no CUDA device. Drop --fp8-format for CPU runs.")
     if args.bf16:
         raise SetupError("--bf16 is for GPU runs; this machine has no CUDA device and CPU runs "
                          "train in fp32. Drop --bf16.")
@@ -49,10 +49,13 @@ def check_runtime(args: TrainArgs) -> None:
         raise SetupError("--distributed-backend nccl needs CUDA; use gloo on CPU.")
 
 
+def precision_plan(args: TrainArgs) -> precision.PrecisionPlan:
+    """``precision.plan_precision`` for this machine (TE is the default on a GPU with TE)."""
+    return precision.plan_precision(args, te_available=use_cuda() and have_transformer_engine())
+
+
 def transformer_impl(args: TrainArgs) -> str:
-    if args.transformer_impl:
-        return args.transformer_impl
-    return "transformer_engine" if use_cuda() and have_transformer_engine() else "local"
+    return precision_plan(args).transformer_impl
 
 
 @dataclass
@@ -167,14 +170,12 @@ def _build_model_config(args: TrainArgs):
         kw.pop("expert_tensor_parallel_size")
     if args.swiglu:
         kw.update(gated_linear_unit=True, activation_func=F.silu)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    kw.update(params_dtype=dtype, pipeline_dtype=dtype, bf16=args.bf16, add_bias_linear=False,
-              gradient_accumulation_fusion=False, variable_seq_lengths=False,
-              calculate_per_token_loss=False)
+    kw.update(add_bias_linear=False, gradient_accumulation_fusion=False,
+              variable_seq_lengths=False, calculate_per_token_loss=False)
     if args.recompute_modules:
         kw.update(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
-    if args.fp8_format:
-        kw.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
+    # bf16 / FP8: dtypes, transformer_impl and, for FP8, grouped GEMM + router padding + fusion
+    kw.update(precision_plan(args).config)
     if not use_cuda():  # Megatron-Core's fused kernels are CUDA-only
         kw.update(use_cpu_initialization=True, bias_dropout_fusion=False,
                   masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
@@ -195,12 +196,13 @@ def build_model(args: TrainArgs, config, vocab_size: int) -> list:
     from megatron_coe.models.gpt import build_coe_gpt_model
 
     install_cpu_compat()
+    plan = precision_plan(args)
     model = build_coe_gpt_model(
         config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
-        use_transformer_engine=transformer_impl(args) == "transformer_engine")
+        use_transformer_engine=plan.use_transformer_engine)
     if use_cuda():
         model.cuda(torch.cuda.current_device())
-    if args.bf16:
+    if plan.bf16:
         model = Float16Module(config, model)
     mark_routed_experts(model)
     ddp_config = DistributedDataParallelConfig(
@@ -237,8 +239,8 @@ def build_optimizer(args: TrainArgs, model: list):
     config = OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad, bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        clip_grad=args.clip_grad, bf16=precision.uses_bf16(args),
+        params_dtype=torch.bfloat16 if precision.uses_bf16(args) else torch.float32,
         use_distributed_optimizer=True)
     with cuda_device_redirect():
         return get_megatron_optimizer(config, model)

@@ -6,7 +6,15 @@ exists; ``Trainer(args, preflight)`` builds the rest (``setup.py``); ``Trainer.t
     for each step: zero grads -> forward_backward_func (all micro-batches, pipeline schedule,
                    finalize_model_grads: DP/EP grad reduction, SP norms, expert-bias update)
                 -> optimizer.step (clip, AdamW) -> LR scheduler -> metrics
-                -> validate / save / exit (interval, signal) at the step boundary
+                -> validate / save / exit (interval, signal, time limit) at the step boundary
+
+Stopping early (``signals.py``, ``timelimit.py``): a SIGTERM/SIGUSR1 (handler installed by
+``train.main`` before anything is loaded) or a time limit that the next step would overrun is
+seen by every rank through the step's loss all-reduce; all ranks save at the same boundary and
+exit 0. A signal during start-up ends the run before its first step, writing nothing. With
+``$COE_EXIT_REASON_FILE`` set, rank 0 writes why the run stopped into that file
+(``finished``, ``time_limit``, ``signal``, ``exit_interval``) after the last checkpoint is
+published, for a launcher that must decide whether to requeue.
 
 Loss scaling for MoE aux losses is done by Megatron's schedule itself
 (``MoEAuxLossAutoScaler.set_loss_scale(1 / num_microbatches)`` in ``forward_step_calc_loss``,
@@ -16,7 +24,8 @@ Loss scaling for MoE aux losses is done by Megatron's schedule itself
 from __future__ import annotations
 
 import contextlib
-import signal
+import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -25,8 +34,10 @@ import torch
 
 from megatron_coe.compat import cuda_device_redirect
 from megatron_coe.training import checkpoint as ckpt
-from megatron_coe.training import data, metrics, setup
+from megatron_coe.training import data, metrics, setup, signals, timelimit
 from megatron_coe.training.options import TrainArgs
+
+EXIT_REASON_ENV = "COE_EXIT_REASON_FILE"
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -76,6 +87,7 @@ class Preflight:
 def preflight(args: TrainArgs, world_size: int) -> Preflight:
     """Layout and batch arithmetic, model config, tokenizer + data files, --load compatibility."""
     setup.check_runtime(args)
+    timelimit.check(args)
     layout = setup.check_layout(args, world_size)
     model_config = setup.build_model_config(args)  # validates itself (CoEConfigError / SetupError)
     data.validate_data(args, None)  # files first: a wrong --data-path names the data files
@@ -89,7 +101,8 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
 
 
 class Trainer:
-    def __init__(self, args: TrainArgs, pre: Preflight):
+    def __init__(self, args: TrainArgs, pre: Preflight, start_time: Optional[float] = None):
+        """``start_time``: epoch seconds the process started (``--exit-duration-in-mins``)."""
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -97,6 +110,9 @@ class Trainer:
         from megatron_coe.parallel import initialize_parallel
 
         self.args = args
+        self.time_guard = timelimit.TimeGuard(timelimit.deadline(
+            args, time.time() if start_time is None else start_time))
+        self.eval_seconds = self.save_seconds = 0.0  # last validation / checkpoint durations
         world = torch.distributed.get_world_size()
         self.rank = torch.distributed.get_rank()
         self.layout, self.model_config = pre.layout, pre.model_config
@@ -133,7 +149,6 @@ class Trainer:
         self.attention_mask = mask.cuda() if torch.cuda.is_available() else mask
         flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
         self.metrics = metrics.MetricsWriter(args, flops, world)
-        self.signal = 0  # set by the SIGTERM/SIGUSR1 handler
         self.lr = args.lr  # LR of the current step (for the metrics)
         n_params = sum(p.numel() for p in setup.unwrap(self.model[0]).parameters())
         self._log(f"model: {type(config).__name__} C={config.coe_iterations} "
@@ -147,11 +162,19 @@ class Trainer:
         if self.rank == 0:
             print(msg, flush=True)
 
-    def _install_signal_handler(self) -> None:
-        def handler(signum, frame):
-            self.signal = signum
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+    @property
+    def signal(self) -> int:
+        """The stop signal this rank received (0: none)."""
+        return signals.received()
+
+    def _write_exit_reason(self, reason: str) -> None:
+        path = os.environ.get(EXIT_REASON_ENV)
+        if self.rank != 0 or not path:
+            return
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(reason + "\n")
+        os.replace(tmp, path)
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -181,6 +204,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted lm loss over the first ``eval_iters`` global validation batches."""
+        t0 = metrics.now()
         iterator = data.micro_batches(self.valid_ds, self.args.micro_batch_size, 0, self.dp_rank,
                                       self.dp_size, self.args.num_workers)
         for chunk in self.model:
@@ -193,6 +217,7 @@ class Trainer:
             chunk.train()
         loss, _ = metrics.reduce_lm_loss(reports)
         self.metrics.validation(self.iteration, loss)
+        self.eval_seconds = metrics.now() - t0
         return loss
 
     def save(self) -> None:
@@ -203,7 +228,8 @@ class Trainer:
                                     self.optimizer, self.scheduler, self.args, self.vocab_size,
                                     self.layout)
         self.last_saved = self.iteration
-        self._log(f"saved checkpoint {path} ({metrics.now() - t0:.1f} s)")
+        self.save_seconds = metrics.now() - t0
+        self._log(f"saved checkpoint {path} ({self.save_seconds:.1f} s)")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -212,8 +238,12 @@ class Trainer:
             if args.eval_iters > 0:
                 self.evaluate()
             return
-        if args.exit_signal_handler:
-            self._install_signal_handler()
+        if args.exit_signal_handler and not signals.installed():
+            signals.install()  # train.main installs it before anything is loaded
+        if self._signalled_during_startup():
+            self._write_exit_reason("signal")
+            self.metrics.close()
+            return
         if args.save:
             ckpt.warm_up_writer()
         iterator = data.micro_batches(self.train_ds, args.micro_batch_size, self.consumed,
@@ -221,12 +251,15 @@ class Trainer:
         self._log(f"training from iteration {self.iteration} to {args.train_iters}")
         try:
             while self.iteration < args.train_iters:
-                if self._one_step(iterator):
+                reason = self._one_step(iterator)
+                if reason:
+                    self._write_exit_reason(reason)
                     break
             else:
                 if args.eval_iters > 0 and self.iteration % args.eval_interval:
                     self.evaluate()
                 self.save()
+                self._write_exit_reason("finished")
         except BaseException:
             if self.rank == 0 and args.save:
                 found = ckpt.find_checkpoint(args.save)
@@ -236,14 +269,43 @@ class Trainer:
         finally:
             self.metrics.close()
 
-    def _one_step(self, iterator) -> bool:
-        """One optimizer step plus what is due after it; True when the run should stop."""
+    def _signalled_during_startup(self) -> bool:
+        """A stop signal before the first step (any rank): exit 0 without training or saving."""
+        if not self.args.exit_signal_handler:
+            return False
+        flag = torch.tensor([float(self.signal != 0)], dtype=torch.float64)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag)
+        if flag.item() == 0:
+            return False
+        self._log(f"signal {self.signal or '(on another rank)'} received during start-up: "
+                  f"exiting before the first step, nothing saved (iteration {self.iteration}; "
+                  f"newest checkpoint: {self.resume_from or 'none'})")
+        return True
+
+    def _boundary_work(self) -> float:
+        """Estimated seconds of validation / checkpointing due at this step boundary."""
+        args, it = self.args, self.iteration
+        extra = 0.0
+        if args.eval_iters > 0 and it % args.eval_interval == 0:
+            extra += self.eval_seconds
+        if args.save and args.save_interval and it % args.save_interval == 0:
+            extra += self.save_seconds
+        return extra
+
+    def _one_step(self, iterator) -> Optional[str]:
+        """One optimizer step plus what is due after it; the reason when the run should stop."""
         args = self.args
         t0 = metrics.now()
         reports, grad_norm = self.train_step(iterator)
         self.iteration += 1
         self.consumed += args.global_batch_size
-        loss, signal_seen = metrics.reduce_lm_loss(reports, extra=float(self.signal != 0))
+        self.time_guard.record_step(metrics.now() - t0)
+        time_up = (self.iteration < args.train_iters
+                   and self.time_guard.time_up(time.time(), self._boundary_work()))
+        loss, (signal_seen, time_seen) = metrics.reduce_lm_loss(
+            reports, extra=(float(self.signal != 0), float(time_up)))
         aux = metrics.reduce_aux_losses(self.layout.num_microbatches, self.pg_collection)
         log_now = self.iteration % args.log_interval == 0 or self.iteration == args.train_iters
         imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
@@ -259,10 +321,19 @@ class Trainer:
             self._log(f"signal {self.signal or '(on another rank)'} received at iteration "
                       f"{self.iteration}: saving and exiting")
             self.save()
-            return True
+            return "signal"
+        if time_seen:
+            left = ("" if self.time_guard.deadline is None
+                    else f"{self.time_guard.deadline - time.time():.0f} s left; ")
+            self._log(f"time limit: the next step (~{self.time_guard.next_step_estimate():.1f} s) "
+                      f"would end after the deadline ({left}--exit-duration-in-mins / "
+                      f"${timelimit.END_TIME_ENV}) at iteration {self.iteration}: saving and "
+                      "exiting")
+            self.save()
+            return "time_limit"
         if args.exit_interval and self.iteration % args.exit_interval == 0:
             self._log(f"exit interval reached at iteration {self.iteration}")
             self.save()
-            return True
-        return False
+            return "exit_interval"
+        return None
 

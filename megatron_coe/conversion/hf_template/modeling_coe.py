@@ -80,38 +80,48 @@ def yarn_get_mscale(scale=1.0, mscale=1.0):
 
 
 class CoeRotaryEmbedding(nn.Module):
-    """cos/sin of the rotary angles (``[positions, dim]``, the two halves or pairs repeated)."""
+    """cos/sin of the rotary angles (``[b, s, dim]``, the two halves or the pairs repeated).
+
+    The inverse frequencies are computed in ``forward`` (no buffer): models are materialised from
+    the meta device by ``from_pretrained``, which does not restore non-persistent buffers.
+    """
 
     def __init__(self, dim, base=10000.0, interleaved=False, rope_scaling=None):
         super().__init__()
         self.dim = dim
+        self.base = float(base)
         self.interleaved = interleaved
-        self.mscale = 1.0
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        if rope_scaling is not None:
-            kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+        self.rope_scaling = dict(rope_scaling) if rope_scaling else None
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind != "yarn":
                 raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: yarn)")
-            factor = rope_scaling["factor"]
-            inv_freq_inter = 1.0 / (factor * base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-            low, high = _yarn_find_correction_range(
-                rope_scaling.get("beta_fast", 32), rope_scaling.get("beta_slow", 1), dim, base,
-                rope_scaling.get("original_max_position_embeddings", 4096))
-            inv_freq_mask = 1.0 - _yarn_linear_ramp_mask(low, high, dim // 2)
-            inv_freq = inv_freq_inter * (1 - inv_freq_mask) + inv_freq * inv_freq_mask
-            self.mscale = float(yarn_get_mscale(factor, rope_scaling.get("mscale", 1.0))
-                                / yarn_get_mscale(factor, rope_scaling.get("mscale_all_dim", 0.0)))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def inv_freq_and_mscale(self):
+        dim, base = self.dim, self.base
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        rs = self.rope_scaling
+        if rs is None:
+            return inv_freq, 1.0
+        factor = rs["factor"]
+        inv_freq_inter = 1.0 / (factor * base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        low, high = _yarn_find_correction_range(rs.get("beta_fast", 32), rs.get("beta_slow", 1), dim, base,
+                                                rs.get("original_max_position_embeddings", 4096))
+        inv_freq_mask = 1.0 - _yarn_linear_ramp_mask(low, high, dim // 2)
+        inv_freq = inv_freq_inter * (1 - inv_freq_mask) + inv_freq * inv_freq_mask
+        mscale = float(yarn_get_mscale(factor, rs.get("mscale", 1.0))
+                       / yarn_get_mscale(factor, rs.get("mscale_all_dim", 0.0)))
+        return inv_freq, mscale
 
     def forward(self, position_ids):
         """``position_ids [b, s]`` -> ``cos, sin [b, s, dim]`` (fp32)."""
-        inv_freq = self.inv_freq.to(position_ids.device)
-        freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # [b, s, dim/2]
+        inv_freq, mscale = self.inv_freq_and_mscale()
+        freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(position_ids.device)  # [b, s, dim/2]
         if self.interleaved:
             emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos() * self.mscale, emb.sin() * self.mscale
+        return emb.cos() * mscale, emb.sin() * mscale
 
 
 def _rotate_half(x, interleaved):

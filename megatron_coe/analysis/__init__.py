@@ -1,0 +1,1 @@
+"""Post-hoc analysis of trained CoE checkpoints (routing statistics, held-out loss)."""

@@ -1,0 +1,207 @@
+"""Megatron-Core CoE checkpoint (or in-memory model) -> Hugging Face model directory.
+
+Output directory::
+
+    config.json                       model_type coe_deepseekv2 / coe_gpt (+ auto_map) or deepseek_v2
+    configuration_coe.py, modeling_coe.py    (CoE formats: this project's remote code)
+    model-0000i-of-0000N.safetensors, model.safetensors.index.json
+    generation_config.json
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   (when a tokenizer is known)
+
+Formats (``fmt``):
+
+* ``"coe"``: the CoE remote-code model; loads with
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; exact for every
+  model this project trains;
+* ``"deepseek_v2"``: stock ``transformers`` ``DeepseekV2ForCausalLM`` (no remote code), only for a
+  standard MoE that it expresses (``ArchSpec.stock_deepseek_v2_problems``);
+* ``"auto"`` (default): ``deepseek_v2`` when that is exact, else ``coe``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from megatron_coe.conversion import hf_io, mapping
+from megatron_coe.conversion.spec import ArchSpec, ConversionError
+
+FORMATS = ("auto", "coe", "deepseek_v2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    spec: ArchSpec
+    num_tensors: int
+    total_bytes: int
+    seconds: float
+
+
+def progress(iterable, total: int, desc: str, enabled: bool = True):
+    """tqdm if installed (and ``enabled``), else a plain line every ~10%."""
+    if not enabled:
+        yield from iterable
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        yield from tqdm(iterable, total=total, desc=desc, unit="layer", file=sys.stderr)
+        return
+    step = max(1, total // 10)
+    for i, item in enumerate(iterable):
+        yield item
+        if (i + 1) % step == 0 or i + 1 == total:
+            print(f"{desc}: {i + 1}/{total}", file=sys.stderr, flush=True)
+
+
+def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None] = print) -> str:
+    if fmt not in FORMATS:
+        raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
+    problems = spec.stock_deepseek_v2_problems()
+    inexact = stock_inexact(spec)
+    if fmt == "auto":
+        return "deepseek_v2" if not problems and not inexact else "coe"
+    if fmt == "deepseek_v2":
+        if problems:
+            raise ConversionError("this model cannot be exported as stock DeepSeek-V2 "
+                                  "(use --format coe):\n  - " + "\n  - ".join(problems))
+        for note in inexact:
+            warn(f"warning: {note}")
+    return fmt
+
+
+def stock_inexact(spec: ArchSpec) -> list:
+    """Small numeric differences of stock DeepSeek-V2 (they do not stop an explicit export)."""
+    if spec.attention == "mla" and spec.qk_layernorm and spec.norm_eps != 1e-6:
+        return [f"stock DeepSeek-V2 normalises the q/kv latents with eps 1e-6 (hard-coded) while this "
+                f"model uses {spec.norm_eps:g}: logits will differ slightly"]
+    return []
+
+
+def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype: Optional[str] = None) -> dict:
+    stock = fmt == "deepseek_v2"
+    cfg = spec.to_hf_config(stock=stock, token_ids=token_ids)
+    if dtype:
+        cfg["dtype"] = dtype
+    if stock:
+        cfg["architectures"] = ["DeepseekV2ForCausalLM"]
+        return cfg
+    gpt = spec.attention == "mha"
+    cfg["architectures"] = ["CoeGPTForCausalLM" if gpt else "CoeForCausalLM"]
+    cfg["auto_map"] = {
+        "AutoConfig": "configuration_coe." + ("CoeGPTConfig" if gpt else "CoeConfig"),
+        "AutoModel": "modeling_coe." + ("CoeGPTModel" if gpt else "CoeModel"),
+        "AutoModelForCausalLM": "modeling_coe." + ("CoeGPTForCausalLM" if gpt else "CoeForCausalLM"),
+    }
+    return cfg
+
+
+def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[str, torch.Tensor]],
+                   non_layer: Dict[str, torch.Tensor], *, fmt: str = "auto",
+                   tokenizer: Optional[str] = None, dtype: Optional[str] = None,
+                   max_shard_size="5GB", show_progress: bool = True,
+                   log: Callable[[str], None] = print) -> ExportResult:
+    """Write an HF directory from canonical Megatron tensors (``get_layer(l)``, ``non_layer``)."""
+    t0 = time.time()
+    fmt = choose_format(spec, fmt, warn=log)
+    stock = fmt == "deepseek_v2"
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    out_dtype = DTYPES[dtype or spec.dtype]
+    os.makedirs(save, exist_ok=True)
+    stale = [n for n in os.listdir(save) if n.endswith(".safetensors") or n == hf_io.INDEX]
+    for n in stale:  # a previous export into the same directory
+        os.remove(os.path.join(save, n))
+    token_ids = None
+    if tokenizer:
+        token_ids = hf_io.write_tokenizer(save, tokenizer, model_max_length=spec.max_position_embeddings,
+                                          vocab_size=spec.vocab_size)
+    else:
+        log("note: no tokenizer given (--tokenizer); the export has no tokenizer files")
+    cfg = hf_config(spec, fmt, token_ids, dtype=str(out_dtype).replace("torch.", ""))
+    hf_io.write_json(os.path.join(save, "config.json"), cfg)
+    gen = {"_from_model_config": False, "do_sample": False}
+    if token_ids:
+        gen.update(eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
+    hf_io.write_json(os.path.join(save, "generation_config.json"), gen)
+    if not stock:
+        hf_io.copy_templates(save)
+
+    def cast(name, t):
+        if name.endswith("e_score_correction_bias") or not t.is_floating_point():
+            return t
+        return t.to(out_dtype)
+
+    writer = hf_io.ShardedSafetensorsWriter(save, max_shard_size)
+    count = 0
+    for name, t in mapping.non_layer_to_hf(spec, non_layer).items():
+        writer.add(name, cast(name, t))
+        count += 1
+    del non_layer  # embeddings are in the writer now; keep one layer in memory from here on
+    for layer_idx in progress(range(spec.num_layers), spec.num_layers, "export", show_progress):
+        tensors = mapping.layer_to_hf(spec, get_layer(layer_idx), layer_idx, stock=stock)
+        for name, t in tensors.items():
+            writer.add(name, cast(name, t))
+            count += 1
+    index = writer.close()
+    return ExportResult(save, fmt, spec, count, index["metadata"]["total_size"], time.time() - t0)
+
+
+def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, fmt: str = "auto",
+                      dtype: Optional[str] = None, max_shard_size="5GB", show_progress: bool = True,
+                      log: Callable[[str], None] = print) -> ExportResult:
+    """A trainer checkpoint (any TP/EP/PP) -> HF directory, one layer in memory at a time.
+
+    ``tokenizer``: a ``tokenizer.json`` (file or directory); default: the one the training run
+    used (``--tokenizer-model``, else ``<first data prefix>.tokenizer.json``) when it still exists.
+    """
+    from megatron_coe.conversion.megatron_ckpt import MegatronCheckpoint
+
+    ckpt = MegatronCheckpoint(load)
+    if tokenizer is None:
+        tokenizer = tokenizer_from_meta(ckpt.meta, log)
+    log(f"checkpoint {ckpt.path}: {ckpt.spec.attention.upper()} C={ckpt.spec.coe_iterations} "
+        f"layers={ckpt.spec.num_layers} experts={ckpt.spec.num_experts} top-k={ckpt.spec.topk} "
+        f"(saved with layout {ckpt.meta.get('layout')})")
+    return write_hf_model(save, ckpt.spec, ckpt.read_layer, ckpt.read_non_layer(), fmt=fmt,
+                          tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
+                          show_progress=show_progress, log=log)
+
+
+def export_model(model, spec: ArchSpec, save: str, **kwargs) -> ExportResult:
+    """An in-memory TP=EP=PP=1 Megatron ``GPTModel`` -> HF directory (``write_hf_model`` kwargs)."""
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    non_layer, layers = mapping.module_state_to_layers(state, spec)
+    return write_hf_model(save, spec, lambda i: layers[i], non_layer, **kwargs)
+
+
+def tokenizer_from_meta(meta: dict, log: Callable[[str], None] = print) -> Optional[str]:
+    args = meta.get("args") or {}
+    if args.get("mock_data"):
+        return None
+    candidates = []
+    if args.get("tokenizer_model"):
+        candidates.append(args["tokenizer_model"])
+    for prefix in args.get("data_path") or []:
+        try:
+            float(prefix)  # a blend weight
+            continue
+        except ValueError:
+            candidates.append(prefix + ".tokenizer.json")
+            break
+    for c in candidates:
+        if os.path.isfile(c) or os.path.isfile(os.path.join(c, "tokenizer.json")):
+            return c
+    if candidates:
+        log(f"note: the run's tokenizer {candidates[0]} is not found from {os.getcwd()}; pass --tokenizer")
+    return None

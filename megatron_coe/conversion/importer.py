@@ -1,0 +1,271 @@
+"""Hugging Face model directory -> the trainer's ``dist_checkpointing`` checkpoint, and MoE -> CoE upcycling.
+
+``import_hf(hf_dir, save_root, tp=, pp=, ep=)`` builds the target-layout Megatron model on
+``tp * pp * ep`` gloo processes (forked here, or the ranks of a ``torchrun`` job), fills every
+local shard from the HF tensors by global name and offset (``megatron_ckpt.fill_model``), and saves
+``save_root/iter_0000000`` with ``dist_checkpointing`` in the trainer's format, plus
+``coe_checkpoint.json`` (trainer args, the exact ``model_config``, ``weights_only: true``) and
+``latest_checkpointed_iteration.txt``. Being a ``dist_checkpointing`` checkpoint, it also loads
+under any other layout. To train from it::
+
+    python -m megatron_coe.train ... --load SAVE_ROOT --no-load-optim      # (no optimizer state)
+
+Upcycling (``upcycle=Upcycle(iterations=C, ...)``) turns a standard MoE (C=1) into CoE-C:
+
+* routed and shared experts, attention, norms, embeddings: copied (shared by all C passes);
+* router of every pass: a copy of the MoE router, so pass 1 routes exactly like the source
+  (``coe_shared_router``: one copy);
+* top-k per pass: ``k_coe = k_moe / C`` by default, so a token still meets ``k_moe`` experts per
+  layer and compute stays equal (the paper's CoE-2(4/64) vs MoE(8/64)); override with
+  ``topk=``. Pass 1's experts are then the first ``k_coe`` of the source's top-``k_moe``;
+* residuals: inner residual on (the paper's CoE default) and the outer residual kept from the
+  source (on for a standard MoE: the layer output keeps the residual stream), both overridable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_coe.conversion import hf_io, mapping
+from megatron_coe.conversion.spec import MODEL_TYPE_STOCK, ArchSpec, ConversionError
+
+
+@dataclass
+class Upcycle:
+    iterations: int = 2
+    topk: Optional[int] = None  # default: source top-k // iterations
+    inner_residual: bool = True
+    outer_residual: Optional[bool] = None  # default: the source's
+    shared_router: bool = False
+
+    def target_spec(self, src: ArchSpec) -> ArchSpec:
+        if src.coe_iterations != 1:
+            raise ConversionError(f"upcycling starts from a standard MoE (C=1); this model already has "
+                                  f"C={src.coe_iterations}")
+        if self.iterations < 2:
+            raise ConversionError(f"upcycling needs iterations >= 2, got {self.iterations}")
+        topk = self.topk
+        if topk is None:
+            if src.topk % self.iterations:
+                raise ConversionError(
+                    f"default top-k per pass is k_moe / C = {src.topk} / {self.iterations}, not an integer: "
+                    "pass an explicit top-k (--upcycle-topk)")
+            topk = src.topk // self.iterations
+        if not 1 <= topk <= src.num_experts:
+            raise ConversionError(f"top-k per pass must be in [1, {src.num_experts}], got {topk}")
+        if src.num_groups and src.group_topk and topk % src.group_topk:
+            raise ConversionError(f"top-k per pass {topk} must be a multiple of the routing group top-k "
+                                  f"{src.group_topk}")
+        outer = src.outer_residual if self.outer_residual is None else self.outer_residual
+        if not (self.inner_residual or outer):
+            raise ConversionError("inner and outer residual both off would drop the residual stream")
+        return src.replace(coe_iterations=self.iterations, topk=topk, inner_residual=self.inner_residual,
+                           outer_residual=outer, shared_router=self.shared_router)
+
+
+def upcycle_layer(layer: dict, src: ArchSpec, dst: ArchSpec) -> dict:
+    """Canonical tensors of a C=1 layer -> the CoE-C layer (every pass router = the MoE router)."""
+    out = {k: v for k, v in layer.items() if not k.startswith("mlp.routers.")}
+    for t in range(dst.num_routers):
+        out[f"mlp.routers.{t}.weight"] = layer["mlp.routers.0.weight"]
+        if dst.expert_bias:
+            out[f"mlp.routers.{t}.expert_bias"] = layer["mlp.routers.0.expert_bias"]
+    return out
+
+
+class HFSource:
+    """An HF directory as canonical Megatron tensors (``spec``, ``layer(l)``, ``non_layer()``)."""
+
+    def __init__(self, path: str, upcycle: Optional[Upcycle] = None):
+        self.path = path
+        self.config = hf_io.read_hf_config(path)
+        self.stock = self.config.get("model_type") == MODEL_TYPE_STOCK
+        self.source_spec = ArchSpec.from_hf_config(self.config)
+        self.spec = upcycle.target_spec(self.source_spec) if upcycle else self.source_spec
+        self.upcycle = upcycle
+        self.weights = hf_io.HFWeights(path)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        expected = set(mapping.non_layer_to_hf(self.source_spec, _meta_non_layer(self.source_spec)))
+        from megatron_coe.conversion.megatron_ckpt import canonical_shapes
+
+        meta_layer = {k: torch.empty(s, device="meta")
+                      for k, s in canonical_shapes(self.source_spec)["layer"].items()}
+        for layer_idx in range(self.source_spec.num_layers):
+            expected |= set(mapping.layer_to_hf(self.source_spec, meta_layer, layer_idx, stock=self.stock))
+        have = set(self.weights.names())
+        missing, unexpected = sorted(expected - have), sorted(have - expected)
+        if missing or unexpected:
+            lines = [f"missing tensor {n}" for n in missing[:10]] + [f"unexpected tensor {n}"
+                                                                      for n in unexpected[:10]]
+            raise ConversionError(f"{self.path}: the weights do not match config.json "
+                                  f"({len(missing)} missing, {len(unexpected)} unexpected):\n  - "
+                                  + "\n  - ".join(lines))
+
+    def layer(self, layer_idx: int) -> dict:
+        hf = self.weights.get_prefix(f"model.layers.{layer_idx}.")
+        layer = mapping.layer_from_hf(self.source_spec, hf, layer_idx, stock=self.stock)
+        if self.upcycle:
+            layer = upcycle_layer(layer, self.source_spec, self.spec)
+        return layer
+
+    def non_layer(self) -> dict:
+        names = [n for n in self.weights.names() if not n.startswith("model.layers.")]
+        return mapping.non_layer_from_hf(self.source_spec, {n: self.weights.get(n) for n in names})
+
+
+def _meta_non_layer(spec: ArchSpec) -> dict:
+    from megatron_coe.conversion.megatron_ckpt import canonical_shapes
+
+    return {k: torch.empty(s, device="meta") for k, s in canonical_shapes(spec)["non_layer"].items()}
+
+
+# --------------------------------------------------------------------------- per-rank work
+def build_model(spec: ArchSpec, tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
+                seed: int = 1234):
+    """Initialise Megatron's parallel state (already-initialised torch.distributed) and build ``spec``."""
+    from megatron_coe.compat import install_cpu_compat
+    from megatron_coe.models.gpt import build_coe_gpt_model
+    from megatron_coe.parallel import initialize_parallel
+
+    install_cpu_compat()
+    initialize_parallel(tp, pp, ep, etp, seed=seed)
+    dtype = getattr(torch, spec.dtype)
+    config = spec.to_megatron_config(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp or tp, sequence_parallel=tp > 1, params_dtype=dtype,
+        pipeline_dtype=dtype)
+    model = build_coe_gpt_model(config, vocab_size=spec.vocab_size,
+                                max_sequence_length=spec.max_position_embeddings,
+                                share_embeddings_and_output_weights=spec.tie_word_embeddings)
+    return model, config
+
+
+def save_model_checkpoint(model, spec: ArchSpec, save_root: str, layout: dict, args_dict: dict,
+                          extra_meta: Optional[dict] = None) -> str:
+    """Collective: save ``model`` as ``save_root/iter_0000000`` in the trainer's format."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, publish, write_meta
+
+    rank = torch.distributed.get_rank()
+    final = os.path.join(save_root, "iter_0000000")
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(save_root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    with cuda_device_redirect():
+        dist_checkpointing.save({"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}, tmp)
+    torch.distributed.barrier()
+    if rank == 0:
+        write_meta(tmp, spec, args_dict, layout, extra_meta)
+        publish(save_root, tmp, final, 0)
+    torch.distributed.barrier()
+    return final
+
+
+def _rank_main(rank, world, hf_dir, save_root, tp, pp, ep, etp, upcycle, seq_length, verbose):
+    from megatron_coe.conversion.megatron_ckpt import fill_model
+
+    t0 = time.time()
+    source = HFSource(hf_dir, upcycle)
+    spec = source.spec
+    if seq_length:
+        spec = spec.replace(max_position_embeddings=seq_length)
+    model, _ = build_model(spec, tp, pp, ep, etp)
+    n = fill_model(model, lambda i: source.non_layer() if i < 0 else source.layer(i))
+    layout = dict(world_size=world, tp=tp, pp=pp, ep=ep, dp=world // (tp * pp), num_microbatches=None)
+    try:
+        args = spec.to_train_args(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                  sequence_parallel=tp > 1).to_dict()
+        notes = spec.train_args_warnings()
+    except ConversionError as e:
+        args, notes = {}, [str(e)]
+    extra = {"converted_from": os.path.abspath(hf_dir)}
+    if upcycle is not None:
+        extra["upcycled_from"] = source.source_spec.to_dict()
+    path = save_model_checkpoint(model, spec, save_root, layout, args, extra)
+    if verbose and rank == 0:
+        print(f"rank 0: filled {n} local tensors; saved {path} ({time.time() - t0:.1f} s)", flush=True)
+        for note in notes:
+            print(f"warning: {note}", flush=True)
+    return path
+
+
+def import_hf(hf_dir: str, save_root: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
+              etp: Optional[int] = None, upcycle: Optional[Upcycle] = None,
+              seq_length: Optional[int] = None, verbose: bool = True, timeout: float = 1800.0) -> str:
+    """HF directory -> ``save_root/iter_0000000`` saved from a ``tp x pp x ep`` layout.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank calls this and the
+    job's ranks are used (their number must be ``tp * pp * ep * k``); otherwise ``tp * pp * ep``
+    gloo processes are forked on this machine.
+    """
+    source = HFSource(hf_dir, upcycle)  # config / weight errors before any process starts
+    spec = source.spec
+    _check_layout(spec, tp, pp, ep, etp)
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    verbose = verbose and int(os.environ.get("RANK", "0")) == 0
+    if verbose:
+        src = source.source_spec
+        what = (f"upcycling MoE top-{src.topk} -> CoE-{spec.coe_iterations} top-{spec.topk} per pass"
+                if upcycle else f"{spec.attention.upper()} C={spec.coe_iterations}")
+        print(f"importing {hf_dir} ({source.config.get('model_type')}; {what}) as TP={tp} PP={pp} EP={ep}",
+              flush=True)
+    if world_env > 1:
+        if not torch.distributed.is_initialized():  # conversion is CPU work: gloo, also on GPU nodes
+            torch.distributed.init_process_group("gloo")
+        world = torch.distributed.get_world_size()
+        if world % (tp * pp * ep):
+            raise ConversionError(f"WORLD_SIZE {world} is not a multiple of tp*pp*ep = {tp * pp * ep}")
+        return _rank_main(torch.distributed.get_rank(), world, hf_dir, save_root, tp, pp, ep, etp,
+                          upcycle, seq_length, verbose)
+    from megatron_coe.testing.distributed import run_distributed
+
+    return run_distributed(_rank_main, tp * pp * ep, timeout=timeout, hf_dir=hf_dir, save_root=save_root,
+                           tp=tp, pp=pp, ep=ep, etp=etp, upcycle=upcycle, seq_length=seq_length,
+                           verbose=verbose)[0]
+
+
+def _check_layout(spec: ArchSpec, tp: int, pp: int, ep: int, etp: Optional[int]) -> None:
+    p = []
+    if min(tp, pp, ep) < 1:
+        p.append("tp, pp and ep must be >= 1")
+    if spec.num_layers % pp:
+        p.append(f"num_layers {spec.num_layers} is not divisible by pp={pp}")
+    if spec.num_experts % ep:
+        p.append(f"{spec.num_experts} experts are not divisible by ep={ep}")
+    if spec.num_attention_heads % tp:
+        p.append(f"{spec.num_attention_heads} attention heads are not divisible by tp={tp}")
+    if spec.vocab_size % tp:
+        p.append(f"vocab size {spec.vocab_size} is not divisible by tp={tp}")
+    if etp is not None and (tp * ep) % (ep * etp):
+        p.append(f"expert tensor-parallel size {etp} does not fit tp={tp} x ep={ep}")
+    if p:
+        raise ConversionError("invalid target layout:\n  - " + "\n  - ".join(p))
+
+
+def load_checkpoint_into(model, path: str) -> None:
+    """Collective: load a trainer checkpoint's model weights into ``model`` (any saved layout)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, find_checkpoint_dir
+
+    path = find_checkpoint_dir(path)
+    with cuda_device_redirect():
+        state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
+        loaded = dist_checkpointing.load(state, path)
+    model.load_state_dict(loaded["model"])
+

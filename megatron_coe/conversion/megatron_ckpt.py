@@ -1,0 +1,404 @@
+"""Reading and writing the trainer's ``dist_checkpointing`` checkpoints for conversion.
+
+Reading (``MegatronCheckpoint``) needs no process group and no model: ``dist_checkpointing``'s
+``torch_dist`` backend is PyTorch Distributed Checkpoint (DCP), whose metadata gives every
+tensor's global shape, and DCP reads any slice of a global tensor from whatever shards hold it.
+So a checkpoint saved under any TP / EP / PP / DP layout is read one layer at a time (the layer
+axis of Megatron's stacked ``decoder.layers.*`` keys is sliced) and only one layer is held.
+(DCP deserialises each stored chunk whole before slicing it, so the transient peak per read is
+one saved chunk: one training rank's shard of one weight over the layers of its pipeline stage.)
+
+Writing (``save_megatron_checkpoint``, run on every rank of the target layout) builds the
+target-layout model, fills each local shard from global tensors by name and offset (the model's own
+``sharded_state_dict`` says which global slice every local tensor is), and saves it with
+``dist_checkpointing`` exactly as ``megatron_coe.training.checkpoint`` does, plus the
+``coe_checkpoint.json`` that the trainer's ``--load`` looks for.
+
+Checkpoint layout (``megatron_coe/training/checkpoint.py``)::
+
+    ROOT/iter_NNNNNNN/{metadata.json, .metadata, *.distcp, common.pt, coe_checkpoint.json}
+    ROOT/latest_checkpointed_iteration.txt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable, Dict, Optional
+
+import torch
+
+from megatron_coe.conversion import mapping
+from megatron_coe.conversion.spec import ArchSpec, ConversionError
+
+META = "coe_checkpoint.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                     "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
+LAYER_PREFIX = "decoder.layers."
+
+
+def find_checkpoint_dir(path: str) -> str:
+    """``path`` itself if it is a published iteration directory, else the newest one under it."""
+    if not os.path.exists(path):
+        raise ConversionError(f"checkpoint path {path} does not exist")
+    if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    from megatron_coe.training.checkpoint import find_checkpoint
+
+    found = find_checkpoint(path)
+    if found is None:
+        raise ConversionError(
+            f"{path} holds no published checkpoint (a directory iter_NNNNNNN with {META}); pass the "
+            "--save directory of a training run or one of its iter_* directories")
+    return found
+
+
+# --------------------------------------------------------------------------- DCP slice reads
+def _dcp_planner_cls():
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class SlicePlanner(DefaultLoadPlanner):
+        """Reads ``state_dict[key]`` from the global-tensor slice starting at ``offsets[key]``."""
+
+        def __init__(self, offsets):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.offsets = offsets
+
+        def create_local_plan(self):
+            items = []
+            for key, dest in self.state_dict.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[key]), sizes=dest.size())
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key],
+                                                          [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, read_item):
+            dest = self.state_dict[read_item.dest_index.fqn]
+            return dest[tuple(slice(o, o + n) for o, n in zip(read_item.dest_offsets, read_item.lengths))]
+
+    return SlicePlanner
+
+
+class MegatronCheckpoint:
+    """A published trainer checkpoint, read one layer at a time.
+
+    Attributes: ``path`` (iteration directory), ``meta`` (``coe_checkpoint.json``), ``spec``
+    (``ArchSpec``), ``tensors`` ({key: (global shape, dtype)} of the model tensors).
+    """
+
+    def __init__(self, path: str, spec: Optional[ArchSpec] = None):
+        import torch.distributed.checkpoint as dcp
+
+        self.path = find_checkpoint_dir(path)
+        self.meta = read_meta(self.path)
+        backend = _read_json(os.path.join(self.path, "metadata.json"), required=False) or {}
+        if backend and backend.get("sharded_backend") != "torch_dist":
+            raise ConversionError(
+                f"{self.path} uses the dist_checkpointing backend {backend.get('sharded_backend')!r}; "
+                "only 'torch_dist' (the trainer's) is supported")
+        if not os.path.isfile(os.path.join(self.path, ".metadata")):
+            raise ConversionError(f"{self.path} has no .metadata file: not a complete torch_dist checkpoint")
+        self._reader_cls = dcp.FileSystemReader
+        md = dcp.FileSystemReader(self.path).read_metadata()
+        self._check_shard_files(md)
+        self.tensors = {}
+        for key, m in md.state_dict_metadata.items():
+            if key.startswith("optimizer.") or "_extra_state" in key or not hasattr(m, "size"):
+                continue
+            self.tensors[key] = (tuple(m.size), m.properties.dtype)
+        self.spec = spec or spec_from_meta(self.meta, self.tensors, self.path)
+        self._check_matches_spec()
+
+    def _check_shard_files(self, md) -> None:
+        files = {info.relative_path for info in md.storage_data.values()}
+        missing = sorted(f for f in files if not os.path.isfile(os.path.join(self.path, f)))
+        if missing:
+            raise ConversionError(
+                f"checkpoint {self.path} is incomplete: missing shard file(s) {missing} "
+                f"(of {len(files)}); copy the whole iteration directory")
+
+    # ------------------------------------------------------------------ layout
+    def layer_keys(self) -> Dict[str, tuple]:
+        """Stacked per-layer keys -> global shape (with the layer axis first)."""
+        return {k: s for k, (s, _) in self.tensors.items() if k.startswith(LAYER_PREFIX)}
+
+    def expected_shapes(self) -> Dict[str, tuple]:
+        """{checkpoint key: global shape} that ``self.spec`` implies (aliases resolved from the file)."""
+        shapes = canonical_shapes(self.spec)
+        inverse = {}
+        for key in self.layer_keys():
+            suffix = key[len(LAYER_PREFIX):]
+            inverse[mapping.canonical_suffix(suffix)] = suffix
+        out = {}
+        L, E = self.spec.num_layers, self.spec.num_experts
+        for canon, shape in shapes["layer"].items():
+            m = mapping._EXPERT_RE.match(canon)
+            if m:
+                if m.group(1) != "0":
+                    continue
+                out[LAYER_PREFIX + mapping.STACKED_EXPERT_PREFIX + m.group(2)] = (L, E) + shape
+            else:
+                out[LAYER_PREFIX + inverse.get(canon, canon)] = (L,) + shape
+        out.update(shapes["non_layer"])
+        return out
+
+    def _check_matches_spec(self) -> None:
+        expected = self.expected_shapes()
+        problems = []
+        for key, shape in expected.items():
+            if key not in self.tensors:
+                problems.append(f"missing tensor {key} (expected shape {list(shape)})")
+            elif tuple(self.tensors[key][0]) != tuple(shape):
+                problems.append(f"{key}: shape {list(self.tensors[key][0])} in the checkpoint, "
+                                f"{list(shape)} from its config")
+        for key in self.tensors:
+            if key not in expected:
+                problems.append(f"unexpected tensor {key} {list(self.tensors[key][0])}")
+        if problems:
+            raise ConversionError(
+                f"checkpoint {self.path} does not match its recorded configuration "
+                f"({META} args / model_config):\n  - " + "\n  - ".join(problems[:20])
+                + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+
+    # ------------------------------------------------------------------ reads
+    def read(self, requests: Dict[str, tuple]) -> Dict[str, torch.Tensor]:
+        """``{key: (offsets, shape)}`` -> ``{key: tensor}`` (global-tensor slices)."""
+        import torch.distributed.checkpoint as dcp
+
+        dests = {k: torch.empty(shape, dtype=self.tensors[k][1]) for k, (_, shape) in requests.items()}
+        planner = _dcp_planner_cls()({k: off for k, (off, _) in requests.items()})
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(dests, storage_reader=self._reader_cls(self.path), planner=planner, no_dist=True)
+        return dests
+
+    def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
+        """Canonical Megatron tensors of global layer ``layer`` (see ``mapping``)."""
+        requests = {}
+        for key, shape in self.layer_keys().items():
+            requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
+        loaded = self.read(requests)
+        out = {}
+        for key, t in loaded.items():
+            suffix = key[len(LAYER_PREFIX):]
+            t = t[0]
+            if suffix.startswith(mapping.STACKED_EXPERT_PREFIX):
+                out.update(mapping.split_stacked_experts(suffix, t))
+            else:
+                out[mapping.canonical_suffix(suffix)] = t
+        return out
+
+    def read_non_layer(self) -> Dict[str, torch.Tensor]:
+        keys = [k for k in self.tensors if not k.startswith(LAYER_PREFIX)]
+        return self.read({k: ((0,) * len(self.tensors[k][0]), self.tensors[k][0]) for k in keys})
+
+
+def _read_json(path: str, required: bool = True):
+    if not os.path.isfile(path):
+        if required:
+            raise ConversionError(f"{path} is missing")
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from None
+
+
+def read_meta(path: str) -> dict:
+    meta = _read_json(os.path.join(path, META), required=False)
+    if meta is None:
+        raise ConversionError(
+            f"{path} has no {META}: the converter needs the model configuration that the trainer "
+            "records next to its checkpoints")
+    return meta
+
+
+def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ArchSpec:
+    """The ``ArchSpec`` of a checkpoint: ``model_config`` if recorded, else rebuilt from ``args``.
+
+    ``args`` are the trainer's options; the model config is rebuilt with the trainer's own
+    ``build_model_config`` (fields without an option keep Megatron's defaults, as in training).
+    """
+    if "model_config" in meta:
+        spec = ArchSpec.from_dict(meta["model_config"])
+    else:
+        spec = _spec_from_args(meta, path)
+    if tensors is not None:
+        emb = tensors.get("embedding.word_embeddings.weight")
+        if emb is not None and emb[0][0] != spec.vocab_size:
+            raise ConversionError(
+                f"checkpoint {path}: embedding has {emb[0][0]} rows but {META} records vocab_size "
+                f"{spec.vocab_size}")
+        if "output_layer.weight" not in tensors and emb is not None:
+            spec = spec.replace(tie_word_embeddings=True)
+    return spec
+
+
+def _spec_from_args(meta: dict, path: str) -> ArchSpec:
+    from megatron_coe.config import CoEConfigError
+    from megatron_coe.training.options import OPTIONS, TrainArgs
+    from megatron_coe.training.setup import SetupError, build_model_config
+
+    saved = meta.get("args")
+    if not isinstance(saved, dict):
+        raise ConversionError(f"{path}/{META} records no trainer args")
+    unknown = sorted(k for k in saved if k not in OPTIONS)
+    kw = {k: v for k, v in saved.items() if k in OPTIONS}
+    # Model shape only: a GPU run's parallel / precision options do not matter for conversion.
+    kw.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
+              expert_tensor_parallel_size=None, sequence_parallel=False, fp8_format=None,
+              moe_grouped_gemm=False, recompute_modules=[])
+    try:
+        args = TrainArgs(**kw)
+        config = build_model_config(args)
+    except (CoEConfigError, SetupError, TypeError) as e:
+        raise ConversionError(f"{path}/{META}: cannot rebuild the model config from the recorded "
+                              f"args: {e}" + (f" (unknown args: {unknown})" if unknown else "")) from None
+    vocab = meta.get("vocab_size")
+    if vocab is None:
+        raise ConversionError(f"{path}/{META} records no vocab_size")
+    return ArchSpec.from_megatron_config(config, vocab_size=vocab, max_position_embeddings=args.seq_length)
+
+
+# --------------------------------------------------------------------------- shapes
+def canonical_shapes(spec: ArchSpec) -> dict:
+    """{"layer": {canonical suffix: shape}, "non_layer": {key: shape}} of ``spec``."""
+    H, s = spec.hidden_size, spec
+    norm = [("weight",), ("weight", "bias")][spec.normalization == "LayerNorm"]
+    layer = {}
+    for n in ("input_layernorm", "pre_mlp_layernorm"):
+        layer.update({f"{n}.{w}": (H,) for w in norm})
+    a = "self_attention."
+    if s.attention == "mha":
+        d = s.mha_head_dim
+        layer[a + "linear_qkv.weight"] = ((s.num_attention_heads + 2 * s.kv_groups) * d, H)
+        if s.qk_layernorm:
+            layer.update({f"{a}{n}.{w}": (d,) for n in ("q_layernorm", "k_layernorm") for w in norm})
+        layer[a + "linear_proj.weight"] = (H, s.num_attention_heads * d)
+    else:
+        qd = s.num_attention_heads * (s.qk_nope_head_dim + s.qk_rope_head_dim)
+        if s.q_lora_rank is None:
+            layer[a + "linear_q_proj.weight"] = (qd, H)
+        else:
+            layer[a + "linear_q_down_proj.weight"] = (s.q_lora_rank, H)
+            layer[a + "linear_q_up_proj.weight"] = (qd, s.q_lora_rank)
+            if s.qk_layernorm:
+                layer.update({f"{a}q_layernorm.{w}": (s.q_lora_rank,) for w in norm})
+        layer[a + "linear_kv_down_proj.weight"] = (s.kv_lora_rank + s.qk_rope_head_dim, H)
+        if s.qk_layernorm:
+            layer.update({f"{a}kv_layernorm.{w}": (s.kv_lora_rank,) for w in norm})
+        layer[a + "linear_kv_up_proj.weight"] = (
+            s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)
+        layer[a + "linear_proj.weight"] = (H, s.num_attention_heads * s.v_head_dim)
+    for t in range(s.num_routers):
+        layer[f"mlp.routers.{t}.weight"] = (s.num_experts, H)
+        if s.expert_bias:
+            layer[f"mlp.routers.{t}.expert_bias"] = (s.num_experts,)
+    g = 2 if s.gated else 1
+    for e in range(s.num_experts):
+        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc1.weight"] = (g * s.moe_ffn_hidden_size, H)
+        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc2.weight"] = (H, s.moe_ffn_hidden_size)
+    if s.shared_expert_size:
+        layer["mlp.shared_experts.linear_fc1.weight"] = (g * s.shared_expert_size, H)
+        layer["mlp.shared_experts.linear_fc2.weight"] = (H, s.shared_expert_size)
+    non_layer = {"embedding.word_embeddings.weight": (s.vocab_size, H),
+                 "decoder.final_layernorm.weight": (H,)}
+    if s.normalization == "LayerNorm":
+        non_layer["decoder.final_layernorm.bias"] = (H,)
+    if not s.tie_word_embeddings:
+        non_layer["output_layer.weight"] = (s.vocab_size, H)
+    return {"layer": layer, "non_layer": non_layer}
+
+
+# --------------------------------------------------------------------------- writing
+def fill_model(model, get_tensors: Callable[[int], Dict[str, torch.Tensor]]) -> int:
+    """Copy global canonical tensors into this rank's shards of ``model`` (a ``GPTModel``).
+
+    ``get_tensors(l)`` returns global layer ``l``'s canonical tensors, ``get_tensors(-1)`` the
+    embedding / final norm / output layer; only what this rank holds is requested. The model's own
+    ``sharded_state_dict`` gives each local tensor's key and global offsets (layer, expert, TP
+    slice; the fused GLU ``linear_fc1`` is split into its gate and up halves by Megatron's
+    factory). Returns the number of tensors filled; raises on any tensor it cannot place.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    from megatron_coe.compat import cuda_device_redirect
+
+    with cuda_device_redirect():
+        sharded = model.sharded_state_dict(metadata=SHARDING_METADATA)
+    shards = []
+    for v in nested_values(sharded):
+        if isinstance(v, ShardedTensorFactory):
+            built = v.build()
+            shards.extend(x for x in nested_values(built) if isinstance(x, ShardedTensor))
+        elif isinstance(v, ShardedTensor):
+            shards.append(v)
+        elif not isinstance(v, ShardedObject):
+            raise ConversionError(f"unexpected entry in the model's sharded state dict: {type(v).__name__}")
+    by_layer: Dict[int, list] = {}
+    for sh in shards:
+        if sh.key.endswith("_extra_state"):
+            continue
+        if sh.key.startswith(LAYER_PREFIX):
+            by_layer.setdefault(int(sh.global_offset[0]), []).append(sh)
+        else:
+            by_layer.setdefault(-1, []).append(sh)
+    count = 0
+    with torch.no_grad():
+        for layer_idx in sorted(by_layer):
+            tensors = get_tensors(layer_idx)
+            for sh in by_layer[layer_idx]:
+                _copy_shard(sh, tensors, layer_idx)
+                count += 1
+    return count
+
+
+def _copy_shard(sh, tensors: Dict[str, torch.Tensor], layer_idx: int) -> None:
+    offsets = tuple(int(o) for o in sh.global_offset)
+    if layer_idx < 0:
+        name, rest = sh.key, offsets
+    else:
+        suffix = sh.key[len(LAYER_PREFIX):]
+        if suffix.startswith(mapping.STACKED_EXPERT_PREFIX):
+            name = f"{mapping.EXPERT_PREFIX}{offsets[1]}.{suffix[len(mapping.STACKED_EXPERT_PREFIX):]}"
+            rest = offsets[2:]
+        else:
+            name, rest = mapping.canonical_suffix(suffix), offsets[1:]
+    if name not in tensors:
+        raise ConversionError(f"no source tensor for the model's {sh.key} (canonical {name!r}, layer {layer_idx})")
+    src = tensors[name]
+    local = sh.data
+    if len(rest) != src.dim():
+        raise ConversionError(f"{sh.key}: offsets {offsets} do not fit the source shape {list(src.shape)}")
+    piece = src[tuple(slice(o, o + n) for o, n in zip(rest, local.shape))]
+    if tuple(piece.shape) != tuple(local.shape):
+        raise ConversionError(f"{sh.key}: source slice {list(piece.shape)} != local shard {list(local.shape)}")
+    local.copy_(piece)
+
+
+def write_meta(iter_dir: str, spec: ArchSpec, args_dict: dict, layout: dict, extra: Optional[dict] = None):
+    meta = dict(format_version=1, iteration=0, consumed_train_samples=0, vocab_size=spec.vocab_size,
+                layout=layout, args=args_dict, model_config=spec.to_dict(), weights_only=True)
+    meta.update(extra or {})
+    with open(os.path.join(iter_dir, META), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def publish(root: str, tmp: str, final: str, iteration: int = 0) -> None:
+    """Rename ``tmp`` to ``final`` and point the tracker at it (as the trainer does)."""
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
