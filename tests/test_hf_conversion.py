@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after tokenizing
 import torch.nn.functional as F
 
 from megatron_coe.conversion.spec import ConversionError
@@ -39,7 +41,7 @@ TRAIN = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 
          "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel").split()
 MLA = ("--multi-latent-attention --q-lora-rank 16 --kv-lora-rank 16 --qk-head-dim 8 "
        "--qk-pos-emb-head-dim 4 --v-head-dim 8 --qk-layernorm").split()
-PROMPT = "Natalia sold clips to 48 of her friends in April"
+PROMPT = "Natalia sold 48 clips"
 NEW_TOKENS = 8
 
 
@@ -141,6 +143,7 @@ def trained(request, gsm8k, tmp_path_factory) -> dict:
     tokens = torch.tensor([tok.tokenize(text * 4)[:SEQ]] * 2)
     tokens[1] = tokens[1].roll(3)
     prompt = torch.tensor([tok.tokenize(PROMPT)])
+    assert prompt.shape[1] + NEW_TOKENS <= SEQ
     logits, greedy = run_distributed(_train_worker, 4, argv=argv, tokens=tokens, prompt=prompt)[0]
     return dict(kind=request.param, root=root, ckpt=root / "ckpt", tokens=tokens, prompt=prompt,
                 logits=logits, greedy=greedy)

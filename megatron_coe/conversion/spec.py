@@ -135,6 +135,15 @@ class ArchSpec:
             problems.append("apply_residual_connection_post_layernorm is not supported")
         if getattr(c, "qk_l2_norm", False):
             problems.append("qk_l2_norm is not supported")
+        unsupported = dict(moe_apply_probs_on_input=False, moe_latent_size=None, window_size=None,
+                           attention_output_gate=False, experimental_attention_variant=None,
+                           apply_query_key_layer_scaling=False, glu_linear_offset=0.0,
+                           activation_func_clamp_value=None, moe_router_force_load_balancing=False)
+        for name, default in unsupported.items():
+            if getattr(c, name, default) != default:
+                problems.append(f"{name}={getattr(c, name)!r} is not supported")
+        if getattr(c, "softmax_type", "vanilla") != "vanilla":
+            problems.append(f"softmax_type={c.softmax_type!r} is not supported")
         act = _ACTIVATIONS.get(c.activation_func)
         if act is None:
             problems.append(f"activation_func {getattr(c.activation_func, '__name__', c.activation_func)} "
@@ -415,10 +424,15 @@ class ArchSpec:
         if p:
             raise ConversionError("this model cannot be trained with megatron_coe.train as is:\n  - "
                                   + "\n  - ".join(p))
+        # Options left at the trainer's default stay unset (None), as in a run's own recorded args:
+        # the trainer's --load check compares the recorded option values.
+        ffn = None if self.ffn_hidden_size in (None, 4 * self.hidden_size) else self.ffn_hidden_size
+        kv = self.head_dim if self.attention == "mha" else None
+        if kv == self.hidden_size // self.num_attention_heads:
+            kv = None
         kw = dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
-            kv_channels=(self.head_dim if self.attention == "mha" else None),
+            num_attention_heads=self.num_attention_heads, ffn_hidden_size=ffn, kv_channels=kv,
             num_experts=self.num_experts, moe_router_topk=self.topk,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=self.shared_expert_size,
