@@ -237,7 +237,7 @@ def run_one(opts, cfg: dict, model: str, config: Path, seed: int) -> dict | None
     os.replace(tmp, summary_path)
     log(f"{name}: done in {s['wall_s']:.0f} s | final valid {s['final_valid_loss']:.4f} | best "
         f"{s['best_valid_loss']:.4f} | {s['median_step_time_s'] * 1e3:.0f} ms/step | "
-        f"params {s['params_total']:,} | peak RSS above baseline {s['rss_peak_above_baseline_mib']:.0f} MiB")
+        f"params {_fmt_int(s['params_total'])} | peak RSS above baseline {s['rss_peak_above_baseline_mib']:.0f} MiB")
     return s
 
 
@@ -280,6 +280,10 @@ def _fmt_loss(xs: list) -> str:
     if len(xs) == 1:
         return f"{m:.4f}"
     return f"{m:.4f} ± {s:.4f} [{min(xs):.4f}, {max(xs):.4f}]"
+
+
+def _fmt_int(x) -> str:
+    return "-" if x is None else f"{x:,}"
 
 
 def _routing_means(r: dict) -> dict:
@@ -397,7 +401,7 @@ def markdown(opts, rows: list, verdict_lines: list) -> str:
         lines.append(
             f"| {r['label']} | {r['seeds']} | {_fmt_loss(r['final_valid'])} | "
             f"{_fmt_loss(r['best_valid'])} | {_fmt_loss(r['test'])} | "
-            f"{r['params_total']:,} | {r['routed_expert_params_total']:,} | {mem_s} | "
+            f"{_fmt_int(r['params_total'])} | {_fmt_int(r['routed_expert_params_total'])} | {mem_s} | "
             f"{rss[0]:.0f} ± {rss[1]:.0f} | {r['tokens_per_s']:,.0f} | {r['step_time_ratio']:.2f} |")
     lines += ["", "Routing on the GSM8K test samples (mean over layers and seeds):", "",
               "| model | load max/mean | pass-1/pass-2 top-k overlap (random) | distinct chains used "

@@ -8,6 +8,7 @@ validation pass reads the same first ``eval_iters`` global batches of the valida
 
 from __future__ import annotations
 
+import atexit
 from typing import Iterator
 
 import torch
@@ -106,9 +107,37 @@ def micro_batches(dataset, micro_batch_size: int, consumed_samples: int, dp_rank
         loader.worker_init_fn = signals.ignore_in_child
         with signals.shielded():
             batches = iter(loader)
+        _track_workers(getattr(batches, "_workers", []))
     else:
         batches = iter(loader)
     for batch in batches:
         if torch.cuda.is_available():
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         yield batch
+
+
+_WORKERS: list = []  # DataLoader worker processes (they ignore SIGTERM)
+
+
+def _track_workers(workers) -> None:
+    """Remember workers so that none outlives the trainer.
+
+    A DataLoader shuts its workers down itself when its iterator is released; at interpreter
+    exit with an iterator still alive (e.g. a traceback holding the training loop's frame),
+    multiprocessing ends daemonic children with SIGTERM and joins them, which would wait
+    forever on workers that ignore SIGTERM: those are SIGKILLed first (this atexit hook is
+    registered after multiprocessing's, so it runs before it).
+    """
+    if not _WORKERS:
+        atexit.register(_kill_leftover_workers)
+    _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + list(workers)
+
+
+def _kill_leftover_workers() -> None:
+    for w in _WORKERS:
+        try:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        except (OSError, ValueError, AssertionError):
+            pass

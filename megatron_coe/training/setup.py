@@ -38,6 +38,10 @@ def check_runtime(args: TrainArgs) -> None:
     """
     precision.check_fp8_device(args)
     if use_cuda():
+        if args.transformer_impl == "transformer_engine" and not have_transformer_engine():
+            raise SetupError("--transformer-impl transformer_engine needs Transformer Engine, "
+                             "which is not importable here: install it (requirements-gpu.txt) "
+                             "or use --transformer-impl local.")
         return
     if args.bf16:
         raise SetupError("--bf16 is for GPU runs; this machine has no CUDA device and CPU runs "
@@ -150,7 +154,7 @@ def build_model_config(args: TrainArgs):
 
     try:
         return _build_model_config(args)
-    except CoEConfigError:
+    except (CoEConfigError, SetupError):
         raise
     except (ValueError, AssertionError) as e:
         raise SetupError(f"invalid model configuration: {e}") from e
