@@ -212,6 +212,8 @@ def test_round_trip_hf_megatron_hf_is_bit_identical(exported):
                                           "--pipeline-model-parallel-size", str(pp)]) == 0
     meta = json.loads((root / "back/iter_0000000/coe_checkpoint.json").read_text())
     assert (meta["layout"]["ep"], meta["layout"]["pp"]) == (2, pp) and meta["weights_only"]
+    trained_meta = json.loads(next(Path(exported["ckpt"]).glob("iter_*/coe_checkpoint.json")).read_text())
+    assert meta["model_config"] == trained_meta["model_config"]  # the trainer records it too
     from megatron_coe.conversion.export import export_checkpoint
 
     export_checkpoint(str(root / "back"), str(root / "hf2"), tokenizer=str(hf), show_progress=False)
@@ -274,12 +276,18 @@ def test_standard_moe_exports_to_stock_deepseek_v2(stock_moe):
 
 # --------------------------------------------------------------------------- (4) upcycling
 def _upcycled_worker(rank, world, args_dict, tokens):
+    import contextlib
+    import io
+
     from megatron_coe.training.options import TrainArgs
     from megatron_coe.training.setup import unwrap
     from megatron_coe.training.trainer import Trainer, preflight
 
     args = TrainArgs(**args_dict)
-    trainer = Trainer(args, preflight(args, world))
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        trainer = Trainer(args, preflight(args, world))
+    start = (trainer.iteration, trainer.consumed)
     model = unwrap(trainer.model[0])
     mlp = model.decoder.layers[0].mlp
     seen = {}
@@ -295,7 +303,7 @@ def _upcycled_worker(rank, world, args_dict, tokens):
     records = [json.loads(line) for line in open(args.metrics_file)]
     losses = [r["lm_loss"] for r in records if r["type"] == "train"]
     return dict(x0=seen["x0"], probs=probs, routing_map=routing_map, routers=routers, losses=losses,
-                topk=model.config.moe_router_topk)
+                topk=model.config.moe_router_topk, start=start, log=log.getvalue())
 
 
 def test_upcycled_coe_routes_like_source_and_trains(stock_moe, gsm8k):
@@ -307,12 +315,21 @@ def test_upcycled_coe_routes_like_source_and_trains(stock_moe, gsm8k):
                                           "--upcycle-iterations", "2"]) == 0
     meta = json.loads((root / "up/iter_0000000/coe_checkpoint.json").read_text())
     assert meta["args"]["coe_iterations"] == 2 and meta["args"]["moe_router_topk"] == 1  # k/C = 2/2
+    assert meta["weights_only"]
+    from megatron_coe.conversion.spec import ArchSpec
+
+    assert ArchSpec.from_dict(meta["model_config"]) == stock_moe["spec"].replace(
+        coe_iterations=2, topk=1, inner_residual=True, outer_residual=True)
+    # weights-only checkpoint: --load alone (no --no-load-optim) takes the weights, starts at 0
     args = dict(meta["args"], data_path=[gsm8k["prefix"]], data_cache_path=str(root / "cache"),
                 seq_length=SEQ, micro_batch_size=4, global_batch_size=8, train_iters=8, lr=1e-2,
-                lr_warmup_iters=0, split="95,5,0", eval_iters=0, load=str(root / "up"), no_load_optim=True,
+                lr_warmup_iters=0, split="95,5,0", eval_iters=0, load=str(root / "up"),
                 exit_signal_handler=False, log_interval=1, metrics_file=str(root / "metrics.jsonl"))
+    assert "no_load_optim" not in args or not args["no_load_optim"]
     out = run_distributed(_upcycled_worker, 2, args_dict=args, tokens=stock_moe["tokens"])[0]
     assert out["topk"] == 1
+    assert out["start"] == (0, 0), out["log"]
+    assert "holds model weights only" in out["log"] and "layout changed" not in out["log"], out["log"]
 
     source = DeepseekV2ForCausalLM.from_pretrained(str(stock_moe["hf"])).eval()
     gate = source.model.layers[0].mlp.gate
@@ -341,15 +358,23 @@ def _copy_checkpoint(trained, dst: Path) -> Path:
 
 
 def test_checkpoint_config_mismatch_is_refused(trained, tmp_path):
+    """The recorded ``model_config`` is used; checkpoints without it fall back to ``args``."""
     from megatron_coe.conversion.export import export_checkpoint
+    from megatron_coe.conversion.megatron_ckpt import spec_from_meta
 
     ckpt = _copy_checkpoint(trained, tmp_path / "ckpt")
     meta_path = next(ckpt.glob("iter_*/coe_checkpoint.json"))
     meta = json.loads(meta_path.read_text())
-    meta["args"]["num_experts"] = 16
+    legacy = {k: v for k, v in meta.items() if k != "model_config"}  # older trainer checkpoints
+    assert spec_from_meta(legacy) == spec_from_meta(meta)
+    refused = r"does not match its recorded configuration(.|\n)*mlp\.experts\.experts\.linear_fc1\.weight"
+    meta["model_config"]["num_experts"] = 16
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ConversionError, match=r"does not match its recorded configuration(.|\n)*"
-                                              r"mlp\.experts\.experts\.linear_fc1\.weight"):
+    with pytest.raises(ConversionError, match=refused):
+        export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
+    legacy["args"]["num_experts"] = 16
+    meta_path.write_text(json.dumps(legacy))
+    with pytest.raises(ConversionError, match=refused):
         export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
 
 

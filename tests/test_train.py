@@ -149,6 +149,15 @@ def test_yaml_and_flags_one_table(tmp_path):
     assert (args.num_layers, args.moe_router_topk, args.lr) == (3, 2, 3e-4)  # flag > file
     assert args.coe_inner_residual is False and args.data_path == ["a", "b"]
     assert parse_args(["--no-coe-inner-residual"]).coe_inner_residual is False
+    # options named no_*: plain switches (no --no-no-load-optim), same YAML keys
+    args = parse_args(["--no-load-optim", "--no-load-rng"])
+    assert args.no_load_optim is True and args.no_load_rng is True
+    assert parse_args([]).no_load_optim is False
+    with pytest.raises(SystemExit):
+        parse_args(["--no-no-load-optim"])
+    cfg.write_text("no_load_optim: true\nno-load-rng: true\n")
+    args = parse_args(["--config", str(cfg)])
+    assert args.no_load_optim is True and args.no_load_rng is True
 
 
 def test_unknown_config_key_names_it_and_suggests(tmp_path):
@@ -265,6 +274,14 @@ def test_ep2_run_trains_and_reports(reference):
     ckpt_dir = reference["out"] / "ckpt"
     assert (ckpt_dir / ckpt.TRACKER).read_text().strip() == "20"
     assert not list(ckpt_dir.glob("*.tmp"))
+    # the model architecture is recorded (what the HF exporter reads); it matches the args
+    from megatron_coe.conversion.megatron_ckpt import _spec_from_args
+    from megatron_coe.conversion.spec import ArchSpec
+
+    meta = ckpt.read_meta(str(ckpt_dir / "iter_0000020"))
+    spec = ArchSpec.from_dict(meta["model_config"])
+    assert (spec.num_experts, spec.coe_iterations, spec.vocab_size) == (8, 2, 512)
+    assert spec == _spec_from_args(meta, str(ckpt_dir))
 
 
 @pytest.mark.timeout(300)

@@ -10,8 +10,8 @@ Examples:
     # upcycle a standard MoE (top-4) into CoE-2 with top-2 per pass (default k / C)
     python tools/convert_from_hf.py --load hf/moe --save ckpt/coe2_up --upcycle-iterations 2
 
-    # then train from it (the checkpoint has weights only):
-    python -m megatron_coe.train ... --coe-iterations 2 --moe-router-topk 2 --load ckpt/coe2_up --no-load-optim
+    # then train from it (weights only: the trainer starts at iteration 0 with a new optimizer):
+    python -m megatron_coe.train ... --coe-iterations 2 --moe-router-topk 2 --load ckpt/coe2_up
 
 The model is built on tensor x pipeline x expert parallel gloo processes forked on this machine
 (or the ranks of a torchrun job: torchrun --nproc-per-node N tools/convert_from_hf.py ...). A
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             destroy_parallel()
             torch.distributed.destroy_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {path}; train from it with --load {args.save} --no-load-optim")
+        print(f"wrote {path}; train from it with --load {args.save} (weights only: iteration 0, new optimizer)")
     return 0
 
 

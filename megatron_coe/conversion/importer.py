@@ -8,7 +8,10 @@ local shard from the HF tensors by global name and offset (``megatron_ckpt.fill_
 ``latest_checkpointed_iteration.txt``. Being a ``dist_checkpointing`` checkpoint, it also loads
 under any other layout. To train from it::
 
-    python -m megatron_coe.train ... --load SAVE_ROOT --no-load-optim      # (no optimizer state)
+    python -m megatron_coe.train ... --load SAVE_ROOT
+
+(``weights_only`` makes the trainer load just the weights and start at iteration 0 with a new
+optimizer and schedule; no ``--no-load-optim`` needed.)
 
 Upcycling (``upcycle=Upcycle(iterations=C, ...)``) turns a standard MoE (C=1) into CoE-C:
 

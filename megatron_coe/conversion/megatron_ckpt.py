@@ -224,10 +224,12 @@ def read_meta(path: str) -> dict:
 def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ArchSpec:
     """The ``ArchSpec`` of a checkpoint: ``model_config`` if recorded, else rebuilt from ``args``.
 
-    ``args`` are the trainer's options; the model config is rebuilt with the trainer's own
-    ``build_model_config`` (fields without an option keep Megatron's defaults, as in training).
+    ``model_config`` (an ``ArchSpec`` dict) is written by the importer and by the trainer's
+    ``save_checkpoint``; older trainer checkpoints lack it. Then ``args`` (the trainer's options)
+    are used: the model config is rebuilt with the trainer's own ``build_model_config`` (fields
+    without an option keep Megatron's defaults, as in training).
     """
-    if "model_config" in meta:
+    if isinstance(meta.get("model_config"), dict):
         spec = ArchSpec.from_dict(meta["model_config"])
     else:
         spec = _spec_from_args(meta, path)

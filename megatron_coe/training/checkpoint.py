@@ -5,7 +5,8 @@ Layout of ``--save DIR``::
     DIR/iter_0000020/              a published checkpoint (complete by construction)
         metadata.json, common.pt,  dist_checkpointing: model + distributed optimizer
         *.distcp, .metadata          (resharding formats) + scheduler (common state)
-        coe_checkpoint.json        iteration, consumed samples, args, padded vocab, layout
+        coe_checkpoint.json        iteration, consumed samples, args, padded vocab, layout,
+                                   model_config (``ArchSpec``; what the HF exporter reads)
         rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, CUDA, Megatron)
     DIR/iter_0000030.tmp/          being written (or left by a crash): never loaded
     DIR/latest_checkpointed_iteration.txt
@@ -18,6 +19,10 @@ optimizer the ``fully_reshardable`` format (model-space tensors, one per paramet
 optimizer state reload under other TP / PP / EP / DP sizes; the RNG states are restored only
 under the same layout. (``fully_sharded_model_space``, the 0.16.1 default, cannot be saved: it
 builds ``ShardedTensor.flattened_range``, which 0.16.1's dist_checkpointing rejects.)
+
+A checkpoint whose metadata says ``weights_only: true`` (written by ``tools/convert_from_hf.py``)
+holds the model only: ``--load`` takes its weights and starts at iteration 0 with a fresh
+optimizer, schedule and data position, as ``--no-load-optim`` would.
 """
 
 from __future__ import annotations
@@ -265,6 +270,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         meta = dict(format_version=FORMAT_VERSION, iteration=iteration,
                     consumed_train_samples=consumed_samples, vocab_size=vocab_size,
                     layout=vars(layout), args=args.to_dict())
+        model_config = _model_config(model, vocab_size, args)
+        if model_config is not None:
+            meta["model_config"] = model_config
         with open(os.path.join(tmp, META), "w") as f:
             json.dump(meta, f, indent=1)
     torch.distributed.barrier()  # every rank finished writing
@@ -272,6 +280,25 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         _publish(root, tmp, final, iteration)
     torch.distributed.barrier()
     return final
+
+
+def _model_config(model: list, vocab_size: int, args: TrainArgs) -> Optional[dict]:
+    """The model's ``ArchSpec`` as a dict (the exporter's ``model_config``), or None.
+
+    None where the architecture has no Hugging Face form (``ArchSpec`` refuses it); the exporter
+    then rebuilds the config from ``args`` and reports the problem itself.
+    """
+    from megatron_coe.conversion.spec import ArchSpec, ConversionError
+    from megatron_coe.training.setup import unwrap
+
+    gpt = unwrap(model[0])
+    try:
+        spec = ArchSpec.from_megatron_config(
+            gpt.config, vocab_size=vocab_size, max_position_embeddings=args.seq_length,
+            tie_word_embeddings=bool(getattr(gpt, "share_embeddings_and_output_weights", False)))
+    except (ConversionError, AttributeError, TypeError):  # never fail a save over this field
+        return None
+    return spec.to_dict()
 
 
 def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
@@ -296,14 +323,20 @@ def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
 
 def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArgs,
                     layout) -> tuple[int, int]:
-    """Load ``path`` (a published iteration directory); returns (iteration, consumed samples)."""
+    """Load ``path`` (a published iteration directory); returns (iteration, consumed samples).
+
+    Weights only (iteration 0, nothing else restored) with ``--no-load-optim`` or when the
+    checkpoint itself holds only weights (``weights_only`` in its metadata: ``convert_from_hf``).
+    """
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
     from megatron_coe.training.setup import unwrap
 
     meta = read_meta(path)
-    load_optim = not args.no_load_optim
+    weights_only = bool(meta.get("weights_only"))
+    load_optim = not (args.no_load_optim or weights_only)
+    rank = torch.distributed.get_rank()
     with cuda_device_redirect():
         state = _sharded_state(model, optimizer if load_optim else None, is_loading=True)
         loaded = dist_checkpointing.load(state, path)
@@ -313,18 +346,21 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
                 optimizer.load_state_dict(loaded["optimizer"])
             _unshare_steps(optimizer)
             scheduler.load_state_dict(loaded["scheduler"])
-    rank = torch.distributed.get_rank()
-    same_layout = meta["layout"] == vars(layout)
-    if not args.no_load_rng and same_layout:
-        _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{rank:05d}.pt"),
-                                  weights_only=False))
-    elif rank == 0 and not args.no_load_rng:
-        print(f"note: parallel layout changed ({meta['layout']} -> {vars(layout)}); RNG states "
-              "are not restored.", flush=True)
+    if weights_only:
+        if rank == 0:
+            print(f"note: {path} holds model weights only (converted checkpoint): starting at "
+                  "iteration 0 with a new optimizer, LR schedule and data position.", flush=True)
+    elif not args.no_load_rng:
+        if meta["layout"] == vars(layout):
+            _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{rank:05d}.pt"),
+                                      weights_only=False))
+        elif rank == 0:
+            print(f"note: parallel layout changed ({meta['layout']} -> {vars(layout)}); RNG "
+                  "states are not restored.", flush=True)
     if not load_optim:
         from megatron_coe.training.precision import uses_bf16
 
-        if uses_bf16(args):  # fp32 main params follow the loaded bf16 weights
+        if optimizer is not None and uses_bf16(args):  # fp32 main params follow the bf16 weights
             optimizer.reload_model_params()
         return 0, 0
     return meta["iteration"], meta["consumed_train_samples"]

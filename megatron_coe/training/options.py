@@ -3,7 +3,8 @@
 Every option is one dataclass field declared with ``opt(...)``. The command-line flag is the field
 name with dashes (``moe_router_topk`` -> ``--moe-router-topk``, the Megatron-LM spelling); YAML
 files use the same keys, with dashes or underscores. Precedence: defaults < ``--config FILE.yaml``
-< flags.
+< flags. Boolean options get ``--name`` / ``--no-name``, except those whose name already starts
+with ``no_`` (``--no-load-optim``, ``--no-load-rng``): a plain switch.
 
 ``model=`` names the Megatron-Core ``TransformerConfig`` field an option feeds (``True``: same
 name); ``setup.build_model_config`` passes these through, and the config validates them itself.
@@ -198,8 +199,9 @@ class TrainArgs:
                                        type=int, group=C)
     load: Optional[str] = opt(None, "Checkpoint directory to resume from (latest published "
                               "iteration; none found = start fresh).", type=str, group=C)
-    no_load_optim: bool = opt(False, "Load only model weights (new optimizer and schedule).",
-                              group=C)
+    no_load_optim: bool = opt(False, "Load only model weights (new optimizer and schedule, "
+                              "iteration 0); implied for weights-only checkpoints (those of "
+                              "tools/convert_from_hf.py).", group=C)
     no_load_rng: bool = opt(False, "Do not restore RNG states.", group=C)
 
     def to_dict(self) -> dict:
@@ -290,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = f"{meta['help']} (default: {default})"
         if meta["list_of"] is not None:
             group.add_argument(flag_name(f.name), nargs="+", help=help_text)
+        elif meta["type"] is bool and f.name.startswith("no_"):
+            # a plain switch: --no-load-optim, never --no-no-load-optim (YAML: no_load_optim: true)
+            group.add_argument(flag_name(f.name), action="store_true", help=meta["help"])
         elif meta["type"] is bool:
             group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
                                help=meta["help"] + f" (default: {default})")
