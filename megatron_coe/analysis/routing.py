@@ -329,6 +329,7 @@ def plot(name: str, r: dict, out_dir: str) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     files = []
     layers = r["layers"]
@@ -344,6 +345,7 @@ def plot(name: str, r: dict, out_dir: str) -> list:
                          fontsize=9)
             ax.set_xlabel("expert")
             ax.set_ylabel("load / uniform")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{name}: expert load per pass (1 = uniform)", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "load_histograms.png")
@@ -362,6 +364,8 @@ def plot(name: str, r: dict, out_dir: str) -> list:
                          fontsize=9)
             ax.set_xlabel(f"pass {pr['passes'][1]} expert")
             ax.set_ylabel(f"pass {pr['passes'][0]} expert")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"{name}: P(pass-2 expert j | pass-1 expert i) / k", fontsize=10)
         fig.tight_layout()
