@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import os
@@ -30,6 +29,8 @@ import torch.nn.functional as F
 from megatron_coe.conversion.spec import ConversionError
 from megatron_coe.testing.configs import tiny_config
 from megatron_coe.testing.distributed import run_distributed
+
+from megatron_coe.testing.data import gsm8k_subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 32
@@ -101,16 +102,9 @@ def _perturb(model, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def gsm8k(tmp_path_factory) -> dict:
     """300 GSM8K problems -> a 320-token BPE (padded vocabulary 384) and an indexed dataset."""
-    from megatron_coe.data import preprocess as pp
     from megatron_coe.data.tokenizer import load_tokenizer
 
-    root = tmp_path_factory.mktemp("gsm8k")
-    src = root / "train.jsonl"
-    with gzip.open(ROOT / "data/gsm8k/train.jsonl.gz", "rt") as f, open(src, "w") as out:
-        for _, line in zip(range(300), f):
-            out.write(line)
-    prefix = str(root / "gsm8k")
-    pp.preprocess([str(src)], prefix, json_keys=["question", "answer"], vocab_size=320, log=lambda *a: None)
+    prefix = gsm8k_subset(tmp_path_factory.mktemp("gsm8k"), num_docs=300, vocab_size=320)
     tok = load_tokenizer(prefix + ".tokenizer.json")
     return {"prefix": prefix, "tokenizer": tok, "vocab": 384}
 

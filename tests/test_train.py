@@ -19,7 +19,6 @@ Real runs (torchrun, gloo, a tiny CoE-2: standard attention, 8 experts + 1 share
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ from megatron_coe.training import checkpoint as ckpt
 from megatron_coe.training.options import OptionError, parse_args
 from megatron_coe.training.setup import SetupError, build_model_config, check_layout
 
+from megatron_coe.testing.data import gsm8k_subset  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -52,16 +53,8 @@ TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 8
 @pytest.fixture(scope="module")
 def gsm8k(tmp_path_factory) -> dict:
     """400 GSM8K problems -> a 512-token BPE and a Megatron indexed dataset."""
-    from megatron_coe.data import preprocess as pp
-
     root = tmp_path_factory.mktemp("gsm8k")
-    src = root / "train.jsonl"
-    with gzip.open(ROOT / "data/gsm8k/train.jsonl.gz", "rt") as f, open(src, "w") as out:
-        for _, line in zip(range(400), f):
-            out.write(line)
-    prefix = str(root / "gsm8k")
-    pp.preprocess([str(src)], prefix, json_keys=["question", "answer"], vocab_size=512,
-                  log=lambda *a: None)
+    prefix = gsm8k_subset(root, num_docs=400, vocab_size=512)
     return {"prefix": prefix, "dir": root}
 
 
