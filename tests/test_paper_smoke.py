@@ -20,12 +20,6 @@ import torch
 from megatron_coe.analysis.routing import LayerRouting
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import matplotlib  # noqa: F401
-
-    HAVE_MATPLOTLIB = True
-except ImportError:
-    HAVE_MATPLOTLIB = False
 BENCH = ROOT / "examples/paper/run_benchmark.py"
 
 
@@ -133,9 +127,8 @@ def test_benchmark_and_routing_analysis_smoke(gsm8k_small, tmp_path):
     assert int(rows["coe2_4_16"]["params_total"]) == int(rows["moe_8_16"]["params_total"]) + 2 * 16 * 128
     runs = list(csv.DictReader(open(out / "runs.csv")))
     assert len(runs) == 2 and all(r["test_loss"] for r in runs)
-    if HAVE_MATPLOTLIB:  # optional (examples/paper/requirements.txt); tables are written anyway
-        png = (out / "valid_loss.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (out / "valid_loss.png").read_bytes()  # matplotlib is pinned in requirements.txt
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
     coe = json.loads((out / "routing/coe2_4_16_seed1/routing.json").read_text())
     assert coe["samples"] == 16 and coe["model"]["coe_iterations"] == 2
@@ -146,9 +139,8 @@ def test_benchmark_and_routing_analysis_smoke(gsm8k_small, tmp_path):
         assert 1 <= layer["distinct_chains"] <= layer["tokens"]
         assert layer["chain_space"] == 1820 ** 2
     assert (out / "routing/coe2_4_16_seed1/routing.md").exists()
-    if HAVE_MATPLOTLIB:
-        assert (out / "routing/coe2_4_16_seed1/cooccurrence_heatmaps.png").exists()
-        assert (out / "routing/moe_8_16_seed1/load_histograms.png").exists()
+    assert (out / "routing/coe2_4_16_seed1/cooccurrence_heatmaps.png").exists()
+    assert (out / "routing/moe_8_16_seed1/load_histograms.png").exists()
     moe = json.loads((out / "routing/moe_8_16_seed1/routing.json").read_text())
     assert "pairs" not in moe["layers"]["layer1"] and moe["model"]["coe_iterations"] == 1
 
