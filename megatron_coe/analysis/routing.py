@@ -322,6 +322,15 @@ def markdown_report(name: str, r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(plt, fig, out_dir: str, filename: str) -> str:
+    """Lay out, write ``out_dir/filename`` as PNG, close the figure; returns the path."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, filename)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(name: str, r: dict, out_dir: str) -> list:
     """Load histograms and co-occurrence heatmaps as PNGs; returns the file paths."""
     import matplotlib
@@ -347,11 +356,7 @@ def plot(name: str, r: dict, out_dir: str) -> list:
             ax.set_ylabel("load / uniform")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{name}: expert load per pass (1 = uniform)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "load_histograms.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path)
+    files.append(_save_figure(plt, fig, out_dir, "load_histograms.png"))
     if C > 1:
         fig, axes = plt.subplots(1, len(layers), figsize=(4.6 * len(layers), 4.0), squeeze=False)
         for i, (lname, L) in enumerate(layers.items()):
@@ -368,11 +373,7 @@ def plot(name: str, r: dict, out_dir: str) -> list:
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"{name}: P(pass-2 expert j | pass-1 expert i) / k", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "cooccurrence_heatmaps.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save_figure(plt, fig, out_dir, "cooccurrence_heatmaps.png"))
     return files
 
 
