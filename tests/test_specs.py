@@ -9,6 +9,7 @@ from megatron_coe.testing.configs import tiny_config
 from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 from megatron_coe.transformer.coe_router import CoETopKRouter
 from megatron_coe.transformer.coe_transformer_layer import CoETransformerLayer
+from megatron_coe.transformer.grouped_experts import GroupedSequentialMLP
 from megatron_coe.transformer.local_modules import MLADotProductAttention, TorchNorm
 
 
@@ -18,7 +19,8 @@ def test_local_spec_uses_coe_modules(mla):
     assert spec.module is CoETransformerLayer
     assert spec.submodules.mlp.module is ChainOfExpertsLayer
     assert spec.submodules.mlp.submodules.router is CoETopKRouter
-    assert spec.submodules.mlp.submodules.experts.module is SequentialMLP
+    assert spec.submodules.mlp.submodules.experts.module is GroupedSequentialMLP
+    assert issubclass(GroupedSequentialMLP, SequentialMLP)  # same parameters and checkpoints
     assert spec.submodules.pre_mlp_layernorm is TorchNorm
     core = spec.submodules.self_attention.submodules.core_attention
     assert (core is MLADotProductAttention) == mla

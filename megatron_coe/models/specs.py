@@ -2,13 +2,15 @@
 
 ``get_coe_layer_spec(config, use_transformer_engine)`` starts from
 ``get_gpt_layer_with_transformer_engine_spec`` (GPU: TE linears/attention/norms, grouped-GEMM
-experts ``TEGroupedMLP``) or ``get_gpt_layer_local_spec`` (CPU: Megatron-Core modules only,
-``SequentialMLP`` experts) and swaps in the CoE pieces:
+experts ``TEGroupedMLP``) or ``get_gpt_layer_local_spec`` (CPU: Megatron-Core modules only) and
+swaps in the CoE pieces:
 
 * the layer module: ``CoETransformerLayer`` (outer residual as configured);
 * the MLP: ``ChainOfExpertsLayer`` with ``CoETopKRouter``, keeping Megatron's experts and
   shared-expert specs;
-* local spec only: ``TorchNorm`` (sequence-parallel capable) and, for MLA,
+* local spec only: ``GroupedSequentialMLP`` experts (``SequentialMLP``'s parameters and
+  checkpoint layout, one grouped GEMM per linear instead of a Python loop over experts; see
+  ``transformer/grouped_experts.py``), ``TorchNorm`` (sequence-parallel capable) and, for MLA,
   ``MLADotProductAttention``.
 
 Attention is standard multi-head attention or DeepSeek-V2 multi-latent attention, chosen by the
@@ -29,17 +31,24 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_coe.compat import TransformerEngineUnavailable, require_transformer_engine  # noqa: F401
 from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 from megatron_coe.transformer.coe_router import CoETopKRouter
 from megatron_coe.transformer.coe_transformer_layer import CoETransformerLayer
+from megatron_coe.transformer.grouped_experts import GroupedSequentialMLP
 from megatron_coe.transformer.local_modules import MLADotProductAttention, TorchNorm
 
 
-def _coe_mlp_spec(mlp_spec: ModuleSpec) -> ModuleSpec:
-    """Megatron's MoE module spec with the CoE layer and per-pass router swapped in."""
-    submodules = dataclasses.replace(mlp_spec.submodules, router=CoETopKRouter)
+def _coe_mlp_spec(mlp_spec: ModuleSpec, local: bool) -> ModuleSpec:
+    """Megatron's MoE module spec with the CoE layer and per-pass router swapped in (and, for
+    the local spec, ``SequentialMLP`` experts replaced by ``GroupedSequentialMLP``)."""
+    replace = dict(router=CoETopKRouter)
+    experts = mlp_spec.submodules.experts
+    if local and experts.module is SequentialMLP:
+        replace["experts"] = dataclasses.replace(experts, module=GroupedSequentialMLP)
+    submodules = dataclasses.replace(mlp_spec.submodules, **replace)
     return ModuleSpec(module=ChainOfExpertsLayer, params=dict(mlp_spec.params or {}),
                       submodules=submodules, metainfo=dict(mlp_spec.metainfo or {}))
 
@@ -87,7 +96,8 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
         if config.moe_grouped_gemm:
             raise ValueError(
                 "moe_grouped_gemm (--moe-grouped-gemm) needs the Transformer Engine spec "
-                "(--transformer-impl transformer_engine) on a GPU; the local spec uses SequentialMLP."
+                "(--transformer-impl transformer_engine) on a GPU; the local spec's experts are "
+                "GroupedSequentialMLP (SequentialMLP weights, torch grouped GEMM on CPU)."
             )
         if config.fp8:
             require_transformer_engine("FP8 training")
@@ -99,7 +109,8 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
             normalization=config.normalization,
         )
         submodules = _localize(base.submodules, mla)
-    submodules = dataclasses.replace(submodules, mlp=_coe_mlp_spec(submodules.mlp))
+    mlp = _coe_mlp_spec(submodules.mlp, local=not use_transformer_engine)
+    submodules = dataclasses.replace(submodules, mlp=mlp)
     return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),
                       submodules=submodules)
 
