@@ -5,6 +5,8 @@ Megatron-Core's ``SequentialMLP`` with the same weights (that is what keeps the 
 bit-identical to Megatron's stock MoE layer), and keep its state-dict and checkpoint layout.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,35 @@ def test_same_state_dict_and_checkpoint_keys():
     keys_a, keys_b, (sharded_a, sharded_b) = run_distributed(body, 1)[0]
     assert keys_a == keys_b and "local_experts.0.linear_fc1.weight" in keys_a
     assert sharded_a == sharded_b
+
+
+def _chained(rank, world_size, passes):
+    """``passes`` chained calls (a CoE layer's use): inside ``chain_scope`` the grouped module
+    sums the weight gradients of all calls in place and hands them over once."""
+    reference, grouped = _pair()
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(24, HIDDEN, generator=gen)
+    counts = [torch.tensor(c) for c in ([4, 0, 9, 3, 6, 2], [0, 12, 1, 5, 0, 6], [4] * 6)][:passes]
+    probs = [torch.rand(24, generator=gen) for _ in counts]
+    grad = torch.randn(24, HIDDEN, generator=gen)
+
+    def run(module, scope):
+        module.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with scope():
+            h = x
+            for c, p in zip(counts, probs):
+                h = h + module(h, c, p)[0]
+        h.backward(grad)
+        return [x.grad] + [p.grad for p in module.parameters()]
+
+    a = run(reference, contextlib.nullcontext)
+    b = run(grouped, grouped.chain_scope)
+    assert all(g is not None for g in b), "a weight gradient was lost"
+    return max((u - v).abs().max().item() for u, v in zip(a, b)), max(u.abs().max().item() for u in a)
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+def test_chained_calls_sum_weight_gradients(passes):
+    diff, scale = run_distributed(_chained, 1, passes=passes)[0]
+    assert scale > 1e-3 and diff <= 1e-6 * scale

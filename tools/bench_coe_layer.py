@@ -3,8 +3,9 @@
 
 Two measurements, taken in one run and printed as one table:
 
-1. **CoE-2(k/E) over MoE(2k/E) at equal FLOPs.** Both layers are built from the production
-   spec (``get_coe_layer_spec`` -> ``CoETransformerLayer``) with the same hidden size, number of
+1. **CoE-2(k/E) over MoE(2k/E) at equal FLOPs.** By default one layer of the paper's models
+   (hidden 1024, 64 experts x FFN 704, a shared expert of 704, sequence 512): CoE-2(4/64) vs
+   MoE(8/64). Both layers are built from the production spec (``get_coe_layer_spec`` -> ``CoETransformerLayer``) with the same hidden size, number of
    routed experts and expert FFN size:
 
    * MoE(2k/E): ``coe_iterations=1``, top-2k, inner residual off, outer residual on (Megatron's
@@ -39,8 +40,9 @@ EP=2 steps on both ranks (step time = slower rank), alternating.
 
 Usage (from the repository root)::
 
-    .venv/bin/python tools/bench_coe_layer.py                 # defaults: ~1 min idle, ~2 min on a loaded 2-core box
-    .venv/bin/python tools/bench_coe_layer.py --shared-expert-size 0 --iters 60
+    .venv/bin/python tools/bench_coe_layer.py                 # paper layer shape: ~4 min on 2 cores
+    .venv/bin/python tools/bench_coe_layer.py --hidden-size 256 --moe-ffn-hidden-size 128 \
+        --shared-expert-size 128 --seq-length 1024 --iters 60  # small layer: per-pass fixed costs show
     .venv/bin/python tools/bench_coe_layer.py --profile       # + where CoE's extra time goes
     .venv/bin/python tools/bench_coe_layer.py --experts sequential  # Megatron's SequentialMLP loop
 """
@@ -75,11 +77,13 @@ def parse_args(argv=None):
         "EP=2 vs EP=1 for the CoE-2 layer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-attention-heads", type=int, default=4, help="only used by --scope layer")
+    # Defaults: one layer of the paper's models (hidden 1024, 8 heads, 64 experts x FFN 704,
+    # one shared expert of 704, sequence length 512).
+    p.add_argument("--hidden-size", type=int, default=1024)
+    p.add_argument("--num-attention-heads", type=int, default=8, help="only used by --scope layer")
     p.add_argument("--num-experts", type=int, default=64, help="routed experts (global)")
-    p.add_argument("--moe-ffn-hidden-size", type=int, default=128, help="FFN size of one expert")
-    p.add_argument("--shared-expert-size", type=int, default=128,
+    p.add_argument("--moe-ffn-hidden-size", type=int, default=704, help="FFN size of one expert")
+    p.add_argument("--shared-expert-size", type=int, default=704,
                    help="CoE's moe_shared_expert_intermediate_size (run every pass); 0 = none")
     p.add_argument("--shared-expert-baseline", choices=("matched", "same"), default="matched",
                    help="MoE's shared expert: 'matched' = coe_iterations x as wide (equal FLOPs), "
@@ -90,10 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--coe-topk", type=int, default=4,
                    help="top-k per CoE pass; the MoE baseline uses coe_iterations * coe_topk")
     p.add_argument("--coe-iterations", type=int, default=2)
-    p.add_argument("--seq-length", type=int, default=1024, help="tokens per sequence (per rank)")
+    p.add_argument("--seq-length", type=int, default=512, help="tokens per sequence (per rank)")
     p.add_argument("--micro-batch-size", type=int, default=2, help="sequences per rank")
-    p.add_argument("--iters", type=int, default=40, help="timed iterations per variant")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per variant")
+    p.add_argument("--iters", type=int, default=30, help="timed iterations per variant")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations per variant")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads in every process (EP=2 uses 2 processes)")
     p.add_argument("--dispatcher", choices=("alltoall", "allgather"), default="alltoall",

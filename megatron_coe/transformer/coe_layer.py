@@ -16,6 +16,7 @@ layer's residual add (see ``coe_transformer_layer.py``).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -106,8 +107,11 @@ class ChainOfExpertsLayer(MoELayer):
     def chain(self, hidden_states, padding_mask=None):
         """All C passes: ``x_0 -> x_C``."""
         x = hidden_states
-        for pass_index in range(self.num_passes):
-            x = self.coe_pass(pass_index, x, padding_mask)
+        # Experts with per-call weight work (GroupedSequentialMLP) share it across the passes.
+        scope = getattr(self.experts, "chain_scope", contextlib.nullcontext)
+        with scope():
+            for pass_index in range(self.num_passes):
+                x = self.coe_pass(pass_index, x, padding_mask)
         return x
 
     def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
