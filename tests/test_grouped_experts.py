@@ -120,12 +120,12 @@ def test_detects_a_wrong_grouping():
     assert run_distributed(body, 1)[0] > 1e-3
 
 
-def test_no_tokens_and_blocked_configs_use_the_loop():
+def test_zero_tokens_and_blocked_configs():
     def body(rank, world_size):
         _, grouped = _pair()
         x = torch.zeros(0, HIDDEN, requires_grad=True)
         out, _ = grouped(x, torch.zeros(EXPERTS, dtype=torch.long), torch.zeros(0))
-        out.sum().backward()  # torch._grouped_mm's backward rejects zero rows; the loop does not
+        out.sum().backward()  # zero rows: every group empty
         _, fused = _pair(bias_activation_fusion=True, gated_linear_unit=True,
                          activation_func=F.silu)
         return tuple(out.shape), fused.grouped_compute
@@ -148,9 +148,9 @@ def test_same_state_dict_and_checkpoint_keys():
     assert sharded_a == sharded_b
 
 
-def _chained(rank, world_size, passes):
+def _chained(rank, world_size, passes, scoped=True, backwards=1):
     """``passes`` chained calls (a CoE layer's use): inside ``chain_scope`` the grouped module
-    sums the weight gradients of all calls in place and hands them over once."""
+    computes the weight gradients of all calls at once, after the last call's backward."""
     reference, grouped = _pair()
     gen = torch.Generator().manual_seed(2)
     x0 = torch.randn(24, HIDDEN, generator=gen)
@@ -165,16 +165,19 @@ def _chained(rank, world_size, passes):
             h = x
             for c, p in zip(counts, probs):
                 h = h + module(h, c, p)[0]
-        h.backward(grad)
+        for i in range(backwards):  # gradients accumulate over repeated backwards
+            h.backward(grad, retain_graph=i + 1 < backwards)
         return [x.grad] + [p.grad for p in module.parameters()]
 
     a = run(reference, contextlib.nullcontext)
-    b = run(grouped, grouped.chain_scope)
+    b = run(grouped, grouped.chain_scope if scoped else contextlib.nullcontext)
     assert all(g is not None for g in b), "a weight gradient was lost"
     return max((u - v).abs().max().item() for u, v in zip(a, b)), max(u.abs().max().item() for u in a)
 
 
-@pytest.mark.parametrize("passes", [2, 3])
-def test_chained_calls_sum_weight_gradients(passes):
-    diff, scale = run_distributed(_chained, 1, passes=passes)[0]
+@pytest.mark.parametrize("passes,scoped,backwards", [(2, True, 1), (3, True, 1), (3, False, 1),
+                                                     (2, True, 2)])
+def test_chained_calls_sum_weight_gradients(passes, scoped, backwards):
+    diff, scale = run_distributed(_chained, 1, passes=passes, scoped=scoped,
+                                  backwards=backwards)[0]
     assert scale > 1e-3 and diff <= 1e-6 * scale

@@ -15,7 +15,7 @@ Two measurements, taken in one run and printed as one table:
    Routed-expert FLOPs are equal (2 passes x k = 2k experts per token). Every CoE pass also runs
    the shared expert, so by default (``--shared-expert-baseline matched``) the MoE layer's shared
    expert is C times as wide as CoE's per-pass one: equal shared-expert FLOPs. What remains
-   unequal is CoE's extra router GEMM per pass (~3% at the defaults); the script prints the
+   unequal is CoE's extra router GEMM per pass (+0.5% at the defaults); the script prints the
    FLOPs of both. ``--shared-expert-baseline same`` gives MoE the same shared expert as one CoE
    pass (the paper's models; CoE then does more FLOPs), ``--shared-expert-size 0`` none.
 

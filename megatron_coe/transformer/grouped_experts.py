@@ -1,36 +1,38 @@
-"""Routed experts of the local (CPU) spec: ``SequentialMLP`` weights, grouped-GEMM compute.
+"""Routed experts of the local (CPU) spec: ``SequentialMLP`` weights, one autograd node per linear.
 
 Megatron-Core's local spec runs its experts with ``SequentialMLP``: a Python loop over every
-local expert, each a full ``MLP`` call (two parallel linears, activation, scaling; ~50 aten and
-autograd ops). That per-expert cost does not depend on how many tokens the expert received, and
-a CoE layer pays it once per pass, so on CPU the loop -- not the arithmetic -- dominated CoE's
-overhead over MoE (see ``tools/bench_coe_layer.py --profile``).
+local expert, each a full ``MLP`` module call (two parallel linears with their autograd
+functions, activation, scaling; ~50 aten and autograd ops per expert). That per-expert cost does
+not depend on how many tokens the expert received, and a CoE layer pays it once per pass.
 
 ``GroupedSequentialMLP`` keeps everything of ``SequentialMLP`` that the rest of the system sees
 -- the ``local_experts.{i}.linear_fc1/linear_fc2`` parameters, their initialisation,
 ``sharded_state_dict`` (global expert indices, EP/expert-TP resharding), Hugging Face name
-mapping -- and replaces only ``forward``: each linear becomes one ``torch._grouped_mm`` over the
-permuted tokens (groups = tokens per expert) on a stacked copy of the local experts' weights.
-The activation and the router-probability scaling are row-wise, so they run once on all rows.
+mapping -- and replaces only ``forward``: each linear of all local experts is one autograd node
+(``_GroupedLinear``) that runs the experts' GEMMs straight into their rows of one buffer (a
+grouped GEMM as a loop of plain ``mm`` calls: no weight stacking, which at the paper's shape
+would copy 2 x 184 MB per call). The activation and the router-probability scaling are
+row-wise, so they run once on all rows.
 
 A CoE layer calls its experts once per pass. Inside ``chain_scope()`` (entered by
-``ChainOfExpertsLayer.chain``) the passes share one stacked weight copy, and their weight
-gradients are summed in place (``addmm_``) and handed to autograd once per weight -- the CPU
-counterpart of the fused weight-gradient accumulation TE/Megatron use on GPUs. Without it, each
-extra pass would cost a full weight copy forward and a full-size weight-gradient add backward,
-which at the paper's layer shape (64 experts x 2 x 704 x 1024) is most of CoE's overhead.
+``ChainOfExpertsLayer.chain``) the weight gradients wait until every pass has run backward and
+are then computed as one GEMM per expert over all passes' rows (``dW_e = [dY_e]^T [X_e]`` with
+the passes stacked along K) and handed to autograd once per weight. A weight-gradient GEMM per
+pass would have only the pass's few rows per expert and write every full-size ``dW_e`` C times
+-- memory-bound on CPU, the largest part of CoE's overhead at the paper's shape. The cost:
+each pass's ``dY`` is kept until the chain's backward ends.
 
-On CPU ``torch._grouped_mm`` computes each group with the same matmul as ``F.linear`` does, so
-for one call (C=1) outputs and gradients are bit-identical to ``SequentialMLP``
-(``tests/test_grouped_experts.py``; ``tests/test_megatron_equivalence.py`` still compares
-bit-exactly against Megatron's stock MoE layer). Exceptions, at fp32 rounding level: a clamped
-SwiGLU (torch's vectorised SiLU rounds a tensor's SIMD tail differently, and the loop cuts the
-rows into different tensors), and the in-place sum over C > 1 passes (``addmm_`` vs autograd's
-add).
+The per-expert GEMMs are the ones Megatron's linears run (``x @ W^T``, ``dY @ W``,
+``dY^T @ X``), so for one call (C=1) outputs and gradients are bit-identical to
+``SequentialMLP`` (``tests/test_grouped_experts.py``; ``tests/test_megatron_equivalence.py``
+still compares bit-exactly against Megatron's stock MoE layer). Exceptions, at fp32 rounding
+level: a clamped SwiGLU (torch's vectorised SiLU rounds a tensor's SIMD tail differently, and
+the loop cuts the rows into different tensors), and weight gradients over C > 1 passes (one
+GEMM over all passes' rows instead of autograd's sum of per-pass GEMMs).
 
-Where the grouped path does not apply, ``forward`` is ``SequentialMLP.forward`` unchanged (same
-numbers, only slower): for an empty token batch, a single local expert, tensors not on the CPU
-(GPU runs use the Transformer Engine spec and ``TEGroupedMLP``), and for configs listed by
+Where this path does not apply, ``forward`` is ``SequentialMLP.forward`` unchanged (same
+numbers, only slower): a single local expert, tensors not on the CPU (GPU runs use the
+Transformer Engine spec and ``TEGroupedMLP``), and configs listed by
 ``grouped_compute_blockers`` (FP8/FP4, expert biases, fused or TE activations, fused gradient
 accumulation). ``grouped_compute`` says which path the config selects.
 """
@@ -55,93 +57,105 @@ def grouped_compute_blockers(config) -> list[str]:
     return [name for name, on in checks.items() if on]
 
 
-class _LinearScope:
-    """What the calls of one expert linear share inside ``GroupedSequentialMLP.chain_scope()``:
-    the stacked weights (built once) and the weight gradients, summed in place."""
+class _WeightGrads:
+    """Weight gradients of one expert linear over the calls (CoE passes) of one
+    ``GroupedSequentialMLP.chain_scope()``: computed once, when the last call's backward ran."""
 
-    def __init__(self, weights):
-        self.weights = list(weights)
-        with torch.no_grad():
-            self.stacked = torch.stack([w.detach() for w in self.weights])  # [E, out, in]
-        self.pending = 0  # recorded calls whose backward has not run yet
-        self.grad_sum = None  # per-expert [out, in] weight gradients accumulated so far
+    def __init__(self):
+        self.calls = 0  # calls recorded in the autograd graph
+        self.parts = []  # (dY, X) split by expert, one entry per call whose backward ran
+
+    def register(self):
+        self.calls += 1
+
+    def add(self, dy_split, x_split):
+        """Record one call's ``(dY_e, X_e)``; returns the ``dW_e`` list after the last call."""
+        self.parts.append((dy_split, x_split))
+        if len(self.parts) < self.calls:
+            return None
+        parts, self.parts = self.parts, []  # ready for another backward (retain_graph)
+        if len(parts) == 1:
+            dy_split, x_split = parts[0]
+            return [dy_e.t().mm(x_e) for dy_e, x_e in zip(dy_split, x_split)]
+        # dW_e = sum over calls of dY_e^T X_e = one GEMM over the calls' rows stacked along K:
+        # a pass's rows per expert are few, and a GEMM per pass would write every full-size
+        # dW_e C times (memory-bound) where MoE writes it once.
+        grads = []
+        for e in range(len(parts[0][0])):
+            dy_e = torch.cat([p[0][e] for p in parts])
+            x_e = torch.cat([p[1][e] for p in parts])
+            grads.append(dy_e.t().mm(x_e))
+        return grads
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``out[rows_e] = x[rows_e] @ W_e^T`` for every local expert ``e`` in one grouped GEMM.
+    """``out[rows_e] = x[rows_e] @ W_e^T`` for all local experts ``e`` as one autograd node.
 
-    Inputs: ``x`` ``[T, in]``, the scope (stacked weights, gradient sum), the group sizes and
-    their int32 cumulative offsets, then the expert weights themselves (so autograd delivers
-    their gradients). Backward: ``grad_x`` is one grouped GEMM; each ``dW_e = dY_e^T @ X_e`` is
-    added in place to the scope's sum. Only the last call of the scope to run backward returns
-    the summed weight gradients -- one ``AccumulateGrad`` per weight and step, as with one pass,
-    instead of C full-size weight-gradient tensors added up by autograd.
+    Inputs: ``x`` ``[T, in]`` (rows grouped by expert), the ``_WeightGrads``, the group sizes,
+    then the expert weights (so autograd delivers their gradients). Forward and ``grad_x`` write
+    each expert's GEMM straight into its rows of one output buffer. The weight gradients wait
+    until every call of the scope has run backward, and the last one returns them: one
+    ``dW_e`` GEMM and one ``AccumulateGrad`` per weight and step, as with one pass.
     """
 
     @staticmethod
-    def forward(ctx, x, scope, splits, offsets, *weights):
-        ctx.scope, ctx.splits = scope, splits
-        ctx.save_for_backward(x, offsets)
-        return torch._grouped_mm(x, scope.stacked.transpose(1, 2), offs=offsets)
+    def forward(ctx, x, weight_grads, splits, *weights):
+        ctx.weight_grads, ctx.splits = weight_grads, splits
+        ctx.save_for_backward(x, *weights)
+        out = x.new_empty(x.shape[0], weights[0].shape[0])
+        for w, x_e, out_e in zip(weights, x.split(splits), out.split(splits)):
+            if x_e.shape[0]:
+                torch.mm(x_e, w.t(), out=out_e)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, offsets = ctx.saved_tensors
-        scope = ctx.scope
-        grad_out = grad_out.contiguous()
+        x, *weights = ctx.saved_tensors
+        splits = ctx.splits
+        dy = grad_out.contiguous().split(splits)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_out, scope.stacked, offs=offsets)
-        weight_grads = [None] * len(scope.weights)
-        if any(ctx.needs_input_grad[4:]):
-            pairs = zip(grad_out.split(ctx.splits), x.split(ctx.splits))
-            if scope.grad_sum is None:
-                scope.grad_sum = [dy.t().mm(xe) for dy, xe in pairs]
-            else:
-                for acc, (dy, xe) in zip(scope.grad_sum, pairs):
-                    acc.addmm_(dy.t(), xe)
-            scope.pending -= 1
-            if scope.pending == 0:
-                weight_grads, scope.grad_sum = scope.grad_sum, None
-        return (grad_x, None, None, None, *weight_grads)
+            grad_x = torch.empty_like(x)
+            for w, dy_e, dx_e in zip(weights, dy, grad_x.split(splits)):
+                if dy_e.shape[0]:
+                    torch.mm(dy_e, w, out=dx_e)
+        grad_w = None
+        if any(ctx.needs_input_grad[3:]):
+            grad_w = ctx.weight_grads.add(dy, x.split(splits))
+        return (grad_x, None, None, *(grad_w or [None] * len(weights)))
 
 
 class GroupedSequentialMLP(SequentialMLP):
-    """``SequentialMLP`` whose local experts run as two grouped GEMMs (see the module docstring)."""
+    """``SequentialMLP`` whose local experts run as two grouped linears (see the module docstring)."""
 
     def __init__(self, num_local_experts, config, submodules, pg_collection=None):
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         self.grouped_compute = not grouped_compute_blockers(self.config)
-        self._scopes = None  # {"fc1": _LinearScope, "fc2": ...} inside chain_scope()
+        self._weight_grads = None  # {"linear_fc1": _WeightGrads, ...} inside chain_scope()
 
     @contextlib.contextmanager
     def chain_scope(self):
-        """Calls inside this context (a CoE layer's C passes) share one stacked copy of the
-        weights and sum their weight gradients in place (see ``_GroupedLinear``)."""
-        self._scopes = {}
+        """Calls inside this context (a CoE layer's C passes) compute their weight gradients
+        together, once all of them ran backward (see ``_GroupedLinear``)."""
+        self._weight_grads = {}
         try:
             yield
         finally:
-            self._scopes = None
+            self._weight_grads = None
 
-    def _linear_scope(self, name: str) -> _LinearScope:
-        if self._scopes is not None and name in self._scopes:
-            return self._scopes[name]
-        scope = _LinearScope(getattr(e, name).weight for e in self.local_experts)
-        if self._scopes is not None:
-            self._scopes[name] = scope
-        return scope
-
-    def _grouped_linear(self, name, x, splits, offsets):
-        scope = self._linear_scope(name)
-        if torch.is_grad_enabled() and any(w.requires_grad for w in scope.weights):
-            scope.pending += 1
-        return _GroupedLinear.apply(x, scope, splits, offsets, *scope.weights)
+    def _grouped_linear(self, name, x, splits):
+        weights = [getattr(e, name).weight for e in self.local_experts]
+        if self._weight_grads is None:
+            weight_grads = _WeightGrads()
+        else:
+            weight_grads = self._weight_grads.setdefault(name, _WeightGrads())
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            weight_grads.register()
+        return _GroupedLinear.apply(x, weight_grads, splits, *weights)
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         x = permuted_local_hidden_states
-        if (not self.grouped_compute or x.device.type != "cpu" or self.num_local_experts == 1
-                or x.shape[0] == 0):  # torch._grouped_mm's backward rejects zero rows
+        if not self.grouped_compute or x.device.type != "cpu" or self.num_local_experts == 1:
             return super().forward(x, tokens_per_expert, permuted_probs)
 
         if self.config.moe_apply_probs_on_input:  # as SequentialMLP: scale inputs, probs -> 1
@@ -152,12 +166,10 @@ class GroupedSequentialMLP(SequentialMLP):
             permuted_probs = torch.ones_like(permuted_probs)
 
         splits = [int(n) for n in tokens_per_expert.tolist()]
-        offsets = torch.tensor(splits, dtype=torch.int64).cumsum(0).to(torch.int32)
-
-        intermediate = self._grouped_linear("linear_fc1", x, splits, offsets)
+        intermediate = self._grouped_linear("linear_fc1", x, splits)
         intermediate = self._activation(intermediate)
         intermediate = (intermediate * permuted_probs.unsqueeze(-1)).to(intermediate.dtype)
-        output = self._grouped_linear("linear_fc2", intermediate, splits, offsets)
+        output = self._grouped_linear("linear_fc2", intermediate, splits)
         return output, None
 
     def _activation(self, x):
