@@ -107,7 +107,7 @@ class ChainOfExpertsLayer(MoELayer):
     def chain(self, hidden_states, padding_mask=None):
         """All C passes: ``x_0 -> x_C``."""
         x = hidden_states
-        # Experts with per-call weight work (GroupedSequentialMLP) share it across the passes.
+        # GroupedSequentialMLP computes the passes' weight gradients together (chain_scope).
         scope = getattr(self.experts, "chain_scope", contextlib.nullcontext)
         with scope():
             for pass_index in range(self.num_passes):
