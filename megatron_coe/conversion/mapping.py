@@ -117,6 +117,54 @@ def _mlp_from_hf(spec, sd, prefix: str, where: str):
     return fc1, _take(sd, f"{prefix}.down_proj.weight", where)
 
 
+# --------------------------------------------------------------------------- the name table
+def _renamed(spec: ArchSpec, stock: bool) -> list:
+    """``(Megatron canonical name, HF name)`` of every layer tensor that maps one to one.
+
+    The only tensors not listed: standard attention's fused QKV (``_split_qkv``/``_merge_qkv``)
+    and the MLPs (``_mlps``), whose gated ``linear_fc1`` is HF's ``[gate_proj; up_proj]``.
+    """
+    pairs = []
+    for n in _norm_names(spec):
+        pairs += [(f"input_layernorm.{n}", f"input_layernorm.{n}"),
+                  (f"pre_mlp_layernorm.{n}", f"post_attention_layernorm.{n}")]
+    a = "self_attention."
+    norms = _norm_names(spec) if spec.qk_layernorm else ()
+    if spec.attention == "mha":
+        for n in norms:
+            pairs += [(f"{a}q_layernorm.{n}", f"self_attn.q_norm.{n}"),
+                      (f"{a}k_layernorm.{n}", f"self_attn.k_norm.{n}")]
+    else:
+        if spec.q_lora_rank is None:
+            pairs.append((a + "linear_q_proj.weight", "self_attn.q_proj.weight"))
+        else:
+            pairs += [(a + "linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
+                      (a + "linear_q_up_proj.weight", "self_attn.q_b_proj.weight")]
+            pairs += [(f"{a}q_layernorm.{n}", f"self_attn.q_a_layernorm.{n}") for n in norms]
+        pairs.append((a + "linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"))
+        pairs += [(f"{a}kv_layernorm.{n}", f"self_attn.kv_a_layernorm.{n}") for n in norms]
+        pairs.append((a + "linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"))
+    pairs.append((a + "linear_proj.weight", "self_attn.o_proj.weight"))
+    for t in range(spec.num_routers):
+        gate = _gate_name(spec, t, stock)
+        pairs.append((f"mlp.routers.{t}.weight", f"{gate}.weight"))
+        if spec.expert_bias:
+            pairs.append((f"mlp.routers.{t}.expert_bias", f"{gate}.e_score_correction_bias"))
+    return pairs
+
+
+def _mlps(spec: ArchSpec) -> list:
+    """``(Megatron MLP prefix, HF MLP prefix)`` of the routed and shared experts."""
+    pairs = [(f"{EXPERT_PREFIX}{e}", f"mlp.experts.{e}") for e in range(spec.num_experts)]
+    if spec.shared_expert_size:
+        pairs.append(("mlp.shared_experts", "mlp.shared_experts"))
+    return pairs
+
+
+_QKV = "self_attention.linear_qkv.weight"
+_HF_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+
+
 # --------------------------------------------------------------------------- Megatron -> HF
 def layer_to_hf(spec: ArchSpec, layer: Dict[str, Tensor], layer_idx: int, stock: bool = False,
                 strict: bool = True) -> Dict[str, Tensor]:
@@ -124,45 +172,13 @@ def layer_to_hf(spec: ArchSpec, layer: Dict[str, Tensor], layer_idx: int, stock:
     sd = dict(layer)
     where = f"Megatron layer {layer_idx}"
     out: Dict[str, Tensor] = {}
-    for name in _norm_names(spec):
-        out[f"input_layernorm.{name}"] = _take(sd, f"input_layernorm.{name}", where)
-        out[f"post_attention_layernorm.{name}"] = _take(sd, f"pre_mlp_layernorm.{name}", where)
-    a = "self_attention."
     if spec.attention == "mha":
-        q, k, v = _split_qkv(spec, _take(sd, a + "linear_qkv.weight", where))
-        out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v})
-        if spec.qk_layernorm:
-            for name in _norm_names(spec):
-                out[f"self_attn.q_norm.{name}"] = _take(sd, f"{a}q_layernorm.{name}", where)
-                out[f"self_attn.k_norm.{name}"] = _take(sd, f"{a}k_layernorm.{name}", where)
-    else:
-        if spec.q_lora_rank is None:
-            out["self_attn.q_proj.weight"] = _take(sd, a + "linear_q_proj.weight", where)
-        else:
-            out["self_attn.q_a_proj.weight"] = _take(sd, a + "linear_q_down_proj.weight", where)
-            out["self_attn.q_b_proj.weight"] = _take(sd, a + "linear_q_up_proj.weight", where)
-            if spec.qk_layernorm:
-                for name in _norm_names(spec):
-                    out[f"self_attn.q_a_layernorm.{name}"] = _take(sd, f"{a}q_layernorm.{name}", where)
-        out["self_attn.kv_a_proj_with_mqa.weight"] = _take(sd, a + "linear_kv_down_proj.weight", where)
-        if spec.qk_layernorm:
-            for name in _norm_names(spec):
-                out[f"self_attn.kv_a_layernorm.{name}"] = _take(sd, f"{a}kv_layernorm.{name}", where)
-        out["self_attn.kv_b_proj.weight"] = _take(sd, a + "linear_kv_up_proj.weight", where)
-    out["self_attn.o_proj.weight"] = _take(sd, a + "linear_proj.weight", where)
-    for t in range(spec.num_routers):
-        gate = _gate_name(spec, t, stock)
-        out[f"{gate}.weight"] = _take(sd, f"mlp.routers.{t}.weight", where)
-        if spec.expert_bias:
-            out[f"{gate}.e_score_correction_bias"] = _take(sd, f"mlp.routers.{t}.expert_bias", where)
-    for e in range(spec.num_experts):
-        p = f"{EXPERT_PREFIX}{e}."
-        out.update(_mlp_to_hf(spec, _take(sd, p + "linear_fc1.weight", where),
-                              _take(sd, p + "linear_fc2.weight", where), f"mlp.experts.{e}"))
-    if spec.shared_expert_size:
-        out.update(_mlp_to_hf(spec, _take(sd, "mlp.shared_experts.linear_fc1.weight", where),
-                              _take(sd, "mlp.shared_experts.linear_fc2.weight", where),
-                              "mlp.shared_experts"))
+        out.update(zip(_HF_QKV, _split_qkv(spec, _take(sd, _QKV, where))))
+    for mname, hname in _renamed(spec, stock):
+        out[hname] = _take(sd, mname, where)
+    for mprefix, hprefix in _mlps(spec):
+        out.update(_mlp_to_hf(spec, _take(sd, f"{mprefix}.linear_fc1.weight", where),
+                              _take(sd, f"{mprefix}.linear_fc2.weight", where), hprefix))
     if strict and sd:
         raise ConversionError(f"{where}: tensors with no Hugging Face counterpart: {sorted(sd)}")
     return {f"model.layers.{layer_idx}.{k}": v for k, v in out.items()}
@@ -191,46 +207,14 @@ def layer_from_hf(spec: ArchSpec, hf: Dict[str, Tensor], layer_idx: int, stock: 
     sd = {k[len(prefix):]: v for k, v in hf.items() if k.startswith(prefix)}
     where = f"Hugging Face layer {layer_idx}"
     out: Dict[str, Tensor] = {}
-    for name in _norm_names(spec):
-        out[f"input_layernorm.{name}"] = _take(sd, f"input_layernorm.{name}", where)
-        out[f"pre_mlp_layernorm.{name}"] = _take(sd, f"post_attention_layernorm.{name}", where)
-    a = "self_attention."
     if spec.attention == "mha":
-        out[a + "linear_qkv.weight"] = _merge_qkv(spec, _take(sd, "self_attn.q_proj.weight", where),
-                                                  _take(sd, "self_attn.k_proj.weight", where),
-                                                  _take(sd, "self_attn.v_proj.weight", where))
-        if spec.qk_layernorm:
-            for name in _norm_names(spec):
-                out[f"{a}q_layernorm.{name}"] = _take(sd, f"self_attn.q_norm.{name}", where)
-                out[f"{a}k_layernorm.{name}"] = _take(sd, f"self_attn.k_norm.{name}", where)
-    else:
-        if spec.q_lora_rank is None:
-            out[a + "linear_q_proj.weight"] = _take(sd, "self_attn.q_proj.weight", where)
-        else:
-            out[a + "linear_q_down_proj.weight"] = _take(sd, "self_attn.q_a_proj.weight", where)
-            out[a + "linear_q_up_proj.weight"] = _take(sd, "self_attn.q_b_proj.weight", where)
-            if spec.qk_layernorm:
-                for name in _norm_names(spec):
-                    out[f"{a}q_layernorm.{name}"] = _take(sd, f"self_attn.q_a_layernorm.{name}", where)
-        out[a + "linear_kv_down_proj.weight"] = _take(sd, "self_attn.kv_a_proj_with_mqa.weight", where)
-        if spec.qk_layernorm:
-            for name in _norm_names(spec):
-                out[f"{a}kv_layernorm.{name}"] = _take(sd, f"self_attn.kv_a_layernorm.{name}", where)
-        out[a + "linear_kv_up_proj.weight"] = _take(sd, "self_attn.kv_b_proj.weight", where)
-    out[a + "linear_proj.weight"] = _take(sd, "self_attn.o_proj.weight", where)
-    for t in range(spec.num_routers):
-        gate = _gate_name(spec, t, stock)
-        out[f"mlp.routers.{t}.weight"] = _take(sd, f"{gate}.weight", where)
-        if spec.expert_bias:
-            out[f"mlp.routers.{t}.expert_bias"] = _take(sd, f"{gate}.e_score_correction_bias", where)
-    for e in range(spec.num_experts):
-        fc1, fc2 = _mlp_from_hf(spec, sd, f"mlp.experts.{e}", where)
-        out[f"{EXPERT_PREFIX}{e}.linear_fc1.weight"] = fc1
-        out[f"{EXPERT_PREFIX}{e}.linear_fc2.weight"] = fc2
-    if spec.shared_expert_size:
-        fc1, fc2 = _mlp_from_hf(spec, sd, "mlp.shared_experts", where)
-        out["mlp.shared_experts.linear_fc1.weight"] = fc1
-        out["mlp.shared_experts.linear_fc2.weight"] = fc2
+        out[_QKV] = _merge_qkv(spec, *(_take(sd, name, where) for name in _HF_QKV))
+    for mname, hname in _renamed(spec, stock):
+        out[mname] = _take(sd, hname, where)
+    for mprefix, hprefix in _mlps(spec):
+        fc1, fc2 = _mlp_from_hf(spec, sd, hprefix, where)
+        out[f"{mprefix}.linear_fc1.weight"] = fc1
+        out[f"{mprefix}.linear_fc2.weight"] = fc2
     if strict and sd:
         raise ConversionError(f"{where}: unexpected tensors {sorted(sd)}")
     return out
