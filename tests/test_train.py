@@ -20,6 +20,7 @@ Real runs (torchrun, gloo, a tiny CoE-2: standard attention, 8 experts + 1 share
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -204,6 +205,45 @@ def test_preflight_reports_data_tokenizer_and_shape_errors(gsm8k, tmp_path):
 
     with pytest.raises(SetupError, match="fp8"):
         preflight(parse_args([*base, "--fp8-format", "hybrid"]), 1)
+
+
+def test_per_split_data_paths(gsm8k, tmp_path):
+    """--train-data-path / --valid-data-path: the training and validation data come from their
+    own prefixes (GSM8K train and test), used whole; conflicting data options are refused."""
+    from megatron_coe.training import data
+    from megatron_coe.training.trainer import preflight
+
+    test_prefix = gsm8k.get("test_prefix")
+    if test_prefix is None:
+        test_prefix = gsm8k["test_prefix"] = gsm8k_subset(
+            gsm8k["dir"], num_docs=40, split="test",
+            tokenizer_model=gsm8k["prefix"] + ".tokenizer.json")
+    per_split = [*TINY, "--train-data-path", gsm8k["prefix"], "--valid-data-path", test_prefix]
+    args = parse_args(per_split)
+    pre = preflight(args, 1)
+    train, valid = data.build_datasets(args, pre.tokenizer)
+    assert train.dataset.path_prefix == gsm8k["prefix"]
+    assert valid.dataset.path_prefix == test_prefix
+    assert len(valid.dataset) == 40  # every test document: no --split cut
+    assert len(train.dataset) == 400
+
+    refused = {
+        "exclude each other": [*per_split, "--data-path", gsm8k["prefix"]],
+        "needs --train-data-path": [*TINY, "--valid-data-path", test_prefix],
+        "leaves no validation data": [*TINY, "--train-data-path", gsm8k["prefix"]],
+        "is required": list(TINY),
+    }
+    for message, argv in refused.items():
+        with pytest.raises(SetupError, match=message):
+            preflight(parse_args(argv), 1)
+    # without validation, a training blend alone is enough
+    preflight(parse_args([*TINY, "--train-data-path", gsm8k["prefix"], "--eval-iters", "0"]), 1)
+
+    log = run([*per_split, "--train-iters", "4", "--eval-interval", "4", "--log-interval", "2",
+               "--tensorboard-dir", tmp_path / "tb"], 1, tmp_path / "per_split.log")
+    valid_losses = [r for (t, _), r in metrics(tmp_path / "tb/metrics.jsonl").items()
+                    if t == "valid"]
+    assert valid_losses and all(math.isfinite(r["lm_loss"]) for r in valid_losses), log[-2000:]
 
 
 def _fake_checkpoint(root: Path, iteration: int, args, vocab: int = 512, suffix: str = ""):

@@ -325,8 +325,8 @@ def _check_splits(infos: Sequence[DataPrefixInfo], split: str, num_samples) -> N
 
 
 def build_train_valid_test_datasets(
-    data_path: Union[str, Sequence[str]],
-    split: str,
+    data_path: Optional[Union[str, Sequence[str]]],
+    split: Optional[str],
     seq_length: int,
     seed: int,
     num_samples: Tuple[Optional[int], Optional[int], Optional[int]],
@@ -339,13 +339,15 @@ def build_train_valid_test_datasets(
     create_attention_mask: bool = True,
     mid_level_dataset_surplus: float = 0.005,
     validate: bool = True,
+    blend_per_split: Optional[Sequence[Optional[Union[str, Sequence[str]]]]] = None,
 ):
     """(train, valid, test) Megatron datasets; a split with weight 0 in ``split`` is None.
 
     Args:
         data_path: Megatron blend list: ``["prefix"]`` or ``["w1", "prefix1", "w2", "prefix2"]``
-            (a string is split on whitespace).
-        split: e.g. ``"90,10,0"`` (documents of each prefix, in order).
+            (a string is split on whitespace); None with ``blend_per_split``.
+        split: e.g. ``"90,10,0"`` (documents of each prefix, in order); None with
+            ``blend_per_split``.
         seq_length: tokens per sample; samples hold ``tokens`` and ``labels`` of this length
             (labels are tokens shifted by one).
         seed: seed of the document / sample shuffles.
@@ -354,6 +356,9 @@ def build_train_valid_test_datasets(
         tokenizer: a ``CoETokenizer`` (or anything with ``vocab_size``, ``eod``,
             ``unique_identifiers``; ``fingerprint()`` for the metadata check).
         data_cache_path: where the index caches go (see the module docstring for None).
+        blend_per_split: instead of ``data_path`` + ``split``, one blend list per split
+            (train, valid, test; None for a split without data), each using all documents of
+            its prefixes (Megatron's ``--train-data-path`` / ``--valid-data-path``).
 
     Every rank of a ``torch.distributed`` job must call this (it holds barriers).
     """
@@ -364,16 +369,30 @@ def build_train_valid_test_datasets(
 
     if len(num_samples) != 3:
         raise ValueError(f"num_samples must hold 3 numbers (train, valid, test), not {num_samples}")
-    prefixes, weights = parse_blend(data_path)
-    if validate:
-        infos = [validate_data_prefix(p, tokenizer) for p in prefixes]
-        _check_splits(infos, split, num_samples)
+    if (data_path is None) == (blend_per_split is None):
+        raise ValueError("give either data_path (with split) or blend_per_split")
+    if blend_per_split is not None:
+        if len(blend_per_split) != 3:
+            raise ValueError("blend_per_split must hold 3 blends (train, valid, test) or None")
+        blend, split = None, None
+        per_split = [None if b is None else parse_blend(b) for b in blend_per_split]
+        if validate:
+            for b in per_split:
+                for p in (b[0] if b else []):
+                    validate_data_prefix(p, tokenizer)
+    else:
+        prefixes, weights = parse_blend(data_path)
+        blend, per_split = (prefixes, weights), None
+        if validate:
+            infos = [validate_data_prefix(p, tokenizer) for p in prefixes]
+            _check_splits(infos, split, num_samples)
     _check_helpers()
 
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
-        blend=(prefixes, weights),
+        blend=blend,
+        blend_per_split=per_split,
         split=split,
         path_to_cache=data_cache_path,
         tokenizer=tokenizer,

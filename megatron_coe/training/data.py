@@ -51,26 +51,56 @@ def num_samples(args: TrainArgs) -> tuple[int, int, int]:
     return train, valid, 0
 
 
+def data_blends(args: TrainArgs) -> dict:
+    """Where the data comes from: ``data_path`` (one blend, cut by ``--split``) or
+    ``blend_per_split`` ([train, valid, test] blends); the data options are checked here."""
+    per_split = args.train_data_path or args.valid_data_path
+    if args.data_path and per_split:
+        raise SetupError("--data-path (one blend cut by --split) and --train-data-path / "
+                         "--valid-data-path (a blend per split) exclude each other: give one "
+                         "or the other.")
+    if per_split:
+        if not args.train_data_path:
+            raise SetupError("--valid-data-path needs --train-data-path.")
+        if args.eval_iters > 0 and not args.valid_data_path:
+            raise SetupError(f"--train-data-path without --valid-data-path leaves no validation "
+                             f"data but --eval-iters is {args.eval_iters}: add "
+                             "--valid-data-path or set --eval-iters 0.")
+        valid = args.valid_data_path if args.eval_iters > 0 else None
+        return {"data_path": None,
+                "blend_per_split": [list(args.train_data_path), valid and list(valid), None]}
+    if not args.data_path:
+        raise SetupError("--data-path (or --train-data-path and --valid-data-path) is required "
+                         "(or --mock-data for synthetic data).")
+    return {"data_path": list(args.data_path), "blend_per_split": None}
+
+
+def _prefixes(args: TrainArgs) -> list:
+    """Every data prefix of the run, the training data's first."""
+    from megatron_coe.data.datasets import parse_blend
+
+    blends = data_blends(args)
+    blends = blends["blend_per_split"] or [blends["data_path"]]
+    return [p for b in blends if b for p in parse_blend(b)[0]]
+
+
 def load_tokenizer(args: TrainArgs):
-    """``--tokenizer-model``, else ``<first data prefix>.tokenizer.json`` (preprocess_data.py)."""
+    """``--tokenizer-model``, else ``<first training data prefix>.tokenizer.json``
+    (written by preprocess_data.py)."""
     if args.mock_data:
         return MockTokenizer(args.vocab_size)
-    from megatron_coe.data.datasets import parse_blend
     from megatron_coe.data.tokenizer import load_tokenizer as load
 
-    if not args.data_path:
-        raise SetupError("--data-path is required (or --mock-data for synthetic data).")
-    prefixes, _ = parse_blend(args.data_path)
-    return load(args.tokenizer_model or prefixes[0] + ".tokenizer.json")
+    return load(args.tokenizer_model or _prefixes(args)[0] + ".tokenizer.json")
 
 
 def validate_data(args: TrainArgs, tokenizer) -> None:
     """Each data prefix exists, is complete and was tokenized with ``tokenizer`` (DataError)."""
     if args.mock_data:
         return
-    from megatron_coe.data.datasets import parse_blend, validate_data_prefix
+    from megatron_coe.data.datasets import validate_data_prefix
 
-    for prefix in parse_blend(args.data_path)[0]:
+    for prefix in _prefixes(args):
         validate_data_prefix(prefix, tokenizer)
 
 
@@ -82,9 +112,11 @@ def build_datasets(args: TrainArgs, tokenizer):
                 MockDataset(valid_n, args.seq_length, args.vocab_size, args.seed + 1))
     from megatron_coe.data.datasets import build_train_valid_test_datasets
 
+    blends = data_blends(args)
     train, valid, _ = build_train_valid_test_datasets(
-        data_path=list(args.data_path), split=args.split, seq_length=args.seq_length,
-        seed=args.seed, num_samples=(train_n, valid_n if args.eval_iters else 0, test_n),
+        **blends, split=args.split if blends["data_path"] else None,
+        seq_length=args.seq_length, seed=args.seed,
+        num_samples=(train_n, valid_n if args.eval_iters else 0, test_n),
         tokenizer=tokenizer, data_cache_path=args.data_cache_path)
     if args.eval_iters > 0 and valid is None:
         raise SetupError(f"--split {args.split} leaves no validation data but --eval-iters is "

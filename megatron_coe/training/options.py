@@ -174,6 +174,11 @@ class TrainArgs:
     data_path: list = opt(None, "Data prefixes (optionally weighted: W1 P1 W2 P2).",
                           list_of=str, group=D)
     split: str = opt("969,30,1", "Train,valid,test split weights.", group=D)
+    train_data_path: list = opt(None, "Training data prefixes (blend), used whole; with "
+                                "--valid-data-path, instead of --data-path and --split.",
+                                list_of=str, group=D)
+    valid_data_path: list = opt(None, "Validation data prefixes (blend), used whole.",
+                                list_of=str, group=D)
     tokenizer_model: Optional[str] = opt(None, "Tokenizer file or directory (default: the one "
                                          "beside the first data prefix).", type=str, group=D)
     data_cache_path: Optional[str] = opt(None, "Where dataset index caches are written.",
