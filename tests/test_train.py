@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from megatron_coe.training import checkpoint as ckpt
 from megatron_coe.training.options import OptionError, parse_args
@@ -560,3 +561,44 @@ def test_sigterm_during_startup_exits_0_without_a_checkpoint(tmp_path):
     assert "received during start-up: exiting before the first step" in text, text[-3000:]
     assert not list(save.glob("iter_*")) and ckpt.find_checkpoint(str(save)) is None
     assert reason.read_text().strip() == "signal"
+
+
+# --------------------------------------------------------------------------- parameter count
+def _count_params(rank, world_size, tp=1, pp=1, ep=1, tied=False):
+    from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.models.gpt import build_coe_gpt_model
+    from megatron_coe.parallel import destroy_parallel, initialize_parallel
+    from megatron_coe.testing.configs import tiny_config
+    from megatron_coe.training.setup import count_parameters, mark_routed_experts
+
+    destroy_parallel()
+    initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                        expert_model_parallel_size=ep)
+    config = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                         expert_model_parallel_size=ep, sequence_parallel=tp > 1,
+                         moe_shared_expert_intermediate_size=32,
+                         pipeline_dtype=torch.float32 if pp > 1 else None)
+    with cuda_device_redirect():  # tied embeddings at PP > 1: Megatron moves the copy to CUDA
+        model = build_coe_gpt_model(config, vocab_size=64, max_sequence_length=16,
+                                    share_embeddings_and_output_weights=tied)
+    mark_routed_experts(model)
+    counts = count_parameters([model])
+    if world_size == 1:  # the reference: everything on one rank
+        params = dict(model.named_parameters())
+        assert counts["local"] == sum(p.numel() for p in params.values())
+        assert counts["routed_experts"] == sum(
+            p.numel() for n, p in params.items() if ".experts." in f".{n}")
+    return counts["total"], counts["routed_experts"], counts["local"]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_is_the_same_for_every_layout(tied):
+    """The trainer's parameter count covers the whole model whatever TP/PP/EP shard it."""
+    from megatron_coe.testing.distributed import run_distributed
+
+    (reference,) = run_distributed(_count_params, 1, tied=tied)
+    for layout in (dict(ep=2), dict(tp=2), dict(pp=2)):
+        results = run_distributed(_count_params, 2, tied=tied, **layout)
+        for total, experts, local in results:
+            assert (total, experts) == reference[:2], layout
+            assert local < reference[2], layout  # each rank holds a shard only

@@ -15,10 +15,9 @@ Written to ``$COE_MEASURE_DIR/rank_<RANK>.json`` when the trainer returns:
   data indices and communication buffers of this run added on this rank;
 * on a GPU, ``cuda_max_allocated_bytes`` / ``cuda_max_reserved_bytes``: torch's caching-allocator
   peaks for the whole run;
-* parameter counts from the built model (``setup.build_model`` is wrapped to count them):
-  ``params_local`` on this rank, ``routed_expert_params_local`` (``*.experts.*``), and
-  ``params_total`` for the whole model (non-expert params + local routed-expert params x EP
-  size; valid for TP = PP = 1, ``None`` otherwise).
+* parameter counts from the built model (``setup.build_model`` is wrapped to count them with
+  ``setup.count_parameters``): ``params_local`` on this rank, and ``params_total`` /
+  ``routed_expert_params_total`` for the whole model (every parameter once over all ranks).
 """
 
 from __future__ import annotations
@@ -57,14 +56,10 @@ def main(argv: list) -> int:
 
     def build_model(args, config, vocab_size):
         model = original(args, config, vocab_size)
-        gpt = setup.unwrap(model[0])
-        local = sum(p.numel() for p in gpt.parameters())
-        experts = sum(p.numel() for n, p in gpt.named_parameters() if ".experts." in f".{n}")
-        ep = args.expert_model_parallel_size
-        simple = args.tensor_model_parallel_size == 1 and args.pipeline_model_parallel_size == 1
-        record.update(params_local=local, routed_expert_params_local=experts, ep_size=ep,
-                      params_total=(local - experts + experts * ep) if simple else None,
-                      routed_expert_params_total=experts * ep if simple else None)
+        counts = setup.count_parameters(model)
+        record.update(params_local=counts["local"], ep_size=args.expert_model_parallel_size,
+                      params_total=counts["total"],
+                      routed_expert_params_total=counts["routed_experts"])
         return model
 
     setup.build_model = build_model

@@ -229,6 +229,41 @@ def mark_routed_experts(model) -> None:
             param.allreduce = False
 
 
+def count_parameters(model: list) -> dict:
+    """Parameters of the whole model, each counted once over all ranks: ``{"total", "routed_experts",
+    "local"}``. Collective (every rank calls it).
+
+    A rank counts a parameter unless it is a replica held by another rank too: not
+    tensor-parallel and not on (expert-)tensor-parallel rank 0, or the tied output-layer copy of
+    the last pipeline stage (``shared``). Dense sums go over the tensor x pipeline group; routed
+    experts (``allreduce=False``, see ``mark_routed_experts``) over expert-TP x EP x pipeline.
+    Data-parallel replicas are in neither group.
+    """
+    from megatron.core import parallel_state as ps
+
+    dense = experts = local = 0
+    for chunk in model:
+        for p in unwrap(chunk).parameters():
+            local += p.numel()
+            if getattr(p, "shared", False):
+                continue
+            is_expert = not getattr(p, "allreduce", True)
+            tp_rank = (ps.get_expert_tensor_parallel_rank() if is_expert
+                       else ps.get_tensor_model_parallel_rank())
+            if tp_rank and not getattr(p, "tensor_model_parallel", False):
+                continue
+            if is_expert:
+                experts += p.numel()
+            else:
+                dense += p.numel()
+    device = torch.cuda.current_device() if use_cuda() else "cpu"
+    sums = torch.tensor([dense, experts], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(sums[:1], group=ps.get_model_parallel_group())
+    torch.distributed.all_reduce(sums[1:], group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    dense, experts = (int(v) for v in sums.tolist())
+    return {"total": dense + experts, "routed_experts": experts, "local": local}
+
+
 def unwrap(model_chunk):
     """The ``GPTModel`` inside DDP / Float16Module wrappers."""
     while hasattr(model_chunk, "module"):

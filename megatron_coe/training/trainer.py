@@ -150,11 +150,12 @@ class Trainer:
         flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
         self.metrics = metrics.MetricsWriter(args, flops, world)
         self.lr = args.lr  # LR of the current step (for the metrics)
-        n_params = sum(p.numel() for p in setup.unwrap(self.model[0]).parameters())
+        params = setup.count_parameters(self.model)
         self._log(f"model: {type(config).__name__} C={config.coe_iterations} "
                   f"layers={config.num_layers} hidden={config.hidden_size} "
                   f"experts={config.num_moe_experts} top-k={config.moe_router_topk} | "
-                  f"params on rank 0: {n_params:,} | layout {vars(self.layout)} | "
+                  f"params {params['total']:,} (routed experts {params['routed_experts']:,}; "
+                  f"rank 0 holds {params['local']:,}) | layout {vars(self.layout)} | "
                   f"model TFLOPs/step {flops / 1e12:.4g}")
 
     # ------------------------------------------------------------------ helpers
