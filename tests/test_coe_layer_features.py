@@ -97,3 +97,34 @@ def test_expert_bias_counts_and_group_limited_routing_per_pass():
         torch.testing.assert_close(counts, pass_loads[pass_index], rtol=0, atol=0)
     # group-limited top-1 group out of 2: each token's experts lie in one half
     assert not torch.equal(router_counts[0], router_counts[1])
+
+
+def _token_dropping(rank, world_size, pad):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    common = dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs",
+                  moe_pad_expert_input_to_capacity=pad)
+    model = _build(**common)
+    loss, grads = _forward_backward(model)
+    loads = [layer.mlp.tokens_per_expert_per_pass.clone() for layer in model.decoder.layers]
+    # The same model with Megatron's SequentialMLP experts (GroupedSequentialMLP's parent).
+    reference = _build(**common)
+    reference.load_state_dict(model.state_dict())
+    for layer in reference.decoder.layers:
+        layer.mlp.experts.__class__ = SequentialMLP
+    ref_loss, ref_grads = _forward_backward(reference)
+    return (loss, ref_loss, max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
+            loads)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pad", [False, True])
+def test_token_dropping_per_pass(pad):
+    """Capacity-based token dropping (and padding to capacity) applies in every pass."""
+    ((loss, ref_loss, grad_diff, loads),) = run_distributed(_token_dropping, 1, pad=pad)
+    assert torch.isfinite(loss)
+    capacity = 0.5 * BATCH * SEQ * 2 / 8  # factor x tokens x topk / experts, per pass
+    for layer_loads in loads:  # per pass, tokens each expert kept after dropping
+        assert layer_loads.shape == (2, 8) and (layer_loads <= capacity).all()
+        assert (layer_loads.sum(dim=1) < BATCH * SEQ * 2).all()  # both passes dropped tokens
+    assert loss == ref_loss and grad_diff <= 1e-6
