@@ -62,8 +62,8 @@ def test_moe_recompute_gives_identical_loss_grads_and_loads():
 
 def _aux_tracker(rank, world_size):
     clear_aux_losses_tracker()
-    model = _build(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2,
-                   moe_z_loss_coeff=1e-3)
+    model = _build(moe_router_load_balancing_type=["seq_aux_loss", "global_aux_loss"],
+                   moe_aux_loss_coeff=[1e-2, 1e-2], moe_z_loss_coeff=1e-3)
     _forward_backward(model)
     return {name: entry["values"].clone() for name, entry in get_moe_layer_wise_logging_tracker().items()}
 
@@ -72,6 +72,7 @@ def _aux_tracker(rank, world_size):
 def test_aux_and_z_losses_recorded_per_layer_and_pass():
     (tracker,) = run_distributed(_aux_tracker, 1)
     expected = {"seq_load_balancing_loss_pass1", "seq_load_balancing_loss_pass2",
+                "global_load_balancing_loss_pass1", "global_load_balancing_loss_pass2",
                 "z_loss_pass1", "z_loss_pass2"}
     assert expected <= set(tracker)
     for name in expected:
