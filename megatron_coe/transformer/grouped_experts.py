@@ -74,16 +74,16 @@ class _WeightGrads:
         if len(self.parts) < self.calls:
             return None
         parts, self.parts = self.parts, []  # ready for another backward (retain_graph)
-        if len(parts) == 1:
-            dy_split, x_split = parts[0]
-            return [dy_e.t().mm(x_e) for dy_e, x_e in zip(dy_split, x_split)]
         # dW_e = sum over calls of dY_e^T X_e = one GEMM over the calls' rows stacked along K:
         # a pass's rows per expert are few, and a GEMM per pass would write every full-size
         # dW_e C times (memory-bound) where MoE writes it once.
         grads = []
         for e in range(len(parts[0][0])):
-            dy_e = torch.cat([p[0][e] for p in parts])
-            x_e = torch.cat([p[1][e] for p in parts])
+            dy_e, x_e = ([p[i][e] for p in parts] for i in (0, 1))
+            if len(parts) > 1:
+                dy_e, x_e = torch.cat(dy_e), torch.cat(x_e)
+            else:  # one call: its own rows, no copy
+                dy_e, x_e = dy_e[0], x_e[0]
             grads.append(dy_e.t().mm(x_e))
         return grads
 
