@@ -208,17 +208,20 @@ def test_preflight_reports_data_tokenizer_and_shape_errors(gsm8k, tmp_path):
         preflight(parse_args([*base, "--fp8-format", "hybrid"]), 1)
 
 
-def test_per_split_data_paths(gsm8k, tmp_path):
+@pytest.fixture(scope="module")
+def gsm8k_test(gsm8k) -> str:
+    """40 GSM8K test problems, tokenized with the training data's tokenizer."""
+    return gsm8k_subset(gsm8k["dir"], num_docs=40, split="test",
+                        tokenizer_model=gsm8k["prefix"] + ".tokenizer.json")
+
+
+def test_per_split_data_paths(gsm8k, gsm8k_test, tmp_path):
     """--train-data-path / --valid-data-path: the training and validation data come from their
     own prefixes (GSM8K train and test), used whole; conflicting data options are refused."""
     from megatron_coe.training import data
     from megatron_coe.training.trainer import preflight
 
-    test_prefix = gsm8k.get("test_prefix")
-    if test_prefix is None:
-        test_prefix = gsm8k["test_prefix"] = gsm8k_subset(
-            gsm8k["dir"], num_docs=40, split="test",
-            tokenizer_model=gsm8k["prefix"] + ".tokenizer.json")
+    test_prefix = gsm8k_test
     per_split = [*TINY, "--train-data-path", gsm8k["prefix"], "--valid-data-path", test_prefix]
     args = parse_args(per_split)
     pre = preflight(args, 1)

@@ -297,6 +297,12 @@ def parse_blend(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Option
     return prefixes, weights
 
 
+def blend_prefixes(data_path=None, blend_per_split=None) -> List[str]:
+    """Every prefix of ``data_path`` or of the ``blend_per_split`` blends, training data first."""
+    blends = [data_path] if blend_per_split is None else blend_per_split
+    return [p for b in blends if b for p in parse_blend(b)[0]]
+
+
 def _check_splits(infos: Sequence[DataPrefixInfo], split: str, num_samples) -> None:
     """Every split with a non-zero share must own documents of every prefix.
 
@@ -374,17 +380,14 @@ def build_train_valid_test_datasets(
     if blend_per_split is not None:
         if len(blend_per_split) != 3:
             raise ValueError("blend_per_split must hold 3 blends (train, valid, test) or None")
-        blend, split = None, None
+        blend, split = None, None  # each split's blend is used whole
         per_split = [None if b is None else parse_blend(b) for b in blend_per_split]
-        if validate:
-            for b in per_split:
-                for p in (b[0] if b else []):
-                    validate_data_prefix(p, tokenizer)
     else:
-        prefixes, weights = parse_blend(data_path)
-        blend, per_split = (prefixes, weights), None
-        if validate:
-            infos = [validate_data_prefix(p, tokenizer) for p in prefixes]
+        blend, per_split = parse_blend(data_path), None
+    if validate:
+        infos = [validate_data_prefix(p, tokenizer)
+                 for p in blend_prefixes(data_path, blend_per_split)]
+        if blend is not None:
             _check_splits(infos, split, num_samples)
     _check_helpers()
 

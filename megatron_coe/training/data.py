@@ -52,8 +52,9 @@ def num_samples(args: TrainArgs) -> tuple[int, int, int]:
 
 
 def data_blends(args: TrainArgs) -> dict:
-    """Where the data comes from: ``data_path`` (one blend, cut by ``--split``) or
-    ``blend_per_split`` ([train, valid, test] blends); the data options are checked here."""
+    """Where the data comes from, as ``build_train_valid_test_datasets`` takes it: ``data_path``
+    (one blend) cut by ``split``, or ``blend_per_split`` ([train, valid, test] blends, each used
+    whole); the data options are checked here."""
     per_split = args.train_data_path or args.valid_data_path
     if args.data_path and per_split:
         raise SetupError("--data-path (one blend cut by --split) and --train-data-path / "
@@ -67,21 +68,20 @@ def data_blends(args: TrainArgs) -> dict:
                              f"data but --eval-iters is {args.eval_iters}: add "
                              "--valid-data-path or set --eval-iters 0.")
         valid = args.valid_data_path if args.eval_iters > 0 else None
-        return {"data_path": None,
+        return {"data_path": None, "split": None,
                 "blend_per_split": [list(args.train_data_path), valid and list(valid), None]}
     if not args.data_path:
         raise SetupError("--data-path (or --train-data-path and --valid-data-path) is required "
                          "(or --mock-data for synthetic data).")
-    return {"data_path": list(args.data_path), "blend_per_split": None}
+    return {"data_path": list(args.data_path), "split": args.split, "blend_per_split": None}
 
 
 def _prefixes(args: TrainArgs) -> list:
     """Every data prefix of the run, the training data's first."""
-    from megatron_coe.data.datasets import parse_blend
+    from megatron_coe.data.datasets import blend_prefixes
 
     blends = data_blends(args)
-    blends = blends["blend_per_split"] or [blends["data_path"]]
-    return [p for b in blends if b for p in parse_blend(b)[0]]
+    return blend_prefixes(blends["data_path"], blends["blend_per_split"])
 
 
 def load_tokenizer(args: TrainArgs):
@@ -112,10 +112,8 @@ def build_datasets(args: TrainArgs, tokenizer):
                 MockDataset(valid_n, args.seq_length, args.vocab_size, args.seed + 1))
     from megatron_coe.data.datasets import build_train_valid_test_datasets
 
-    blends = data_blends(args)
     train, valid, _ = build_train_valid_test_datasets(
-        **blends, split=args.split if blends["data_path"] else None,
-        seq_length=args.seq_length, seed=args.seed,
+        **data_blends(args), seq_length=args.seq_length, seed=args.seed,
         num_samples=(train_n, valid_n if args.eval_iters else 0, test_n),
         tokenizer=tokenizer, data_cache_path=args.data_cache_path)
     if args.eval_iters > 0 and valid is None:
