@@ -420,8 +420,8 @@ def test_time_limit_deadline_from_flag_and_job_end_time():
     assert timelimit.deadline(parse_args([]), 1000.0, {"COE_JOB_END_TIME": ""}) is None
     with pytest.raises(SetupError, match="COE_JOB_END_TIME='soon' is not a time"):
         timelimit.check(parse_args([]), {"COE_JOB_END_TIME": "soon"})
-    with pytest.raises(SetupError, match="--exit-duration-in-mins must be > 0"):
-        timelimit.check(parse_args(["--exit-duration-in-mins", "0"]), {})
+    with pytest.raises(OptionError, match=r"\(--exit-duration-in-mins\): 0.0 is out of range"):
+        parse_args(["--exit-duration-in-mins", "0"])  # the option table's range, at parse time
 
     guard = timelimit.TimeGuard(deadline=100.0)
     for t in (3.0, 1.0, 1.0):  # the estimate is the slowest recent step

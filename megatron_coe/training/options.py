@@ -11,8 +11,13 @@ name); ``setup.build_model_config`` passes these through, and the config validat
 ``shape=True`` marks the options that change parameter shapes or state-dict keys: a ``--load``
 checkpoint must agree on all of them (``checkpoint.check_compatible``).
 
-This module only parses and type-checks; cross-option rules live with their owners (model config
-``__post_init__``; parallel layout and batch arithmetic in ``setup.check_layout``).
+``valid=`` is the option's range (``'>= 1'``, ``'> 0'``, ``'[0, 1)'``; None, the unset value of an
+optional option, is always allowed, and a float must be finite). ``parse_args`` checks every value
+against it, and the few rules between options that need nothing but the options (``--min-lr <=
+--lr``, the ``--split`` string, LR warmup shorter than the decay), once, before anything else runs:
+an ``OptionError`` naming the flag, the value and the valid range. Rules that need the world size,
+the data or the machine live with their owners (model config ``__post_init__``; parallel layout,
+batch arithmetic and memory in ``setup.check_layout``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -30,15 +37,43 @@ class OptionError(ValueError):
     """A bad option value or config file; the message names the option."""
 
 
+class Range:
+    """A closed/open numeric interval parsed from ``'>= 1'``, ``'> 0'``, ``'[0, 1)'``, ``'(0, 1]'``."""
+
+    _BOUND = re.compile(r"^(>=|>)\s*(\S+)$")
+    _INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+    def __init__(self, text: str):
+        self.text = text
+        if m := self._BOUND.match(text):
+            self.lo, self.lo_open, self.hi, self.hi_open = float(m[2]), m[1] == ">", math.inf, True
+        elif m := self._INTERVAL.match(text):
+            self.lo, self.hi = float(m[2]), float(m[3])
+            self.lo_open, self.hi_open = m[1] == "(", m[4] == ")"
+        else:
+            raise ValueError(f"bad range {text!r}")
+
+    def __contains__(self, value) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return math.isfinite(value) and above and below
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def opt(default, help, *, type=None, choices=None, model=None, shape=False, list_of=None,
-        group="training"):
-    """Declare one option. ``type`` defaults to the default's type; ``list_of`` for list options."""
+        group="training", valid=None):
+    """Declare one option. ``type`` defaults to the default's type; ``list_of`` for list options;
+    ``valid`` the numeric range (see the module docstring)."""
     if type is None and list_of is None:
         if default is None:
             raise TypeError(f"option with default None needs type= ({help!r})")
         type = default.__class__
+    if type in (int, float) and valid is None:
+        raise TypeError(f"numeric option needs valid= ({help!r})")
     meta = dict(help=help, type=type, choices=choices, model=model, shape=shape, list_of=list_of,
-                group=group)
+                group=group, valid=None if valid is None else Range(valid))
     if list_of is not None:
         return field(default_factory=lambda: list(default or []), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,23 +85,28 @@ M, P, T, D, C, L = "model", "parallelism", "training", "data", "checkpointing", 
 @dataclass
 class TrainArgs:
     # ------------------------------------------------------------------ model
-    num_layers: int = opt(2, "Number of transformer layers.", model=True, shape=True, group=M)
-    hidden_size: int = opt(64, "Transformer hidden size.", model=True, shape=True, group=M)
-    num_attention_heads: int = opt(4, "Number of attention heads.", model=True, shape=True, group=M)
+    num_layers: int = opt(2, "Number of transformer layers.", model=True, shape=True, group=M,
+                          valid='>= 1')
+    hidden_size: int = opt(64, "Transformer hidden size.", model=True, shape=True, group=M,
+                           valid='>= 1')
+    num_attention_heads: int = opt(4, "Number of attention heads.", model=True, shape=True, group=M,
+                                   valid='>= 1')
     ffn_hidden_size: Optional[int] = opt(None, "Dense FFN size (default 4 x hidden); the routed "
                                          "experts' size when --moe-ffn-hidden-size is unset.",
-                                         type=int, model=True, shape=True, group=M)
+                                         type=int, model=True, shape=True, group=M, valid='>= 1')
     kv_channels: Optional[int] = opt(None, "Attention head dim (default hidden/heads; MLA: "
-                                     "v_head_dim).", type=int, model=True, shape=True, group=M)
+                                     "v_head_dim).", type=int, model=True, shape=True, group=M,
+                                     valid='>= 1')
     num_experts: int = opt(8, "Routed experts per layer.", model="num_moe_experts", shape=True,
-                           group=M)
-    moe_router_topk: int = opt(2, "Experts per token in each CoE pass.", model=True, group=M)
+                           group=M, valid='>= 1')
+    moe_router_topk: int = opt(2, "Experts per token in each CoE pass.", model=True, group=M,
+                               valid='>= 1')
     moe_ffn_hidden_size: Optional[int] = opt(None, "Routed expert FFN size (default "
                                              "ffn_hidden_size).", type=int, model=True,
-                                             shape=True, group=M)
+                                             shape=True, group=M, valid='>= 1')
     moe_shared_expert_intermediate_size: Optional[int] = opt(
         None, "Total FFN size of the shared expert(s); unset = no shared expert.", type=int,
-        model=True, shape=True, group=M)
+        model=True, shape=True, group=M, valid='>= 1')
     moe_router_score_function: str = opt("softmax", "Router score function.",
                                          choices=["softmax", "sigmoid"], model=True, group=M)
     moe_router_pre_softmax: bool = opt(False, "Softmax over all experts before top-k (no "
@@ -76,9 +116,10 @@ class TrainArgs:
         "aux_loss", "Load-balancing loss.",
         choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], model=True,
         group=M)
-    moe_aux_loss_coeff: float = opt(0.0, "Load-balancing loss coefficient.", model=True, group=M)
+    moe_aux_loss_coeff: float = opt(0.0, "Load-balancing loss coefficient.", model=True, group=M,
+                                    valid='>= 0')
     moe_z_loss_coeff: Optional[float] = opt(None, "Router z-loss coefficient.", type=float,
-                                            model=True, group=M)
+                                            model=True, group=M, valid='>= 0')
     moe_token_dispatcher_type: str = opt("alltoall", "Token dispatcher.",
                                          choices=["allgather", "alltoall", "flex"], model=True,
                                          group=M)
@@ -86,41 +127,49 @@ class TrainArgs:
                                               "per step in finalize_model_grads).", model=True,
                                               shape=True, group=M)
     moe_router_bias_update_rate: float = opt(1e-3, "Expert-bias update rate.", model=True,
-                                             group=M)
+                                             group=M, valid='>= 0')
     moe_grouped_gemm: bool = opt(False, "Grouped-GEMM experts (GPU, Transformer Engine).",
                                  model=True, group=M)
     multi_latent_attention: bool = opt(False, "DeepSeek-V2 multi-latent attention (MLA).",
                                        shape=True, group=M)
     q_lora_rank: Optional[int] = opt(None, "MLA query low-rank dim (unset: no q compression).",
-                                     type=int, shape=True, group=M)
-    kv_lora_rank: int = opt(512, "MLA key/value low-rank dim.", shape=True, group=M)
-    qk_head_dim: int = opt(128, "MLA query/key head dim (without RoPE part).", shape=True, group=M)
-    qk_pos_emb_head_dim: int = opt(64, "MLA RoPE head dim of query/key.", shape=True, group=M)
-    v_head_dim: int = opt(128, "MLA value head dim.", shape=True, group=M)
+                                     type=int, shape=True, group=M, valid='>= 1')
+    kv_lora_rank: int = opt(512, "MLA key/value low-rank dim.", shape=True, group=M, valid='>= 1')
+    qk_head_dim: int = opt(128, "MLA query/key head dim (without RoPE part).", shape=True, group=M,
+                           valid='>= 1')
+    qk_pos_emb_head_dim: int = opt(64, "MLA RoPE head dim of query/key.", shape=True, group=M,
+                                   valid='>= 1')
+    v_head_dim: int = opt(128, "MLA value head dim.", shape=True, group=M, valid='>= 1')
     normalization: str = opt("RMSNorm", "Norm layer.", choices=["LayerNorm", "RMSNorm"],
                              model=True, shape=True, group=M)
     qk_layernorm: bool = opt(False, "Norm on queries and keys.", model=True, shape=True, group=M)
     swiglu: bool = opt(False, "SwiGLU expert/FFN activation (gated SiLU).", shape=True, group=M)
-    init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M)
-    hidden_dropout: float = opt(0.0, "Dropout on hidden states.", model=True, group=M)
-    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.", model=True, group=M)
-    seq_length: int = opt(128, "Sequence length (tokens per sample).", group=M)
+    init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M,
+                                 valid='> 0')
+    hidden_dropout: float = opt(0.0, "Dropout on hidden states.", model=True, group=M,
+                                valid='[0, 1)')
+    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.", model=True, group=M,
+                                   valid='[0, 1)')
+    seq_length: int = opt(128, "Sequence length (tokens per sample).", group=M, valid='>= 1')
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this.",
-                                            group=M)
+                                            group=M, valid='>= 1')
     coe_iterations: int = opt(2, "C: chained routing passes per CoE layer (1 = plain MoE).",
-                              model=True, shape=True, group=M)
+                              model=True, shape=True, group=M, valid='>= 1')
     coe_inner_residual: bool = opt(True, "Residual around each CoE pass.", model=True, group=M)
     coe_outer_residual: bool = opt(False, "Residual around the whole CoE layer.", model=True,
                                    group=M)
     coe_shared_router: bool = opt(False, "One router shared by all passes (ablation).",
                                   model=True, shape=True, group=M)
     # ------------------------------------------------------------------ parallelism
-    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", model=True, group=P)
-    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", model=True, group=P)
-    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", model=True, group=P)
+    tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", model=True, group=P,
+                                          valid='>= 1')
+    pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", model=True, group=P,
+                                            valid='>= 1')
+    expert_model_parallel_size: int = opt(1, "Expert-parallel size.", model=True, group=P,
+                                          valid='>= 1')
     expert_tensor_parallel_size: Optional[int] = opt(None, "Expert tensor-parallel size "
                                                      "(default: tensor-parallel size).", type=int,
-                                                     model=True, group=P)
+                                                     model=True, group=P, valid='>= 1')
     sequence_parallel: bool = opt(False, "Sequence parallelism (required by MoE with TP > 1).",
                                   model=True, group=P)
     distributed_backend: Optional[str] = opt(None, "torch.distributed backend (default: nccl "
@@ -139,37 +188,47 @@ class TrainArgs:
     fp8_recipe: str = opt("delayed", "FP8 scaling recipe (Megatron-Core fp8_recipe): delayed, "
                           "tensorwise (current scaling), blockwise (Hopper), mxfp8 (Blackwell).",
                           choices=["delayed", "tensorwise", "mxfp8", "blockwise"], group=P)
+    distributed_timeout_minutes: float = opt(
+        10.0, "Timeout of every collective, on the default process group and every TP/PP/EP/DP "
+        "group (Megatron-LM's flag); a rank that waits longer for a hung peer stops with an "
+        "error. Fractions of a minute are accepted (tests use 0.1).", group=P, valid="> 0")
     recompute_modules: list = opt(None, "Selective activation recompute of these modules "
                                   "(e.g. core_attn moe layernorm mla_up_proj shared_experts).",
                                   list_of=str, group=P)
     # ------------------------------------------------------------------ training
-    micro_batch_size: int = opt(2, "Samples per micro-batch per data-parallel rank.")
-    global_batch_size: int = opt(8, "Samples per optimizer step (all ranks, all micro-batches).")
-    train_iters: int = opt(100, "Optimizer steps to train for.")
-    lr: float = opt(3e-4, "Peak learning rate.")
-    min_lr: float = opt(0.0, "Final learning rate of the decay.")
+    micro_batch_size: int = opt(2, "Samples per micro-batch per data-parallel rank.", valid='>= 1')
+    global_batch_size: int = opt(8, "Samples per optimizer step (all ranks, all micro-batches).",
+                                 valid='>= 1')
+    train_iters: int = opt(100, "Optimizer steps to train for.", valid='>= 1')
+    lr: float = opt(3e-4, "Peak learning rate.", valid='> 0')
+    min_lr: float = opt(0.0, "Final learning rate of the decay.", valid='>= 0')
     lr_decay_style: str = opt("cosine", "LR decay after warmup.",
                               choices=["cosine", "constant", "linear"])
-    lr_warmup_iters: int = opt(0, "Linear warmup steps (from 0).")
+    lr_warmup_iters: int = opt(0, "Linear warmup steps (from 0).", valid='>= 0')
     lr_warmup_fraction: Optional[float] = opt(None, "Warmup as a fraction of the decay steps "
-                                              "(overrides --lr-warmup-iters).", type=float)
-    lr_decay_iters: Optional[int] = opt(None, "Decay steps (default: --train-iters).", type=int)
-    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms).")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.999, "AdamW beta2.")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0: off).")
-    seed: int = opt(1234, "Random seed (init, data order).")
+                                              "(overrides --lr-warmup-iters).", type=float,
+                                              valid='[0, 1)')
+    lr_decay_iters: Optional[int] = opt(None, "Decay steps (default: --train-iters).", type=int,
+                                        valid='>= 1')
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms).", valid='>= 0')
+    adam_beta1: float = opt(0.9, "AdamW beta1.", valid='[0, 1)')
+    adam_beta2: float = opt(0.999, "AdamW beta2.", valid='[0, 1)')
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", valid='> 0')
+    clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0: off).", valid='>= 0')
+    seed: int = opt(1234, "Random seed (init, data order).", valid='>= 0')
+    check_for_nan_in_loss_and_grad: bool = opt(
+        True, "Stop (exit 3) at the first step whose lm loss, aux loss or gradient norm is NaN or "
+        "Inf, without saving; a checkpoint is saved only when every parameter is finite.")
     exit_interval: Optional[int] = opt(None, "Save (if --save) and exit after an iteration "
-                                       "divisible by this.", type=int)
+                                       "divisible by this.", type=int, valid='>= 1')
     exit_signal_handler: bool = opt(True, "On SIGTERM/SIGUSR1: save at the next step boundary "
                                     "and exit 0.")
     exit_duration_in_mins: Optional[float] = opt(
         None, "Save and exit 0 at the last step boundary before this many minutes of wall time "
-        "since the trainer started.", type=float)
+        "since the trainer started.", type=float, valid='> 0')
     exit_time_margin_mins: float = opt(
         5.0, "With $COE_JOB_END_TIME (epoch seconds, set by slurm/pretrain.sbatch): save and "
-        "exit 0 at the last step boundary this many minutes before it.")
+        "exit 0 at the last step boundary this many minutes before it.", valid='>= 0')
     # ------------------------------------------------------------------ data
     data_path: list = opt(None, "Data prefixes (optionally weighted: W1 P1 W2 P2).",
                           list_of=str, group=D)
@@ -185,23 +244,26 @@ class TrainArgs:
                                          type=str, group=D)
     mock_data: bool = opt(False, "Synthetic learnable sequences instead of --data-path.",
                           group=D)
-    vocab_size: int = opt(256, "Vocabulary of --mock-data.", group=D)
-    num_workers: int = opt(0, "DataLoader worker processes.", group=D)
+    vocab_size: int = opt(256, "Vocabulary of --mock-data.", group=D, valid='>= 1')
+    num_workers: int = opt(0, "DataLoader worker processes.", group=D, valid='>= 0')
     # ------------------------------------------------------------------ evaluation / logging
-    eval_interval: int = opt(1000, "Validate every this many steps (and at the end).", group=L)
-    eval_iters: int = opt(10, "Global batches per validation (the same ones each time).", group=L)
+    eval_interval: int = opt(1000, "Validate every this many steps (and at the end).", group=L,
+                             valid='>= 1')
+    eval_iters: int = opt(10, "Global batches per validation (the same ones each time).", group=L,
+                          valid='>= 0')
     skip_train: bool = opt(False, "Only evaluate (after --load) and exit.", group=L)
-    log_interval: int = opt(10, "Print a progress line every this many steps.", group=L)
+    log_interval: int = opt(10, "Print a progress line every this many steps.", group=L,
+                            valid='>= 1')
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.", type=str, group=L)
     metrics_file: Optional[str] = opt(None, "Per-step JSONL metrics (default: "
                                       "<tensorboard-dir or save>/metrics.jsonl).", type=str,
                                       group=L)
     peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s per device for MFU (default: known "
-                                       "GPUs only).", type=float, group=L)
+                                       "GPUs only).", type=float, group=L, valid='> 0')
     # ------------------------------------------------------------------ checkpointing
     save: Optional[str] = opt(None, "Checkpoint directory to save to.", type=str, group=C)
     save_interval: Optional[int] = opt(None, "Save every this many steps (and at the end).",
-                                       type=int, group=C)
+                                       type=int, group=C, valid='>= 1')
     load: Optional[str] = opt(None, "Checkpoint directory to resume from (latest published "
                               "iteration; none found = start fresh).", type=str, group=C)
     no_load_optim: bool = opt(False, "Load only model weights (new optimizer and schedule, "
@@ -308,10 +370,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_split(split: str) -> list:
+    """``--split`` as 3 weights (Megatron's syntax: ``969,30,1`` or ``969/30/1``, missing ones 0);
+    ``OptionError`` unless 1-3 finite numbers >= 0 with a positive sum."""
+    parts = [p.strip() for p in re.split(r"[,/]", split)]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or sum(weights) <= 0:
+        raise OptionError(f"option split (--split): {split!r} is not a split; valid: 1-3 weights "
+                          ">= 0 for train,valid,test with a positive sum, e.g. 969,30,1")
+    return weights + [0.0] * (3 - len(weights))
+
+
+def check_ranges(args: TrainArgs) -> None:
+    """Every option against its ``valid=`` range; ``OptionError`` for the first one outside."""
+    for f in fields(TrainArgs):
+        valid, value = f.metadata["valid"], getattr(args, f.name)
+        if valid is None or value is None:
+            continue
+        if value not in valid:
+            raise OptionError(f"option {f.name} ({flag_name(f.name)}): {value!r} is out of "
+                              f"range; valid: {valid}")
+
+
+def validate(args: TrainArgs) -> TrainArgs:
+    """Ranges, then the rules between options that need only the options (see the docstring)."""
+    check_ranges(args)
+    if args.min_lr > args.lr:
+        raise OptionError(f"option min_lr (--min-lr): {args.min_lr!r} is above --lr {args.lr!r}; "
+                          f"valid: 0 <= --min-lr <= --lr")
+    train_w, valid_w, _ = parse_split(args.split)
+    uses_split = bool(args.data_path) and not (args.train_data_path or args.valid_data_path)
+    if uses_split and train_w == 0 and not args.skip_train:
+        raise OptionError(f"option split (--split): {args.split!r} gives the training split "
+                          "weight 0, so there is nothing to train on; valid: a positive first "
+                          "weight, e.g. 969,30,1")
+    if uses_split and valid_w == 0 and args.eval_iters > 0:
+        raise OptionError(f"option split (--split): {args.split!r} leaves no validation data but "
+                          f"--eval-iters is {args.eval_iters}; give the second weight a positive "
+                          "value or set --eval-iters 0")
+    decay = args.lr_decay_iters or args.train_iters
+    warmup = (int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None
+              else args.lr_warmup_iters)
+    if warmup >= decay:
+        flag = ("--lr-warmup-fraction" if args.lr_warmup_fraction is not None
+                else "--lr-warmup-iters")
+        raise OptionError(f"option {flag}: warmup of {warmup} steps is not shorter than the LR "
+                          f"decay of {decay} steps (--lr-decay-iters, default --train-iters); "
+                          f"valid: warmup < decay")
+    return args
+
+
 def parse_args(argv: Optional[list] = None) -> TrainArgs:
-    """Defaults < ``--config`` file < flags. Raises ``OptionError`` (flags: argparse exits 2)."""
+    """Defaults < ``--config`` file < flags, then ``validate``. Raises ``OptionError`` (flags:
+    argparse exits 2)."""
     ns = vars(build_parser().parse_args(argv))
     values = load_yaml(ns.pop("config")) if "config" in ns else {}
     for name, value in ns.items():
         values[name] = coerce(name, value)
-    return TrainArgs(**values)
+    return validate(TrainArgs(**values))

@@ -101,7 +101,40 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
             f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}: use a multiple of "
             f"{per_step} (e.g. {lower} or {lower + per_step}) or change --micro-batch-size "
             "(data-parallel size = processes / (tensor-parallel x pipeline-parallel)).")
-    return Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step)
+    layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step)
+    check_attention_memory(args, layout)
+    return layout
+
+
+def _memory_bytes() -> tuple[int, str]:
+    """(bytes, what) of the memory one rank's attention lives in: the GPU's, or the machine's RAM
+    shared by the ranks of this node."""
+    if use_cuda():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return ram // local, f"RAM per process ({local} on this machine)"
+
+
+def check_attention_memory(args: TrainArgs, layout: Layout) -> None:
+    """Refuse a ``--seq-length`` whose attention cannot fit (one line, before anything is built).
+
+    The trainer builds a causal mask of seq^2 bytes; the local attention (CPU, or
+    ``--transformer-impl local``) also materializes fp32 scores of micro-batch x heads/TP x seq^2
+    and keeps about three such tensors (scores, probabilities, their gradient). Flash attention
+    (Transformer Engine) needs only the mask.
+    """
+    s = args.seq_length
+    need = s * s
+    if precision_plan(args).transformer_impl == "local":
+        heads = -(-args.num_attention_heads // layout.tp)
+        need += 3 * 4 * args.micro_batch_size * heads * s * s
+    have, what = _memory_bytes()
+    if need > have:
+        raise SetupError(f"--seq-length {s} needs about {need / 2**30:.0f} GiB for the attention "
+                         f"of one micro-batch (--micro-batch-size {args.micro_batch_size}, "
+                         f"{args.num_attention_heads} heads, seq^2 scores) but the {what} is "
+                         f"{have / 2**30:.0f} GiB: lower --seq-length or --micro-batch-size.")
 
 
 def _free_port() -> int:
@@ -111,7 +144,11 @@ def _free_port() -> int:
 
 
 def init_distributed(args: TrainArgs) -> None:
-    """``torch.distributed`` from torchrun's environment (or a single local process)."""
+    """``torch.distributed`` from torchrun's environment (or a single local process).
+
+    The default group's collectives (and the rendezvous) time out after
+    ``--distributed-timeout-minutes``, as do the TP/PP/EP/DP groups (``parallel.py``).
+    """
     if "RANK" not in os.environ:  # plain `python -m megatron_coe.train`: one process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -119,8 +156,8 @@ def init_distributed(args: TrainArgs) -> None:
     backend = args.distributed_backend or ("nccl" if use_cuda() else "gloo")
     if use_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group(backend=backend,
-                                         timeout=datetime.timedelta(minutes=10))
+    torch.distributed.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
 
 
 def set_seed(seed: int) -> None:
