@@ -18,6 +18,16 @@ Examples:
 Formats: ``coe`` (model_type coe_deepseekv2 for MLA, coe_gpt for standard attention, with
 configuration_coe.py / modeling_coe.py), ``deepseek_v2`` (stock transformers), ``auto`` (default:
 deepseek_v2 when that is exact, else coe).
+
+The output directory: everything (checkpoint, tokenizer, options, --save) is checked before
+anything is written; the export is written into a temporary directory beside --save and renamed
+into place, so a failed or interrupted export leaves --save as it was. Each export records the
+files it wrote in coe_export.json. --save may be new, empty, or a previous export (then only the
+files that export wrote are replaced; other files are kept). Any other non-empty directory is
+refused unless --overwrite: then the files the export writes (by name) and the Hugging Face
+weight files transformers would load instead (model*.safetensors, pytorch_model*.bin and their
+index) are replaced, and everything else is kept. Files are written with mode 0644 (umask 022).
+Errors are one line on stderr, exit status 2.
 """
 
 import argparse
@@ -25,6 +35,13 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def one_line(error) -> str:
+    """A (possibly multi-line, bulleted) message as one line."""
+    parts = [p.strip() for p in str(error).splitlines()]
+    parts = [p[2:] if p.startswith("- ") else p for p in parts if p]
+    return "; ".join(parts).replace(":;", ":")
 
 
 def main(argv=None) -> int:
@@ -41,10 +58,18 @@ def main(argv=None) -> int:
                         help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default: 5GB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow a non-empty --save that is not a previous export: replace its model "
+                             "files (the ones this export writes, and model*.safetensors / "
+                             "pytorch_model*.bin weights); other files are kept")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    import signal
     import warnings
+
+    # SIGTERM unwinds like Ctrl-C, so the temporary export directory is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     from megatron_coe.conversion.export import export_checkpoint
@@ -53,8 +78,11 @@ def main(argv=None) -> int:
     try:
         result = export_checkpoint(args.load, args.save, tokenizer=args.tokenizer, fmt=args.format,
                                    dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                   show_progress=not args.no_progress)
+                                   show_progress=not args.no_progress, overwrite=args.overwrite)
     except ConversionError as e:
+        print(f"convert_to_hf: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2
     load_hint = "" if result.format == "deepseek_v2" else ", trust_remote_code=True"

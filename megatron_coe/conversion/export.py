@@ -7,6 +7,12 @@ Output directory::
     model-0000i-of-0000N.safetensors, model.safetensors.index.json
     generation_config.json
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   (when a tokenizer is known)
+    coe_export.json                   manifest: the files this export wrote (marks a previous export)
+
+Nothing under the output directory changes until the export is complete: it is checked first
+(checkpoint, tokenizer, options, the directory itself), written into a temporary sibling directory
+and renamed into place; a non-empty directory that is not a previous export is refused unless
+``overwrite``, and files the exporter did not write are kept (rules: ``export_dir``).
 
 Formats (``fmt``):
 
@@ -20,6 +26,7 @@ Formats (``fmt``):
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -28,7 +35,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_coe.conversion import hf_io, mapping
+from megatron_coe.conversion import export_dir, hf_io, mapping
 from megatron_coe.conversion.spec import ArchSpec, ConversionError
 
 FORMATS = ("auto", "coe", "deepseek_v2")
@@ -106,43 +113,86 @@ def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype:
     return cfg
 
 
+def _new_names(fmt: str, tokenizer) -> list:
+    """Files an export writes besides the weight shards."""
+    names = ["config.json", "generation_config.json", hf_io.INDEX, export_dir.MANIFEST]
+    if fmt != "deepseek_v2":
+        names += list(hf_io.TEMPLATE_FILES)
+    if tokenizer is not None:
+        names += list(hf_io.TOKENIZER_FILES)
+    return names
+
+
 def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[str, torch.Tensor]],
                    non_layer: Dict[str, torch.Tensor], *, fmt: str = "auto",
                    tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                    max_shard_size="5GB", show_progress: bool = True,
-                   log: Callable[[str], None] = print) -> ExportResult:
-    """Write an HF directory from canonical Megatron tensors (``get_layer(l)``, ``non_layer``)."""
+                   log: Callable[[str], None] = print, overwrite: bool = False,
+                   source: Optional[str] = None) -> ExportResult:
+    """Write an HF directory from canonical Megatron tensors (``get_layer(l)``, ``non_layer``).
+
+    Everything is checked first (format, dtype, shard size, tokenizer, the ``save`` directory:
+    see ``export_dir`` for what may be replaced, and ``overwrite``); then the export is written
+    into a temporary sibling of ``save`` and renamed into place, so on any error ``save`` is left
+    as it was.
+    """
     t0 = time.time()
     fmt = choose_format(spec, fmt, warn=log)
-    stock = fmt == "deepseek_v2"
     if dtype is not None and dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES[dtype or spec.dtype]
-    os.makedirs(save, exist_ok=True)
-    stale = [n for n in os.listdir(save) if n.endswith(".safetensors") or n == hf_io.INDEX]
-    for n in stale:  # a previous export into the same directory
-        os.remove(os.path.join(save, n))
-    token_ids = None
-    if tokenizer:
-        token_ids = hf_io.write_tokenizer(save, tokenizer, model_max_length=spec.max_position_embeddings,
-                                          vocab_size=spec.vocab_size)
-    else:
+    hf_io.parse_size(max_shard_size)
+    tok = hf_io.check_tokenizer(tokenizer, spec.vocab_size) if tokenizer else None
+    plan = export_dir.plan_export(save, overwrite, _new_names(fmt, tok), load=source)
+    if tok is None:
         log("note: no tokenizer given (--tokenizer); the export has no tokenizer files")
+
+    staging = export_dir.make_staging(plan)
+    try:
+        count, index, written = _write_files(staging, spec, get_layer, non_layer, fmt, tok, out_dtype,
+                                             max_shard_size, show_progress)
+        del non_layer
+        export_dir.write_manifest(staging, written, {"format": fmt, "source": source})
+        written.append(export_dir.MANIFEST)
+        export_dir.finish_staging(plan, staging, written, log)
+        export_dir.publish(plan, staging)
+    except OSError as e:
+        export_dir.discard(staging)
+        what = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ConversionError(f"writing the export of --save {save} failed: {what}"
+                              f"{f' ({e.filename})' if e.filename else ''}; --save is unchanged") from None
+    except BaseException:
+        export_dir.discard(staging)
+        raise
+    return ExportResult(save, fmt, spec, count, index["metadata"]["total_size"], time.time() - t0)
+
+
+def _write_files(out: str, spec: ArchSpec, get_layer, non_layer, fmt: str, tok, out_dtype,
+                 max_shard_size, show_progress: bool):
+    """All files of the export into the (new, empty) directory ``out``; (tensors, index, names)."""
+    stock = fmt == "deepseek_v2"
+    written = []
+    token_ids = None
+    if tok is not None:
+        token_ids = hf_io.write_tokenizer(out, tok, model_max_length=spec.max_position_embeddings)
+        written += list(hf_io.TOKENIZER_FILES)
     cfg = hf_config(spec, fmt, token_ids, dtype=str(out_dtype).replace("torch.", ""))
-    hf_io.write_json(os.path.join(save, "config.json"), cfg)
+    hf_io.write_json(os.path.join(out, "config.json"), cfg)
     gen = {"_from_model_config": False, "do_sample": False}
     if token_ids:
         gen.update(eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
-    hf_io.write_json(os.path.join(save, "generation_config.json"), gen)
+    hf_io.write_json(os.path.join(out, "generation_config.json"), gen)
+    written += ["config.json", "generation_config.json"]
     if not stock:
-        hf_io.copy_templates(save)
+        hf_io.copy_templates(out)
+        written += list(hf_io.TEMPLATE_FILES)
 
     def cast(name, t):
         if name.endswith("e_score_correction_bias") or not t.is_floating_point():
             return t
         return t.to(out_dtype)
 
-    writer = hf_io.ShardedSafetensorsWriter(save, max_shard_size)
+    writer = hf_io.ShardedSafetensorsWriter(out, max_shard_size)
     count = 0
     for name, t in mapping.non_layer_to_hf(spec, non_layer).items():
         writer.add(name, cast(name, t))
@@ -154,16 +204,17 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
             writer.add(name, cast(name, t))
             count += 1
     index = writer.close()
-    return ExportResult(save, fmt, spec, count, index["metadata"]["total_size"], time.time() - t0)
+    return count, index, written + writer.files
 
 
 def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, fmt: str = "auto",
                       dtype: Optional[str] = None, max_shard_size="5GB", show_progress: bool = True,
-                      log: Callable[[str], None] = print) -> ExportResult:
+                      log: Callable[[str], None] = print, overwrite: bool = False) -> ExportResult:
     """A trainer checkpoint (any TP/EP/PP) -> HF directory, one layer in memory at a time.
 
     ``tokenizer``: a ``tokenizer.json`` (file or directory); default: the one the training run
     used (``--tokenizer-model``, else ``<first data prefix>.tokenizer.json``) when it still exists.
+    ``overwrite``: see ``write_hf_model`` / ``export_dir``.
     """
     from megatron_coe.conversion.megatron_ckpt import MegatronCheckpoint
 
@@ -173,9 +224,29 @@ def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, 
     log(f"checkpoint {ckpt.path}: {ckpt.spec.attention.upper()} C={ckpt.spec.coe_iterations} "
         f"layers={ckpt.spec.num_layers} experts={ckpt.spec.num_experts} top-k={ckpt.spec.topk} "
         f"(saved with layout {ckpt.meta.get('layout')})")
-    return write_hf_model(save, ckpt.spec, ckpt.read_layer, ckpt.read_non_layer(), fmt=fmt,
+
+    def read(what, fn, *a):
+        try:
+            return fn(*a)
+        except ConversionError:
+            raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # a damaged shard: DCP's CheckpointException (a BaseException), EOFError, ...
+            failures = getattr(e, "failures", None)  # DCP's CheckpointException wraps the rank's error
+            if failures:
+                first = next(iter(failures.values()))
+                e = first[0] if isinstance(first, tuple) else first
+            detail = (str(e).strip().splitlines() or ["no detail"])[0]
+            raise ConversionError(f"cannot read {what} from checkpoint {ckpt.path} ({type(e).__name__}: "
+                                  f"{detail}): a damaged or truncated shard file? export another "
+                                  "iteration or copy it again") from None
+
+    return write_hf_model(save, ckpt.spec, lambda i: read(f"layer {i}", ckpt.read_layer, i),
+                          read("the embeddings", ckpt.read_non_layer), fmt=fmt,
                           tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
-                          show_progress=show_progress, log=log)
+                          show_progress=show_progress, log=log, overwrite=overwrite,
+                          source=os.path.abspath(ckpt.path))
 
 
 def export_model(model, spec: ArchSpec, save: str, **kwargs) -> ExportResult:

@@ -82,6 +82,7 @@ class ShardedSafetensorsWriter:
                  "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())}}
         with open(os.path.join(self.out_dir, INDEX), "w") as f:
             json.dump(index, f, indent=2)
+        self.files = names + [INDEX]
         return index
 
 
@@ -147,21 +148,28 @@ def write_json(path: str, obj) -> None:
 
 
 # --------------------------------------------------------------------------- tokenizer
-def write_tokenizer(out_dir: str, tokenizer_path: str, model_max_length: Optional[int] = None,
-                    vocab_size: Optional[int] = None) -> dict:
-    """``tokenizer.json`` + ``tokenizer_config.json`` (+ special tokens) for ``AutoTokenizer``.
-
-    Returns the special token ids ({"eos": .., "pad": .., "bos": None}) for ``config.json``.
-    """
+def check_tokenizer(tokenizer_path: str, vocab_size: Optional[int] = None):
+    """Load the tokenizer to export (``CoETokenizer``) and check it fits the model's vocabulary."""
     from megatron_coe.data.tokenizer import TokenizerError, load_tokenizer
 
     try:
         tok = load_tokenizer(tokenizer_path)
     except TokenizerError as e:
-        raise ConversionError(f"tokenizer: {e}") from None
+        raise ConversionError(f"--tokenizer: {e}") from None
     if vocab_size is not None and tok.vocab_size > vocab_size:
         raise ConversionError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's vocabulary "
                               f"has {vocab_size}: pass the tokenizer the model was trained with (--tokenizer)")
+    return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_tokenizer(out_dir: str, tok, model_max_length: Optional[int] = None) -> dict:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (+ special tokens) of a ``check_tokenizer``
+    result for ``AutoTokenizer``. Returns the special token ids ({"eos": .., "pad": .., "bos": None})
+    for ``config.json``.
+    """
     tok.hf_tokenizer.save(os.path.join(out_dir, "tokenizer.json"), pretty=True)
     special = {"eos_token": tok.eod_token}
     if tok.pad_token is not None:
