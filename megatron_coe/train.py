@@ -20,6 +20,16 @@ torchrun itself is forwarded to the ranks, but torchrun SIGKILLs ranks still ali
 ``--exit-duration-in-mins`` and ``$COE_JOB_END_TIME`` (minus ``--exit-time-margin-mins``) stop the
 run the same way before a time limit. ``--load DIR`` resumes from the newest published
 checkpoint in DIR (or starts fresh when there is none).
+
+Exit status and the one line each fault prints (``coe-train: ...``, no traceback):
+
+    0    finished; stopped by a signal or time limit (checkpoint saved); or "nothing to train:
+         checkpoint ... is at iteration N >= --train-iters M" (a finished run started again)
+    1    a collective timed out (--distributed-timeout-minutes: a hung peer) or lost its peer,
+         naming what the rank was doing; the launcher (torchrun) is gone; any other failure
+    2    a user error (options, data, tokenizer, checkpoint shape), before any process group
+    3    a NaN/Inf lm loss, aux loss, gradient norm or parameter (--check-for-nan-in-loss-and-grad)
+    130  SIGINT (Ctrl-C): stops at once, without saving
 """
 
 from __future__ import annotations
@@ -74,10 +84,12 @@ def main(argv: list | None = None) -> int:
         if rank == 0:
             print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.exit_signal_handler:  # before anything slow: a signal from now on is never lost
-        from megatron_coe.training import signals
+    from megatron_coe.training import signals
 
+    if args.exit_signal_handler:  # before anything slow: a signal from now on is never lost
         signals.install()
+    if signals.under_torchrun():  # ranks must not outlive torchrun (SIGKILLed, OOM-killed)
+        signals.watch_launcher()
 
     import torch
 
@@ -88,20 +100,37 @@ def main(argv: list | None = None) -> int:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     from megatron_coe.compat import install_cpu_compat
-    from megatron_coe.training import setup
+    from megatron_coe.training.trainer import (
+        EXIT_NON_FINITE, CollectiveError, NonFiniteError, NothingToTrain, Trainer, preflight)
 
     user_errors = _user_errors()
     try:
-        from megatron_coe.training.trainer import Trainer, preflight
-
         pre = preflight(args, int(os.environ.get("WORLD_SIZE", "1")))  # user errors, fast
         install_cpu_compat()
-        setup.init_distributed(args)
+        _init_distributed(args, rank)
+        from megatron_coe.checkpointing import lock_collective
+
+        lock_collective(args.save)  # held until exit: a second run on --save fails here
         Trainer(args, pre, start_time=_START_TIME).train()
     except user_errors as e:
         if rank == 0:
             print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NothingToTrain as e:
+        if rank == 0:
+            print(f"coe-train: {e}", flush=True)
+        return 0
+    except NonFiniteError as e:
+        if rank == 0:
+            print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE
+    except CollectiveError as e:  # every rank says what it was waiting for
+        print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print(f"coe-train: rank {rank}: interrupted (SIGINT): stopped without saving",
+              file=sys.stderr, flush=True)
+        return 130
     finally:
         if torch.distributed.is_initialized():
             from megatron_coe.parallel import destroy_parallel
@@ -109,6 +138,24 @@ def main(argv: list | None = None) -> int:
             destroy_parallel()
             torch.distributed.destroy_process_group()
     return 0
+
+
+def _init_distributed(args, rank: int) -> None:
+    """``setup.init_distributed``; a rendezvous that times out is one ``CollectiveError``."""
+    from megatron_coe.training import setup
+    from megatron_coe.training.trainer import CollectiveError
+
+    try:
+        setup.init_distributed(args)
+    except RuntimeError as e:  # DistStoreError / DistNetworkError derive from it
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise CollectiveError(
+            f"rank {rank}: start-up: rendezvous (init_process_group at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) timed out after "
+            f"--distributed-timeout-minutes {args.distributed_timeout_minutes:g}: a rank did not "
+            f"start ({first})") from None
 
 
 if __name__ == "__main__":  # required: dist_checkpointing spawns a process that imports __main__

@@ -18,12 +18,22 @@ trainer's own delivery is not affected: a signal blocked in one thread goes to a
 the process, or stays pending until the block ends, and the Python handler runs either way.
 ``ignore_in_child()`` is for helpers that run our code first (DataLoader ``worker_init_fn``): it
 sets SIG_IGN and unblocks. This is how CPython's own ``resource_tracker`` protects itself.
+
+``watch_launcher()`` (ranks started by torchrun): when the launcher dies without stopping its
+ranks (SIGKILL, OOM killer), the ranks stop too, within about a second, without saving: a
+watcher thread sees the parent process change and ends the process with ``os._exit`` (exit 1,
+one line on stderr), whatever the main thread is doing. Nothing is published by a rank that
+stops this way; an interrupted save leaves only an unpublished ``iter_N.tmp``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
+import threading
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -78,3 +88,30 @@ def ignore_in_child(*_args) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+LAUNCHER_GONE_EXIT = 1
+
+
+def under_torchrun(environ=os.environ) -> bool:
+    """This process is a rank started by torchrun (torch elastic sets TORCHELASTIC_RUN_ID)."""
+    return "TORCHELASTIC_RUN_ID" in environ
+
+
+def watch_launcher(interval: float = 0.5) -> threading.Thread:
+    """Exit this process (``os._exit``) as soon as its parent, the launcher, is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent != 1:  # 1: orphaned before we looked
+            time.sleep(interval)
+        rank = os.environ.get("RANK", "?")
+        try:
+            print(f"coe-train: error: rank {rank}: the launcher (pid {parent}) is gone: stopping "
+                  "without saving", file=sys.stderr, flush=True)
+        finally:
+            os._exit(LAUNCHER_GONE_EXIT)
+
+    thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    thread.start()
+    return thread

@@ -16,6 +16,18 @@ exit 0. A signal during start-up ends the run before its first step, writing not
 (``finished``, ``time_limit``, ``signal``, ``exit_interval``) after the last checkpoint is
 published, for a launcher that must decide whether to requeue.
 
+Faults (``train.main`` turns each into one line and an exit status):
+
+* non-finite values (``--check-for-nan-in-loss-and-grad``, on by default): after every step the
+  lm loss, each aux loss and the gradient norm are checked, the verdicts combined in the step's
+  loss all-reduce (all ranks stop at the same step), and the run raises ``NonFiniteError`` (exit
+  3) without saving; before every save all parameters are checked finite across ranks, so no
+  published checkpoint holds NaN/Inf;
+* nothing to train: ``preflight`` raises ``NothingToTrain`` (exit 0) when the ``--load``
+  checkpoint is already at ``--train-iters``, before anything is built;
+* a hung or dead peer: a collective that times out (``--distributed-timeout-minutes``) or loses
+  its peer becomes ``CollectiveError`` naming what this rank was doing (``Trainer.phase``).
+
 Loss scaling for MoE aux losses is done by Megatron's schedule itself
 (``MoEAuxLossAutoScaler.set_loss_scale(1 / num_microbatches)`` in ``forward_step_calc_loss``,
 0.16.1), matching the lm loss's per-micro-batch mean; nothing is added here.
@@ -24,7 +36,9 @@ Loss scaling for MoE aux losses is done by Megatron's schedule itself
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +52,23 @@ from megatron_coe.training import data, metrics, setup, signals, timelimit
 from megatron_coe.training.options import TrainArgs
 
 EXIT_REASON_ENV = "COE_EXIT_REASON_FILE"
+EXIT_NON_FINITE = 3  # exit status of a run stopped by a NaN/Inf (user errors: 2)
+
+
+class NothingToTrain(Exception):
+    """The ``--load`` checkpoint is already at ``--train-iters``: nothing to do (exit 0)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf lm loss, aux loss, gradient norm or parameter; raised on every rank alike."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective timed out (a hung peer) or lost its peer (a dead one); names the operation."""
+
+
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|peer", re.IGNORECASE)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -96,8 +127,22 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     vocab_size = setup.padded_vocab_size(tokenizer.vocab_size, args)
     resume_from = ckpt.find_checkpoint(args.load) if args.load else None
     if resume_from:  # a wrong shape fails here, before any tensor is built or read
-        ckpt.check_compatible(ckpt.read_meta(resume_from), args, vocab_size, resume_from)
+        meta = ckpt.read_meta(resume_from)
+        ckpt.check_compatible(meta, args, vocab_size, resume_from)
+        check_something_to_train(meta, args, resume_from)
     return Preflight(layout, model_config, tokenizer, vocab_size, resume_from)
+
+
+def check_something_to_train(meta: dict, args: TrainArgs, path: str) -> None:
+    """``NothingToTrain`` when resuming ``path`` (its metadata ``meta``) would start at or past
+    ``--train-iters`` (a finished run started again); weights-only loads start at 0."""
+    iteration = int(meta.get("iteration", 0))
+    if args.skip_train or args.no_load_optim or meta.get("weights_only"):
+        return
+    if iteration >= args.train_iters:
+        raise NothingToTrain(f"nothing to train: checkpoint {path} is at iteration {iteration} "
+                             f">= --train-iters {args.train_iters} (raise --train-iters to train "
+                             "further)")
 
 
 class Trainer:
@@ -110,6 +155,7 @@ class Trainer:
         from megatron_coe.parallel import initialize_parallel
 
         self.args = args
+        self.phase = "start-up"  # what this rank is doing, for CollectiveError messages
         self.time_guard = timelimit.TimeGuard(timelimit.deadline(
             args, time.time() if start_time is None else start_time))
         self.eval_seconds = self.save_seconds = 0.0  # last validation / checkpoint durations
@@ -119,16 +165,19 @@ class Trainer:
         self.vocab_size, self.resume_from = pre.vocab_size, pre.resume_from
         tokenizer = pre.tokenizer
 
-        self.pg_collection = initialize_parallel(
-            args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-            args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed)
-        setup.set_seed(args.seed)
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
+        with self.doing("start-up: building process groups, datasets, model and optimizer"):
+            self.pg_collection = initialize_parallel(
+                args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed,
+                distributed_timeout_minutes=args.distributed_timeout_minutes)
+            setup.set_seed(args.seed)
+            self.dp_rank = ps.get_data_parallel_rank()
+            self.dp_size = ps.get_data_parallel_world_size()
+            self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
 
-        self.model = setup.build_model(args, self.model_config, self.vocab_size)
-        self.optimizer = setup.build_optimizer(args, self.model)
-        self.scheduler = setup.build_scheduler(args, self.optimizer)
+            self.model = setup.build_model(args, self.model_config, self.vocab_size)
+            self.optimizer = setup.build_optimizer(args, self.model)
+            self.scheduler = setup.build_scheduler(args, self.optimizer)
         config = self.model_config
         config.no_sync_func = self.model[0].no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -137,8 +186,10 @@ class Trainer:
 
         self.iteration, self.consumed = 0, 0
         if self.resume_from:
-            self.iteration, self.consumed = ckpt.load_checkpoint(
-                self.resume_from, self.model, self.optimizer, self.scheduler, args, self.layout)
+            with self.doing(f"start-up: loading checkpoint {self.resume_from}"):
+                self.iteration, self.consumed = ckpt.load_checkpoint(
+                    self.resume_from, self.model, self.optimizer, self.scheduler, args,
+                    self.layout)
             self._log(f"resumed from {self.resume_from} at iteration {self.iteration}")
         elif args.load:
             self._log(f"no published checkpoint in {args.load}: starting from scratch")
@@ -150,7 +201,8 @@ class Trainer:
         flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
         self.metrics = metrics.MetricsWriter(args, flops, world)
         self.lr = args.lr  # LR of the current step (for the metrics)
-        params = setup.count_parameters(self.model)
+        with self.doing("start-up: counting parameters (all-reduce)"):
+            params = setup.count_parameters(self.model)
         self._log(f"model: {type(config).__name__} C={config.coe_iterations} "
                   f"layers={config.num_layers} hidden={config.hidden_size} "
                   f"experts={config.num_moe_experts} top-k={config.moe_router_topk} | "
@@ -162,6 +214,50 @@ class Trainer:
     def _log(self, msg: str) -> None:
         if self.rank == 0:
             print(msg, flush=True)
+
+    @contextlib.contextmanager
+    def doing(self, what: str):
+        """Run a block that talks to other ranks as ``what``: a collective that times out or
+        loses its peer inside it becomes one ``CollectiveError`` naming ``what``."""
+        outer, self.phase = self.phase, what
+        try:
+            yield
+        except RuntimeError as e:
+            if isinstance(e, (CollectiveError, NonFiniteError)):
+                raise
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if _TIMED_OUT.search(text):
+                minutes = self.args.distributed_timeout_minutes
+                raise CollectiveError(
+                    f"rank {self.rank}: {what}: a collective timed out after "
+                    f"--distributed-timeout-minutes {minutes:g}: a peer rank is hung or stopped; "
+                    f"{self._last_published()} ({text})") from None
+            if _PEER_GONE.search(text):
+                raise CollectiveError(
+                    f"rank {self.rank}: {what}: a peer rank exited or lost its connection; "
+                    f"{self._last_published()} ({text})") from None
+            raise
+        finally:
+            self.phase = outer
+
+    def _last_published(self) -> str:
+        if not self.args.save:
+            return "no --save"
+        found = ckpt.find_checkpoint(self.args.save)
+        return f"last published checkpoint: {found or 'none'}"
+
+    def _all_parameters_finite(self) -> bool:
+        """Every parameter of every rank is finite (collective: all ranks call it)."""
+        bad = torch.zeros(1, dtype=torch.float32)
+        for chunk in self.model:
+            for p in chunk.parameters():
+                if not torch.isfinite(p).all():
+                    bad += 1
+                    break
+        if torch.cuda.is_available():
+            bad = bad.cuda()
+        torch.distributed.all_reduce(bad)
+        return bad.item() == 0
 
     @property
     def signal(self) -> int:
@@ -205,6 +301,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted lm loss over the first ``eval_iters`` global validation batches."""
+        with self.doing(f"validation at iteration {self.iteration}"):
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         t0 = metrics.now()
         iterator = data.micro_batches(self.valid_ds, self.args.micro_batch_size, 0, self.dp_rank,
                                       self.dp_size, self.args.num_workers)
@@ -225,9 +325,15 @@ class Trainer:
         if not self.args.save or self.last_saved == self.iteration:
             return
         t0 = metrics.now()
-        path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed, self.model,
-                                    self.optimizer, self.scheduler, self.args, self.vocab_size,
-                                    self.layout)
+        with self.doing(f"checkpoint save at iteration {self.iteration}"):
+            if self.args.check_for_nan_in_loss_and_grad and not self._all_parameters_finite():
+                raise NonFiniteError(
+                    f"non-finite parameters at iteration {self.iteration}: checkpoint not saved; "
+                    f"{self._last_published()} (lower --lr or check --init-method-std and the "
+                    "data)")
+            path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed,
+                                        self.model, self.optimizer, self.scheduler, self.args,
+                                        self.vocab_size, self.layout)
         self.last_saved = self.iteration
         self.save_seconds = metrics.now() - t0
         self._log(f"saved checkpoint {path} ({self.save_seconds:.1f} s)")
@@ -261,6 +367,11 @@ class Trainer:
                     self.evaluate()
                 self.save()
                 self._write_exit_reason("finished")
+        except NonFiniteError:
+            self._write_exit_reason("non_finite")
+            raise
+        except (CollectiveError, KeyboardInterrupt):
+            raise
         except BaseException:
             if self.rank == 0 and args.save:
                 found = ckpt.find_checkpoint(args.save)
@@ -277,13 +388,32 @@ class Trainer:
         flag = torch.tensor([float(self.signal != 0)], dtype=torch.float64)
         if torch.cuda.is_available():
             flag = flag.cuda()
-        torch.distributed.all_reduce(flag)
+        with self.doing("start-up: signal check (all-reduce)"):
+            torch.distributed.all_reduce(flag)
         if flag.item() == 0:
             return False
         self._log(f"signal {self.signal or '(on another rank)'} received during start-up: "
                   f"exiting before the first step, nothing saved (iteration {self.iteration}; "
                   f"newest checkpoint: {self.resume_from or 'none'})")
         return True
+
+    def _stop_if_non_finite(self, loss: float, grad_norm, aux: dict, grad_seen: bool,
+                            aux_seen: bool) -> None:
+        """``NonFiniteError`` naming what was non-finite (every rank decides alike: the loss is
+        the all-reduced one, the gradient-norm and aux-loss verdicts were all-reduced)."""
+        what = []
+        if not math.isfinite(loss):
+            what.append(f"lm loss ({loss})")
+        if grad_seen:
+            what.append(f"grad norm ({grad_norm})")
+        if aux_seen:
+            names = sorted(n for n, vals in aux.items() if not all(map(math.isfinite, vals)))
+            what.append(f"aux loss ({', '.join(names) or 'on another rank'})")
+        if what:
+            raise NonFiniteError(
+                f"non-finite {' and '.join(what)} at iteration {self.iteration}: stopped without "
+                f"saving; {self._last_published()} (lower --lr or check --init-method-std and the "
+                "data; --no-check-for-nan-in-loss-and-grad trains on)")
 
     def _boundary_work(self) -> float:
         """Estimated seconds of validation / checkpointing due at this step boundary."""
@@ -299,20 +429,30 @@ class Trainer:
         """One optimizer step plus what is due after it; the reason when the run should stop."""
         args = self.args
         t0 = metrics.now()
-        reports, grad_norm = self.train_step(iterator)
+        with self.doing(f"iteration {self.iteration + 1}: forward/backward (expert all-to-all, "
+                        "pipeline send/recv, gradient reduce-scatter) and optimizer step"):
+            reports, grad_norm = self.train_step(iterator)
         self.iteration += 1
         self.consumed += args.global_batch_size
         self.time_guard.record_step(metrics.now() - t0)
         time_up = (self.iteration < args.train_iters
                    and self.time_guard.time_up(time.time(), self._boundary_work()))
-        loss, (signal_seen, time_seen) = metrics.reduce_lm_loss(
-            reports, extra=(float(self.signal != 0), float(time_up)))
-        aux = metrics.reduce_aux_losses(self.layout.num_microbatches, self.pg_collection)
-        log_now = self.iteration % args.log_interval == 0 or self.iteration == args.train_iters
-        imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
-                     if log_now else None)
+        with self.doing(f"iteration {self.iteration}: loss and aux-loss all-reduce"):
+            aux = metrics.reduce_aux_losses(self.layout.num_microbatches, self.pg_collection)
+            check = args.check_for_nan_in_loss_and_grad
+            bad_grad = check and grad_norm is not None and not math.isfinite(float(grad_norm))
+            bad_aux = check and not all(math.isfinite(v) for vals in aux.values() for v in vals)
+            loss, (signal_seen, time_seen, grad_seen, aux_seen) = metrics.reduce_lm_loss(
+                reports, extra=(float(self.signal != 0), float(time_up), float(bad_grad),
+                                float(bad_aux)))
+            log_now = (self.iteration % args.log_interval == 0
+                       or self.iteration == args.train_iters)
+            imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
+                         if log_now else None)
         step_time = metrics.now() - t0
         self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance)
+        if check:
+            self._stop_if_non_finite(loss, grad_norm, aux, bool(grad_seen), bool(aux_seen))
 
         if args.eval_iters > 0 and self.iteration % args.eval_interval == 0:
             self.evaluate()
