@@ -352,8 +352,9 @@ def test_validation_errors(data, tmp_path):
     p = _copy_prefix(data["a"], tmp_path, "nometa")
     os.remove(p + ".meta.json")
     assert validate_data_prefix(p, tok).meta is None
-    with pytest.raises(DataError, match=r"holds token id \d+, but the training tokenizer has "
-                                        r"vocab_size \d+"):
+    with pytest.raises(DataError, match=r"holds token id \d+ \(token \d+, document \d+\) but the "
+                                        r"training tokenizer has vocab_size \d+: damaged, or made "
+                                        r"with another tokenizer"):
         validate_data_prefix(p, other)
     with pytest.warns(UserWarning, match="not checked"):
         validate_data_prefix(p, other, max_scan_bytes=10)

@@ -56,7 +56,7 @@ _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count,
 # numpy dtype of Megatron's DType codes (megatron/core/datasets/indexed_dataset.py:50-58)
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
                 7: np.float32, 8: np.uint16}
-MAX_SCAN_BYTES = 512 * 2**20  # without .meta.json, scan .bin files up to this size for max id
+MAX_SCAN_BYTES = 4 * 2**30  # .bin files up to this size are scanned for token ids >= vocab
 
 _FIX_PREPROCESS = "re-create it with tools/preprocess_data.py --output-prefix {prefix} ..."
 
@@ -79,7 +79,10 @@ class DataPrefixInfo:
 # validation
 # ---------------------------------------------------------------------------------------------
 def _read_index(prefix: str) -> Tuple[np.dtype, np.ndarray, int]:
-    """(token dtype, sequence lengths, document count) of ``<prefix>.idx``, checked for size."""
+    """(token dtype, sequence lengths, document count) of ``<prefix>.idx``, checked for size and
+    consistency (lengths >= 0, each sequence pointer where the lengths put it, document indices
+    increasing from 0 to the sequence count): a damaged index fails here, naming the file and the
+    first bad entry, instead of inside Megatron's reader at some later sample."""
     idx_path = prefix + ".idx"
     fix = _FIX_PREPROCESS.format(prefix=prefix)
     size = os.path.getsize(idx_path)
@@ -97,8 +100,62 @@ def _read_index(prefix: str) -> Tuple[np.dtype, np.ndarray, int]:
         raise DataError(
             f"{idx_path} is truncated: {size} bytes, its header promises {expected}; {fix}"
         )
+    dtype = np.dtype(_DTYPE_CODES[code])
     lengths = np.fromfile(idx_path, dtype=np.int32, count=n_seq, offset=_HEADER_BYTES)
-    return np.dtype(_DTYPE_CODES[code]), lengths, int(n_doc)
+    corrupt = f"{idx_path} is damaged"
+    if n_seq and lengths.min() < 0:
+        i = int(np.argmax(lengths < 0))
+        raise DataError(f"{corrupt}: sequence {i} has length {int(lengths[i])}; {fix}")
+    pointers = np.memmap(idx_path, dtype=np.int64, mode="r", shape=(n_seq,),
+                         offset=_HEADER_BYTES + 4 * n_seq) if n_seq else np.zeros(0, np.int64)
+    start = 0
+    chunk = 1 << 22
+    for lo in range(0, n_seq, chunk):  # pointer[i] == itemsize * (lengths[0] + ... + lengths[i-1])
+        sizes = lengths[lo:lo + chunk].astype(np.int64) * dtype.itemsize
+        want = start + np.concatenate(([0], np.cumsum(sizes[:-1])))
+        bad = np.flatnonzero(pointers[lo:lo + chunk] != want)
+        if bad.size:
+            i = lo + int(bad[0])
+            raise DataError(f"{corrupt}: sequence {i} points to byte {int(pointers[i])} of the .bin, "
+                            f"its lengths put it at byte {int(want[bad[0]])}; {fix}")
+        start += int(sizes.sum())
+    del pointers
+    docs = np.fromfile(idx_path, dtype=np.int64, count=n_doc, offset=_HEADER_BYTES + 12 * n_seq)
+    if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (n_doc > 1 and np.diff(docs).min() < 0):
+        raise DataError(f"{corrupt}: its document index does not run from 0 to the {n_seq} "
+                        f"sequences in increasing order; {fix}")
+    return dtype, lengths, int(n_doc)
+
+
+_MAX_ID_CACHE: dict = {}  # (path, size, mtime_ns, inode, dtype) -> (max id, its position)
+
+
+def _max_token_id(bin_path: str, dtype: np.dtype) -> Tuple[int, int]:
+    """(largest token id, its position) of ``bin_path``: a chunked max over a read-only memmap (for
+    a signed dtype a negative id is reported instead, as invalid). Remembered per file version, so
+    validating the same data twice in a process scans it once."""
+    st = os.stat(bin_path)
+    key = (os.path.abspath(bin_path), st.st_size, st.st_mtime_ns, st.st_ino, dtype.str)
+    if key not in _MAX_ID_CACHE:
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+        chunk = 1 << 24
+        best, where = -1, -1
+        for lo in range(0, len(tokens), chunk):
+            part = tokens[lo:lo + chunk]
+            if dtype.kind == "i" and part.min() < 0:
+                best, where = int(part.min()), lo + int(np.argmin(part))
+                break
+            j = int(np.argmax(part))
+            if int(part[j]) > best:
+                best, where = int(part[j]), lo + j
+        del tokens
+        _MAX_ID_CACHE[key] = (best, where)
+    return _MAX_ID_CACHE[key]
+
+
+def _sequence_of(lengths: np.ndarray, position: int) -> int:
+    """Index of the sequence (document) holding token ``position`` of the .bin."""
+    return int(np.searchsorted(np.cumsum(lengths, dtype=np.int64), position, side="right"))
 
 
 def _tokenizer_desc(fingerprint, vocab_size, eod, path) -> str:
@@ -189,24 +246,30 @@ def validate_data_prefix(
                     f"tools/preprocess_data.py --tokenizer-model <training tokenizer> "
                     f"--output-prefix {prefix} ..."
                 )
-        elif actual_bin <= max_scan_bytes:
-            if n_tokens:
-                tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-                chunk = 1 << 24
-                max_id = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
-                del tokens
-                if max_id >= tokenizer.vocab_size:
-                    raise DataError(
-                        f"tokenizer mismatch for {prefix}: {bin_path} holds token id {max_id}, "
-                        f"but the training tokenizer has vocab_size {tokenizer.vocab_size} "
-                        f"(no {meta_file} to say which tokenizer made the data). Train with the "
-                        f"tokenizer the data was made with, or re-run tools/preprocess_data.py "
-                        f"--tokenizer-model <training tokenizer> --output-prefix {prefix} ..."
-                    )
+        if actual_bin <= max_scan_bytes:
+            # Every token id must be a token of the tokenizer. With a matching fingerprint in
+            # .meta.json a bad id means the .bin changed after preprocessing (bit rot, a
+            # partial overwrite); without .meta.json it may also be another tokenizer's data.
+            max_id, where = _max_token_id(bin_path, dtype) if n_tokens else (-1, -1)
+            if max_id < 0 and where >= 0 or max_id >= tokenizer.vocab_size:
+                doc = _sequence_of(lengths, where)
+                cause = (
+                    f"the file is damaged (its {meta_file} records the training tokenizer, so the "
+                    f"data changed after preprocessing)"
+                    if meta is not None and "tokenizer" in meta
+                    else f"damaged, or made with another tokenizer (no {meta_file} to say which)"
+                )
+                raise DataError(
+                    f"{bin_path} holds token id {max_id} (token {where}, document {doc}) but the "
+                    f"training tokenizer has vocab_size {tokenizer.vocab_size}: {cause}; "
+                    f"re-create it with tools/preprocess_data.py --tokenizer-model <training "
+                    f"tokenizer> --output-prefix {prefix} ..."
+                )
         else:
             warnings.warn(
-                f"{meta_file} is missing and {bin_path} is {actual_bin / 2**20:.0f} MiB: the token "
-                f"ids were not checked against the tokenizer (vocab_size {tokenizer.vocab_size})"
+                f"{bin_path} is {actual_bin / 2**20:.0f} MiB, over the {max_scan_bytes / 2**20:.0f} "
+                f"MiB scanned at start-up: its token ids were not checked against the tokenizer "
+                f"(vocab_size {tokenizer.vocab_size})"
             )
 
     return DataPrefixInfo(

@@ -39,6 +39,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -189,6 +190,35 @@ def read_documents(
     return _read_text(path, text_mode)
 
 
+def _utf8_error(path: str) -> str:
+    """The first line of ``path`` that is not UTF-8, as a message (the file is read again: this
+    runs only after a decoding error, whose offset is relative to a buffer, not to the file)."""
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    fix = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) and pass that"
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                        f"{err.start + 1}); {fix}")
+    return f"{path}: not valid UTF-8; {fix}"
+
+
+def _checked(path: str, docs: Iterator[Document]) -> Iterator[Document]:
+    """``docs`` with decoding and decompression errors turned into one-line PreprocessErrors."""
+    try:
+        yield from docs
+    except UnicodeDecodeError:
+        raise PreprocessError(_utf8_error(path)) from None
+    except EOFError:
+        raise PreprocessError(f"{path}: the gzip stream ends early (a truncated or partial copy); "
+                              "copy the file again") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise PreprocessError(f"{path}: not a valid gzip file ({err}); give the file without .gz "
+                              "if it is not compressed, or copy it again") from None
+
+
 def check_inputs(inputs: Sequence[str]) -> List[str]:
     """Fail early, before any work, on missing / unreadable / unknown inputs."""
     if not inputs:
@@ -210,7 +240,7 @@ def _iter_corpus(inputs, json_keys, text_mode, stats: Optional[dict] = None) -> 
     """All non-empty documents of all inputs; an input without any document is an error."""
     for path in inputs:
         n = 0
-        for doc in read_documents(path, json_keys, text_mode):
+        for doc in _checked(path, read_documents(path, json_keys, text_mode)):
             if not doc.text.strip():
                 if stats is not None:
                     stats["skipped_empty"] = stats.get("skipped_empty", 0) + 1
