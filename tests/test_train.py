@@ -12,7 +12,7 @@ Real runs (torchrun, gloo, a tiny CoE-2: standard attention, 8 experts + 1 share
 * time limit (--exit-duration-in-mins; $COE_JOB_END_TIME minus a margin): saves at the last step
   boundary before the deadline, publishes the checkpoint and exits 0;
 * SIGTERM to every process of a 2-rank job (os.killpg: what scancel / Slurm preemption do; the
-  checkpoint-writer Manager and DataLoader workers get it too): the ranks still save, publish
+  DataLoader workers and checkpoint-writer processes get it too): the ranks still save, publish
   and exit 0, and the run resumes from that checkpoint; a SIGTERM during start-up exits 0 before
   the first step without writing a checkpoint.
 """
@@ -34,6 +34,7 @@ import psutil
 import pytest
 import torch
 
+from megatron_coe import checkpointing as fmt
 from megatron_coe.training import checkpoint as ckpt
 from megatron_coe.training.options import OptionError, parse_args
 from megatron_coe.training.setup import SetupError, build_model_config, check_layout
@@ -251,22 +252,30 @@ def test_per_split_data_paths(gsm8k, gsm8k_test, tmp_path):
 
 
 def _fake_checkpoint(root: Path, iteration: int, args, vocab: int = 512, suffix: str = ""):
-    path = Path(ckpt.iteration_dir(str(root), iteration) + suffix)
+    path = Path(fmt.iteration_dir(str(root), iteration) + suffix)
     path.mkdir(parents=True)
-    (path / ckpt.META).write_text(json.dumps({"iteration": iteration, "vocab_size": vocab,
+    (path / fmt.META).write_text(json.dumps({"iteration": iteration, "vocab_size": vocab,
                                               "args": args.to_dict()}))
     return path
 
 
 def test_load_picks_only_published_checkpoints(tmp_path):
+    """The tracker is the one record of "latest": an iter_* directory newer than it (a crash
+    between publishing and the tracker, or a foreign copy) and unpublished .tmp are not used."""
     args = parse_args(TINY)
-    assert ckpt.find_checkpoint(str(tmp_path)) is None
+    assert fmt.find_checkpoint(str(tmp_path)) is None
     _fake_checkpoint(tmp_path, 10, args)
+    assert fmt.find_checkpoint(str(tmp_path)) is None  # no tracker: nothing published
+    (tmp_path / fmt.TRACKER).write_text("10\n")
+    _fake_checkpoint(tmp_path, 20, args)                  # newer than the tracker
     _fake_checkpoint(tmp_path, 30, args, suffix=".tmp")  # interrupted while being written
     (tmp_path / "iter_0000040.tmp").mkdir()               # died before writing anything
-    (tmp_path / "iter_0000020").mkdir()                   # foreign / incomplete: no metadata
-    assert ckpt.find_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010")
-    assert ckpt.find_checkpoint(str(tmp_path / "iter_0000010")) == str(tmp_path / "iter_0000010")
+    assert fmt.find_checkpoint(str(tmp_path)) == str(tmp_path / "iter_0000010")
+    assert fmt.find_checkpoint(str(tmp_path / "iter_0000020")) == str(tmp_path / "iter_0000020")
+    (tmp_path / fmt.TRACKER).write_text("50\n")          # names a checkpoint that is gone
+    with pytest.raises(fmt.CheckpointError, match="names iteration 50 .* last good checkpoint is "
+                       "iteration 20"):
+        fmt.find_checkpoint(str(tmp_path))
 
 
 def test_load_with_other_model_shape_names_the_fields(tmp_path):
@@ -309,7 +318,7 @@ def test_ep2_run_trains_and_reports(reference):
     assert "iter 20/30 | lm loss" in reference["log"] and "ETA" in reference["log"]
     assert list((reference["out"] / "tb").glob("events.out.tfevents.*"))
     ckpt_dir = reference["out"] / "ckpt"
-    assert (ckpt_dir / ckpt.TRACKER).read_text().strip() == "20"
+    assert (ckpt_dir / fmt.TRACKER).read_text().strip() == "20"
     assert not list(ckpt_dir.glob("*.tmp"))
     # the model architecture is recorded (what the HF exporter reads); it matches the args
     from megatron_coe.conversion.megatron_ckpt import _spec_from_args
@@ -327,7 +336,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_exact(gsm8k, reference):
     args = [*TINY, *data_args(gsm8k), "--expert-model-parallel-size", "2", "--save",
             out / "ckpt", "--save-interval", "10", "--tensorboard-dir", out / "tb"]
     proc = launch(args, 2, gsm8k["dir"] / "killed.log")
-    tracker = out / "ckpt" / ckpt.TRACKER
+    tracker = out / "ckpt" / fmt.TRACKER
     deadline = time.time() + 180
     while not (tracker.exists() and tracker.read_text().strip() == "10"):
         assert proc.poll() is None, (gsm8k["dir"] / "killed.log").read_text()[-3000:]
@@ -443,7 +452,7 @@ def test_exit_duration_saves_publishes_and_exits_0(tmp_path):
     last = max(train_losses(metrics(tmp_path / "metrics.jsonl")))
     saved = ckpt.find_checkpoint(str(tmp_path / "ckpt"))
     assert saved and ckpt.read_meta(saved)["iteration"] == last < 1000
-    assert (tmp_path / "ckpt" / ckpt.TRACKER).read_text().strip() == str(last)
+    assert (tmp_path / "ckpt" / fmt.TRACKER).read_text().strip() == str(last)
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
     assert reason.read_text().strip() == "time_limit"
 
@@ -497,7 +506,7 @@ def _helpers(procs: list) -> list:
 
 @pytest.mark.timeout(400)
 def test_sigterm_to_whole_process_group_saves_publishes_and_resumes(tmp_path):
-    """2 ranks (EP=2) with DataLoader workers and the checkpoint writer's Manager running:
+    """2 ranks (EP=2) with DataLoader workers running (checkpoint writers fork during saves):
     SIGTERM to every process of the group -> checkpoint saved + published, exit 0; resume."""
     save = tmp_path / "ckpt"
     args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0",
@@ -507,12 +516,12 @@ def test_sigterm_to_whole_process_group_saves_publishes_and_resumes(tmp_path):
     procs = _launch_ranks(args, 2, logs)
     try:
         _wait_for_lines(tmp_path / "metrics.jsonl", 3, procs, logs)
-        # per rank: 1 DataLoader worker + the writer Manager (spawned at training start)
+        # per rank: 1 DataLoader worker (no long-lived checkpoint helper exists any more)
         deadline = time.time() + 60
-        while len(_helpers(procs)) < 4 and time.time() < deadline:
+        while len(_helpers(procs)) < 2 and time.time() < deadline:
             time.sleep(0.1)
         helpers = _helpers(procs)
-        assert len(helpers) >= 4, f"helper processes not running: {helpers}"
+        assert len(helpers) >= 2, f"helper processes not running: {helpers}"
         os.killpg(procs[0].pid, signal.SIGTERM)
         rcs = [p.wait(timeout=180) for p in procs]
     finally:
@@ -525,7 +534,7 @@ def test_sigterm_to_whole_process_group_saves_publishes_and_resumes(tmp_path):
     last = max(train_losses(metrics(tmp_path / "metrics.jsonl")))
     saved = ckpt.find_checkpoint(str(save))
     assert saved and ckpt.read_meta(saved)["iteration"] == last < 1000, text[-3000:]
-    assert (save / ckpt.TRACKER).read_text().strip() == str(last)
+    assert (save / fmt.TRACKER).read_text().strip() == str(last)
     assert not list(save.glob("*.tmp"))
     assert sorted(p.name for p in (Path(saved) / "rng").iterdir()) == ["rank_00000.pt",
                                                                         "rank_00001.pt"]

@@ -152,10 +152,10 @@ class RoutingRecorder:
 
 # --------------------------------------------------------------------------- model loading
 def _args_from_checkpoint(path: str):
-    from megatron_coe.training import checkpoint as ckpt
+    from megatron_coe import checkpointing
     from megatron_coe.training.options import OPTIONS, TrainArgs
 
-    saved = ckpt.read_meta(path)["args"]
+    saved = checkpointing.read_meta(path)["args"]
     args = TrainArgs(**{k: v for k, v in saved.items() if k in OPTIONS})
     # one process, weights only
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
@@ -209,13 +209,15 @@ def shutdown() -> None:
 
 def load_model(path: str):
     """(model chunk list, args) of the published checkpoint ``path`` (or the newest in a --save dir)."""
+    from megatron_coe import checkpointing
     from megatron_coe.training import checkpoint as ckpt
     from megatron_coe.training import setup
     from megatron_coe.training.trainer import preflight
 
-    found = ckpt.find_checkpoint(path)
+    found = checkpointing.find_checkpoint(path)
     if not found:
-        raise FileNotFoundError(f"no published checkpoint (iter_*/{ckpt.META}) in {path}")
+        raise FileNotFoundError(f"no published checkpoint in {path} ({checkpointing.TRACKER} "
+                                "missing): pass a run's --save directory or an iter_* directory")
     args = _args_from_checkpoint(found)
     pre = preflight(args, 1)  # model config, tokenizer, data and shape checks
     _ensure_parallel(args.seed)

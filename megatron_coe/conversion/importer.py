@@ -28,7 +28,6 @@ Upcycling (``upcycle=Upcycle(iterations=C, ...)``) turns a standard MoE (C=1) in
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -156,25 +155,18 @@ def save_model_checkpoint(model, spec: ArchSpec, save_root: str, layout: dict, a
     """Collective: save ``model`` as ``save_root/iter_0000000`` in the trainer's format."""
     from megatron.core import dist_checkpointing
 
+    from megatron_coe import checkpointing
     from megatron_coe.compat import cuda_device_redirect
-    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, publish, write_meta
+    from megatron_coe.conversion.megatron_ckpt import as_conversion_errors, import_meta
 
-    rank = torch.distributed.get_rank()
-    final = os.path.join(save_root, "iter_0000000")
-    tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(save_root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    with cuda_device_redirect():
-        dist_checkpointing.save({"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}, tmp)
-    torch.distributed.barrier()
-    if rank == 0:
-        write_meta(tmp, spec, args_dict, layout, extra_meta)
-        publish(save_root, tmp, final, 0)
-    torch.distributed.barrier()
-    return final
+    def write(tmp: str) -> None:
+        with cuda_device_redirect(), checkpointing.sharded_writer():
+            sharded = model.sharded_state_dict(metadata=checkpointing.SHARDING_METADATA)
+            dist_checkpointing.save({"model": sharded}, tmp)
+
+    meta = import_meta(spec, args_dict, layout, extra_meta) if torch.distributed.get_rank() == 0 else None
+    with as_conversion_errors():
+        return checkpointing.save(save_root, 0, write, meta)
 
 
 def _rank_main(rank, world, hf_dir, save_root, tp, pp, ep, etp, upcycle, seq_length, verbose):
@@ -215,6 +207,11 @@ def import_hf(hf_dir: str, save_root: str, *, tp: int = 1, pp: int = 1, ep: int 
     job's ranks are used (their number must be ``tp * pp * ep * k``); otherwise ``tp * pp * ep``
     gloo processes are forked on this machine.
     """
+    from megatron_coe import checkpointing
+    from megatron_coe.conversion.megatron_ckpt import as_conversion_errors
+
+    with as_conversion_errors():  # a run's checkpoints are never replaced by an import
+        checkpointing.refuse_import_into_run(save_root, hf_dir)
     source = HFSource(hf_dir, upcycle)  # config / weight errors before any process starts
     spec = source.spec
     _check_layout(spec, tp, pp, ep, etp)
@@ -232,13 +229,24 @@ def import_hf(hf_dir: str, save_root: str, *, tp: int = 1, pp: int = 1, ep: int 
         world = torch.distributed.get_world_size()
         if world % (tp * pp * ep):
             raise ConversionError(f"WORLD_SIZE {world} is not a multiple of tp*pp*ep = {tp * pp * ep}")
-        return _rank_main(torch.distributed.get_rank(), world, hf_dir, save_root, tp, pp, ep, etp,
-                          upcycle, seq_length, verbose)
+        with as_conversion_errors():
+            lock = checkpointing.lock_collective(save_root)
+        try:
+            return _rank_main(torch.distributed.get_rank(), world, hf_dir, save_root, tp, pp, ep,
+                              etp, upcycle, seq_length, verbose)
+        finally:
+            if lock is not None:
+                lock.release()
     from megatron_coe.testing.distributed import run_distributed
 
-    return run_distributed(_rank_main, tp * pp * ep, timeout=timeout, hf_dir=hf_dir, save_root=save_root,
-                           tp=tp, pp=pp, ep=ep, etp=etp, upcycle=upcycle, seq_length=seq_length,
-                           verbose=verbose)[0]
+    with as_conversion_errors():
+        lock = checkpointing.SaveLock(save_root)  # the forked ranks do not inherit it
+    try:
+        return run_distributed(_rank_main, tp * pp * ep, timeout=timeout, hf_dir=hf_dir, save_root=save_root,
+                               tp=tp, pp=pp, ep=ep, etp=etp, upcycle=upcycle, seq_length=seq_length,
+                               verbose=verbose)[0]
+    finally:
+        lock.release()
 
 
 def _check_layout(spec: ArchSpec, tp: int, pp: int, ep: int, etp: Optional[int]) -> None:
@@ -264,9 +272,12 @@ def load_checkpoint_into(model, path: str) -> None:
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
-    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, find_checkpoint_dir
+    from megatron_coe import checkpointing
+    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, find_checkpoint_dir, read_meta
 
     path = find_checkpoint_dir(path)
+    with as_conversion_errors():
+        checkpointing.verify(path, read_meta(path))
     with cuda_device_redirect():
         state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
         loaded = dist_checkpointing.load(state, path)

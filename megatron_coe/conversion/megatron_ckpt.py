@@ -14,44 +14,47 @@ target-layout model, fills each local shard from global tensors by name and offs
 ``dist_checkpointing`` exactly as ``megatron_coe.training.checkpoint`` does, plus the
 ``coe_checkpoint.json`` that the trainer's ``--load`` looks for.
 
-Checkpoint layout (``megatron_coe/training/checkpoint.py``)::
-
-    ROOT/iter_NNNNNNN/{metadata.json, .metadata, *.distcp, common.pt, coe_checkpoint.json}
-    ROOT/latest_checkpointed_iteration.txt
+The checkpoint format (names, tracker, metadata, checksums, publishing) is
+``megatron_coe.checkpointing``'s; this module finds, verifies and saves only through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from typing import Callable, Dict, Optional
 
 import torch
 
+from megatron_coe import checkpointing
+from megatron_coe.checkpointing import META, SHARDING_METADATA, CheckpointError
 from megatron_coe.conversion import mapping
 from megatron_coe.conversion.spec import ArchSpec, ConversionError
 
-META = "coe_checkpoint.json"
-TRACKER = "latest_checkpointed_iteration.txt"
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                     "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
 LAYER_PREFIX = "decoder.layers."
 
 
+@contextlib.contextmanager
+def as_conversion_errors():
+    """The format owner's ``CheckpointError`` as this package's ``ConversionError``."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
 def find_checkpoint_dir(path: str) -> str:
-    """``path`` itself if it is a published iteration directory, else the newest one under it."""
+    """``path`` itself if it is a published iteration directory, else the one its tracker names."""
     if not os.path.exists(path):
         raise ConversionError(f"checkpoint path {path} does not exist")
-    if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, ".metadata")):
-        return path
-    from megatron_coe.training.checkpoint import find_checkpoint
-
-    found = find_checkpoint(path)
+    with as_conversion_errors():
+        found = checkpointing.find_checkpoint(path)
     if found is None:
         raise ConversionError(
-            f"{path} holds no published checkpoint (a directory iter_NNNNNNN with {META}); pass the "
-            "--save directory of a training run or one of its iter_* directories")
+            f"{path} holds no published checkpoint ({checkpointing.TRACKER} naming an iter_NNNNNNN "
+            f"with {META}); pass the --save directory of a training run or one of its iter_* "
+            "directories")
     return found
 
 
@@ -96,6 +99,8 @@ class MegatronCheckpoint:
 
         self.path = find_checkpoint_dir(path)
         self.meta = read_meta(self.path)
+        with as_conversion_errors():
+            checkpointing.verify(self.path, self.meta)
         backend = _read_json(os.path.join(self.path, "metadata.json"), required=False) or {}
         if backend and backend.get("sharded_backend") != "torch_dist":
             raise ConversionError(
@@ -213,12 +218,9 @@ def _read_json(path: str, required: bool = True):
 
 
 def read_meta(path: str) -> dict:
-    meta = _read_json(os.path.join(path, META), required=False)
-    if meta is None:
-        raise ConversionError(
-            f"{path} has no {META}: the converter needs the model configuration that the trainer "
-            "records next to its checkpoints")
-    return meta
+    """The checkpoint's metadata (``checkpointing.read_meta``) as a ``ConversionError`` on failure."""
+    with as_conversion_errors():
+        return checkpointing.read_meta(path)
 
 
 def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ArchSpec:
@@ -387,20 +389,9 @@ def _copy_shard(sh, tensors: Dict[str, torch.Tensor], layer_idx: int) -> None:
     local.copy_(piece)
 
 
-def write_meta(iter_dir: str, spec: ArchSpec, args_dict: dict, layout: dict, extra: Optional[dict] = None):
-    meta = dict(format_version=1, iteration=0, consumed_train_samples=0, vocab_size=spec.vocab_size,
-                layout=layout, args=args_dict, model_config=spec.to_dict(), weights_only=True)
+def import_meta(spec: ArchSpec, args_dict: dict, layout: dict, extra: Optional[dict] = None) -> dict:
+    """Metadata of an imported (weights-only) checkpoint; ``checkpointing.save`` adds the rest."""
+    meta = dict(consumed_train_samples=0, vocab_size=spec.vocab_size, layout=layout,
+                args=args_dict, model_config=spec.to_dict(), weights_only=True)
     meta.update(extra or {})
-    with open(os.path.join(iter_dir, META), "w") as f:
-        json.dump(meta, f, indent=1)
-
-
-def publish(root: str, tmp: str, final: str, iteration: int = 0) -> None:
-    """Rename ``tmp`` to ``final`` and point the tracker at it (as the trainer does)."""
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    return meta

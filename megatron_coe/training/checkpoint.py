@@ -1,24 +1,22 @@
-"""Checkpoints with ``megatron.core.dist_checkpointing``, published atomically.
+"""The Megatron state of a trainer checkpoint: sharded model + optimizer, scheduler, RNG.
 
-Layout of ``--save DIR``::
+The on-disk format (directory and file names, tracker, metadata, checksums, atomic publish, the
+``--save`` lock and storage checks) belongs to ``megatron_coe.checkpointing``; this module builds
+what goes into a checkpoint and restores it:
 
-    DIR/iter_0000020/              a published checkpoint (complete by construction)
-        metadata.json, common.pt,  dist_checkpointing: model + distributed optimizer
-        *.distcp, .metadata          (resharding formats) + scheduler (common state)
-        coe_checkpoint.json        iteration, consumed samples, args, padded vocab, layout,
-                                   model_config (``ArchSpec``; what the HF exporter reads)
-        rng/rank_00000.pt          per-rank RNG states (python, numpy, torch, CUDA, Megatron)
-    DIR/iter_0000030.tmp/          being written (or left by a crash): never loaded
-    DIR/latest_checkpointed_iteration.txt
+    iter_N/  *.distcp, .metadata, common.pt, metadata.json   ``dist_checkpointing``: model +
+                                              distributed optimizer + scheduler (common state)
+             rng/rank_00000.pt                per-rank RNG states (python, numpy, torch, CUDA,
+                                              Megatron's tracker)
+             coe_checkpoint.json              consumed samples, args, padded vocab, layout,
+                                              model_config (``ArchSpec``: what the HF exporter
+                                              reads), plus the format owner's fields
 
-All ranks write into ``iter_N.tmp``; after a barrier rank 0 renames it to ``iter_N`` and then
-replaces the tracker file (write-temp + ``os.replace``). ``--load`` considers only directories
-named exactly ``iter_NNNNNNN`` that hold ``coe_checkpoint.json``, so a checkpoint interrupted at
-any point is never picked. Model tensors use Megatron's sharded state dicts and the distributed
-optimizer the ``fully_reshardable`` format (model-space tensors, one per parameter), so model and
-optimizer state reload under other TP / PP / EP / DP sizes; the RNG states are restored only
-under the same layout. (``fully_sharded_model_space``, the 0.16.1 default, cannot be saved: it
-builds ``ShardedTensor.flattened_range``, which 0.16.1's dist_checkpointing rejects.)
+Model tensors use Megatron's sharded state dicts and the distributed optimizer the
+``fully_reshardable`` format (model-space tensors, one per parameter), so model and optimizer
+state reload under other TP / PP / EP / DP sizes; the RNG states are restored only under the same
+layout. (``fully_sharded_model_space``, the 0.16.1 default, cannot be saved: it builds
+``ShardedTensor.flattened_range``, which 0.16.1's dist_checkpointing rejects.)
 
 A checkpoint whose metadata says ``weights_only: true`` (written by ``tools/convert_from_hf.py``)
 holds the model only: ``--load`` takes its weights and starts at iteration 0 with a fresh
@@ -28,49 +26,19 @@ optimizer, schedule and data position, as ``--no-load-optim`` would.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import re
-import shutil
-import threading
 from typing import Optional
 
 import numpy as np
 import torch
 
+from megatron_coe import checkpointing
+from megatron_coe.checkpointing import (  # noqa: F401 - re-exported for the trainer's callers
+    SHARDING_METADATA, CheckpointError, find_checkpoint, read_meta)
 from megatron_coe.training.options import OPTIONS, TrainArgs, flag_name
 
-TRACKER = "latest_checkpointed_iteration.txt"
-META = "coe_checkpoint.json"
-FORMAT_VERSION = 1
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                     "chained_optim_avoid_prefix": True, "singleton_local_shards": False}
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this run; the message says why."""
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def find_checkpoint(load: str) -> Optional[str]:
-    """The newest published checkpoint under ``load`` (or ``load`` itself if it is one)."""
-    if os.path.isfile(os.path.join(load, META)):
-        return load
-    if not os.path.isdir(load):
-        return None
-    found = [(int(m.group(1)), name) for name in os.listdir(load)
-             if (m := _ITER_DIR.match(name)) and os.path.isfile(os.path.join(load, name, META))]
-    return os.path.join(load, max(found)[1]) if found else None
-
-
-def read_meta(path: str) -> dict:
-    with open(os.path.join(path, META)) as f:
-        return json.load(f)
+BYTES_PER_PARAMETER = 16  # fp32 weights + optimizer main param, exp_avg, exp_avg_sq
 
 
 def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) -> None:
@@ -187,99 +155,53 @@ def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
     return state
 
 
-_WARM_UP: Optional[threading.Thread] = None
-_MANAGER = None  # the results Manager we start in place of Megatron's (kept alive here)
-
-
-def _results_queue():
-    """dist_checkpointing's write-results queue, served by a Manager that ignores stop signals.
-
-    Megatron creates it lazily as ``mp.get_context("spawn").Manager().Queue()``
-    (``filesystem_async._get_write_results_queue``, 0.16.1), a server process that dies of the
-    SIGTERM ``scancel`` / Slurm preemption send to every process of the job, so the save the
-    trainer makes on that signal fails ("Connection refused"). We start the same Manager with an
-    initializer that sets SIG_IGN for SIGTERM/SIGUSR1 and hand its queue to Megatron. (Blocking
-    the signals around Megatron's own spawn is not enough: starting multiprocessing's
-    resource tracker unblocks SIGTERM in the spawning thread right before the Manager starts.)
-    """
-    global _MANAGER
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from megatron_coe.training import signals
-
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        from multiprocessing.managers import SyncManager
-
-        from torch import multiprocessing as mp
-
-        with signals.shielded():  # the resource tracker (started by the spawn) keeps USR1 blocked
-            manager = SyncManager(ctx=mp.get_context("spawn"))
-            manager.start(initializer=signals.ignore_in_child)
-        _MANAGER = manager
-        filesystem_async._results_queue = manager.Queue()
-    return filesystem_async._get_write_results_queue()
-
-
-def warm_up_writer() -> None:
-    """Start dist_checkpointing's result-queue process in the background, while training runs.
-
-    The first save creates a spawn-mode ``Manager`` (``filesystem_async.py:51-56``) whose server
-    process imports torch to unpickle the first write results: 3-5 s inside the first save on a
-    small CPU machine. Doing it now (one tensor through the queue) moves that off the save path.
-    The Manager ignores SIGTERM/SIGUSR1 (``_results_queue``).
-    """
-    global _WARM_UP
-
-    def warm():
-        queue = _results_queue()
-        queue.put(torch.zeros(1))
-        queue.get()
-
-    _WARM_UP = threading.Thread(target=warm, name="ckpt-writer-warm-up", daemon=True)
-    _WARM_UP.start()
-
-
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: list, optimizer,
                     scheduler, args: TrainArgs, vocab_size: int, layout) -> str:
-    """Write ``root/iter_N.tmp`` on all ranks, then publish it as ``root/iter_N``."""
+    """Collective: write and publish ``root/iter_N`` (``checkpointing.save``)."""
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
     from megatron_coe.training import signals
 
-    if _WARM_UP is not None:
-        _WARM_UP.join()
-    _results_queue()  # no warm-up (or it failed): start the signal-proof Manager now
     rank = torch.distributed.get_rank()
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
+
+    def write(tmp: str) -> None:
+        # shielded: the writer processes dist_checkpointing forks ignore SIGTERM/SIGUSR1 (the
+        # trainer still sees them afterwards); sharded_writer: they die with this rank.
+        with cuda_device_redirect(), signals.shielded(), checkpointing.sharded_writer():
+            state = _sharded_state(model, optimizer, is_loading=False)
+            state["scheduler"] = scheduler.state_dict()
+            dist_checkpointing.save(state, tmp)
+        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+        rng_file = os.path.join(tmp, "rng", f"rank_{rank:05d}.pt")
+        torch.save(_rng_state(), rng_file)
+        with open(rng_file, "rb+") as f:
+            os.fsync(f.fileno())
+
+    meta = None
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    # shielded: the writer processes dist_checkpointing forks (and the results Manager, if the
-    # warm-up did not start it) ignore SIGTERM/SIGUSR1; the trainer still sees them afterwards.
-    with cuda_device_redirect(), signals.shielded():
-        state = _sharded_state(model, optimizer, is_loading=False)
-        state["scheduler"] = scheduler.state_dict()
-        dist_checkpointing.save(state, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-    if rank == 0:
-        meta = dict(format_version=FORMAT_VERSION, iteration=iteration,
-                    consumed_train_samples=consumed_samples, vocab_size=vocab_size,
+        meta = dict(consumed_train_samples=consumed_samples, vocab_size=vocab_size,
                     layout=vars(layout), args=args.to_dict())
         model_config = _model_config(model, vocab_size, args)
         if model_config is not None:
             meta["model_config"] = model_config
-        with open(os.path.join(tmp, META), "w") as f:
-            json.dump(meta, f, indent=1)
-    torch.distributed.barrier()  # every rank finished writing
-    if rank == 0:
-        _publish(root, tmp, final, iteration)
-    torch.distributed.barrier()
-    return final
+    return checkpointing.save(root, iteration, write, meta)
+
+
+def estimated_bytes(args: TrainArgs, model_config, vocab_size: int) -> int:
+    """About how many bytes one checkpoint of this run takes (0 if unknown)."""
+    from megatron_coe.conversion.megatron_ckpt import canonical_shapes
+    from megatron_coe.conversion.spec import ArchSpec
+
+    try:
+        spec = ArchSpec.from_megatron_config(model_config, vocab_size=vocab_size,
+                                             max_position_embeddings=args.seq_length)
+        shapes = canonical_shapes(spec)
+    except Exception:  # noqa: BLE001 - an estimate only; architectures without an HF form
+        return 0
+    per_layer = sum(int(np.prod(s)) for s in shapes["layer"].values())
+    other = sum(int(np.prod(s)) for s in shapes["non_layer"].values())
+    return (spec.num_layers * per_layer + other) * BYTES_PER_PARAMETER
 
 
 def _model_config(model: list, vocab_size: int, args: TrainArgs) -> Optional[dict]:
@@ -301,26 +223,6 @@ def _model_config(model: list, vocab_size: int, args: TrainArgs) -> Optional[dic
     return spec.to_dict()
 
 
-def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
-    old = final + ".old"
-    if os.path.exists(final):  # re-saving an iteration (e.g. after a resume)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    try:
-        fd = os.open(root, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArgs,
                     layout) -> tuple[int, int]:
     """Load ``path`` (a published iteration directory); returns (iteration, consumed samples).
@@ -334,6 +236,7 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
     from megatron_coe.training.setup import unwrap
 
     meta = read_meta(path)
+    checkpointing.verify(path, meta)  # sizes + CRC-32 of every file (each rank reads a share)
     weights_only = bool(meta.get("weights_only"))
     load_optim = not (args.no_load_optim or weights_only)
     rank = torch.distributed.get_rank()

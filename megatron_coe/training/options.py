@@ -270,6 +270,9 @@ class TrainArgs:
                               "iteration 0); implied for weights-only checkpoints (those of "
                               "tools/convert_from_hf.py).", group=C)
     no_load_rng: bool = opt(False, "Do not restore RNG states.", group=C)
+    exit_on_missing_checkpoint: bool = opt(False, "With --load: exit (status 2) when it holds no "
+                                           "checkpoint (e.g. a typo) instead of training from "
+                                           "scratch with a warning.", group=C)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
