@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_coe.compat import require_transformer_engine
+from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
 
 
 class CoEConfigError(ValueError):
@@ -75,17 +76,15 @@ _SINGLE_PASS_FEATURES = (
     ),
 )
 
-_PARTIAL_CUDA_GRAPH_SCOPES = {"moe", "moe_router", "moe_preprocess"}
+_PARTIAL_CUDA_GRAPH_MODULES = {"moe", "moe_router", "moe_preprocess"}
 
 
-def _partial_moe_cuda_graph_scopes(config) -> list[str]:
+def _partial_moe_cuda_graph_modules(config) -> list[str]:
+    """MoE parts that per-layer CUDA graphs would capture separately (``cuda_graph_scope`` before
+    Megatron-Core 0.18, ``cuda_graph_modules`` from 0.18: ``compat.transformer_config``)."""
     if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
         return []
-    scope = getattr(config, "cuda_graph_scope", None) or []
-    if isinstance(scope, str):
-        scope = scope.split(",")
-    names = [getattr(s, "name", str(s)) for s in scope]
-    return [n for n in names if n in _PARTIAL_CUDA_GRAPH_SCOPES]
+    return [n for n in cuda_graph_capture_modules(config) if n in _PARTIAL_CUDA_GRAPH_MODULES]
 
 
 def validate_coe_config(config) -> None:
@@ -123,12 +122,13 @@ def validate_coe_config(config) -> None:
                     f"{field_name} is not supported with coe_iterations={c.coe_iterations}: {why}. "
                     f"Disable {field_name} or set coe_iterations=1."
                 )
-        scopes = _partial_moe_cuda_graph_scopes(c)
-        if scopes:
+        modules = _partial_moe_cuda_graph_modules(c)
+        if modules:
+            field_name = cuda_graph_field()
             raise CoEConfigError(
-                f"cuda_graph_scope={scopes} captures part of a MoE layer, which assumes one routing "
-                f"pass; with coe_iterations={c.coe_iterations} capture whole layers (scope 'attn' or "
-                "empty) or disable CUDA graphs (cuda_graph_impl='none')."
+                f"{field_name}={modules} captures part of a MoE layer, which assumes one routing "
+                f"pass; with coe_iterations={c.coe_iterations} capture whole layers ({field_name} "
+                "'attn' or empty) or disable CUDA graphs (cuda_graph_impl='none')."
             )
     if c.fp8 or c.fp4:
         require_transformer_engine(f"{'FP8' if c.fp8 else 'FP4'} training (--fp8-format)")

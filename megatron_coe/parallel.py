@@ -1,7 +1,17 @@
-"""Process groups: the one place that initializes Megatron-Core's parallel state and RNG."""
+"""Process groups and RNG: the one place that initializes Megatron-Core's parallel state and seeds.
+
+``initialize_parallel`` builds the groups, seeds every generator once (``seed_rngs``) and
+returns the ``ProcessGroupCollection`` that the rest of the code passes down explicitly
+(``build_coe_gpt_model(pg_collection=...)`` -> ``GPTModel`` -> every layer). No CoE module reads
+``parallel_state``; this module is the only one that initializes it.
+"""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -28,8 +38,24 @@ def initialize_parallel(
         expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=distributed_timeout_minutes,
     )
-    model_parallel_cuda_manual_seed(seed)
-    return ProcessGroupCollection.use_mpu_process_groups()
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    seed_rngs(seed, pg_collection)
+    return pg_collection
+
+
+def seed_rngs(seed: int, pg_collection: ProcessGroupCollection) -> None:
+    """Seed Python, numpy, torch and Megatron's model-parallel RNG tracker for this rank.
+
+    Pipeline stages get different seeds (``seed + 100 * pp_rank``, as Megatron-LM); the tracker
+    adds Megatron's own tensor/expert-parallel offsets for the ranks in ``pg_collection``.
+    """
+    seed = seed + 100 * pg_collection.pp.rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, tp_rank=pg_collection.tp.rank(),
+                                    ep_rank=pg_collection.ep.rank(),
+                                    etp_rank=pg_collection.expt_tp.rank())
 
 
 def destroy_parallel() -> None:

@@ -37,15 +37,14 @@ NUM_EXPERTS, TOPK, EXPERT_FFN, SHARED_FFN = 8, 2, 32, 32
 def _shared_checkpoint_results_queue():
     """Create dist_checkpointing's writer-results queue once, in the pytest process.
 
-    ``filesystem_async._get_write_results_queue`` lazily starts a spawn-mode multiprocessing
-    manager per process; its server imports torch to unpickle the first write results (3-10 s on
-    2 loaded cores). Forked workers inherit the parent's queue proxy (multiprocessing proxies are
-    fork-aware), so each case saves in well under a second instead.
+    dist_checkpointing's results-queue getter (``compat.dist_checkpointing``) lazily starts a
+    spawn-mode multiprocessing manager per process; its server imports torch to unpickle the
+    first write results (3-10 s on 2 loaded cores). Forked workers inherit the parent's queue
+    proxy (multiprocessing proxies are fork-aware), so each case saves in well under a second.
     """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_coe.compat.dist_checkpointing import write_results_queue
 
-    if hasattr(filesystem_async, "_get_write_results_queue"):
-        filesystem_async._get_write_results_queue()
+    write_results_queue()
 
 
 def _config(tp=1, ep=1, etp=None, dispatcher="alltoall", mla=False, **overrides):
@@ -73,10 +72,11 @@ def _config(tp=1, ep=1, etp=None, dispatcher="alltoall", mla=False, **overrides)
     return tiny_config(mla=mla, **fields)
 
 
-def _build(config):
+def _build(config, pg_collection):
     from megatron_coe.models.gpt import build_coe_gpt_model
 
-    model = build_coe_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = build_coe_gpt_model(config, pg_collection=pg_collection, vocab_size=VOCAB,
+                                max_sequence_length=SEQ)
     model.train()
     return model
 
@@ -161,8 +161,8 @@ def _equivalence_worker(rank, world_size, *, case, ckpt_dir):
     tokens = _global_batch(dp_size * MICRO_BATCH)
 
     # ---------------------------------------------------------------- reference: EP=1, TP=1
-    initialize_parallel(seed=SEED)
-    ref = _build(_config(**overrides))
+    pg = initialize_parallel(seed=SEED)
+    ref = _build(_config(**overrides), pg)
     with torch.no_grad():  # identical replicas on every rank, whatever the per-rank RNG did
         for p in ref.parameters():
             dist.broadcast(p.data, src=0)
@@ -179,8 +179,8 @@ def _equivalence_worker(rank, world_size, *, case, ckpt_dir):
     parallel_state.destroy_model_parallel()
 
     # ---------------------------------------------------------------- parallel layout
-    initialize_parallel(tp, 1, ep, etp, seed=SEED + 7)  # other seed: weights must come from ckpt
-    model = _build(_config(tp=tp, ep=ep, etp=etp, dispatcher=case["dispatcher"], **overrides))
+    pg = initialize_parallel(tp, 1, ep, etp, seed=SEED + 7)  # other seed: weights must come from ckpt
+    model = _build(_config(tp=tp, ep=ep, etp=etp, dispatcher=case["dispatcher"], **overrides), pg)
     weights_req = _sharded_state_dict(model, "w.")
     grads_req = _sharded_state_dict(
         model, "g.", {n: torch.empty_like(p) for n, p in model.named_parameters()}
@@ -280,8 +280,8 @@ def test_parallel_layout_reproduces_reference(name, tmp_path):
 def _routing_worker(rank, world_size, *, shared):
     from megatron_coe.parallel import initialize_parallel
 
-    initialize_parallel(seed=SEED)
-    model = _build(_config(coe_shared_router=shared))
+    pg = initialize_parallel(seed=SEED)
+    model = _build(_config(coe_shared_router=shared), pg)
     out = {}
     for layer_index, layer in enumerate(_coe_layers(model)):
         # Same input through the routers of pass 1 and pass 2.

@@ -22,13 +22,13 @@ def _batch(rank, step):
 
 
 def _train(rank, world_size, mla):
-    initialize_parallel(expert_model_parallel_size=2, seed=3)
+    pg = initialize_parallel(expert_model_parallel_size=2, seed=3)
     config = tiny_config(
         mla=mla, expert_model_parallel_size=2, moe_shared_expert_intermediate_size=32,
         moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-3,
         moe_router_pre_softmax=True,
     )
-    model = build_coe_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    model = build_coe_gpt_model(config, pg_collection=pg, vocab_size=VOCAB, max_sequence_length=SEQ)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     dp_group = parallel_state.get_data_parallel_group()  # replicas of non-expert params
     expert_dp_group = parallel_state.get_expert_data_parallel_group()

@@ -29,8 +29,9 @@ def _forward_backward(model):
 def _build(seed=5, **overrides):
     torch.manual_seed(seed)
     destroy_parallel()
-    initialize_parallel(seed=seed)
-    return build_coe_gpt_model(tiny_config(**overrides), vocab_size=VOCAB, max_sequence_length=SEQ)
+    pg = initialize_parallel(seed=seed)
+    return build_coe_gpt_model(tiny_config(**overrides), pg_collection=pg, vocab_size=VOCAB,
+                               max_sequence_length=SEQ)
 
 
 def _recompute(rank, world_size):

@@ -27,7 +27,7 @@ def _stock_to_coe_key(key: str) -> str:
 
 
 def _run(rank, world_size, ep, dispatcher, shared_expert):
-    initialize_parallel(expert_model_parallel_size=ep, seed=7)
+    pg = initialize_parallel(expert_model_parallel_size=ep, seed=7)
     moe = dict(
         moe_token_dispatcher_type=dispatcher,
         expert_model_parallel_size=ep,
@@ -46,7 +46,7 @@ def _run(rank, world_size, ep, dispatcher, shared_expert):
         transformer_layer_spec=get_gpt_layer_local_spec(num_experts=8, normalization="RMSNorm"),
         vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
     )
-    coe = build_coe_gpt_model(coe_cfg, vocab_size=VOCAB, max_sequence_length=SEQ)
+    coe = build_coe_gpt_model(coe_cfg, pg_collection=pg, vocab_size=VOCAB, max_sequence_length=SEQ)
 
     stock_sd = {k: v for k, v in stock.state_dict().items() if "_extra_state" not in k}
     coe_sd = {_stock_to_coe_key(k): v for k, v in stock_sd.items()}

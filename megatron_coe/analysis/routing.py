@@ -172,10 +172,11 @@ def _args_from_checkpoint(path: str):
 
 
 _PARALLEL_READY = False
+_PG_COLLECTION = None  # the ProcessGroupCollection of initialize_parallel, while _PARALLEL_READY
 
 
 def _ensure_parallel(seed: int) -> None:
-    global _PARALLEL_READY
+    global _PARALLEL_READY, _PG_COLLECTION
     if _PARALLEL_READY:
         return
     from megatron_coe.compat import install_cpu_compat
@@ -185,7 +186,7 @@ def _ensure_parallel(seed: int) -> None:
     install_cpu_compat()
     if not torch.distributed.is_initialized():
         setup.init_distributed(_args_from_none())
-    initialize_parallel(1, 1, 1, None, seed)
+    _PG_COLLECTION = initialize_parallel(1, 1, 1, None, seed)
     _PARALLEL_READY = True
 
 
@@ -221,8 +222,10 @@ def load_model(path: str):
     args = _args_from_checkpoint(found)
     pre = preflight(args, 1)  # model config, tokenizer, data and shape checks
     _ensure_parallel(args.seed)
-    setup.set_seed(args.seed)
-    model = setup.build_model(args, pre.model_config, pre.vocab_size)
+    from megatron_coe.parallel import seed_rngs
+
+    seed_rngs(args.seed, _PG_COLLECTION)
+    model = setup.build_model(args, pre.model_config, pre.vocab_size, _PG_COLLECTION)
     ckpt.load_checkpoint(found, model, None, None, args, pre.layout)
     for chunk in model:
         chunk.eval()

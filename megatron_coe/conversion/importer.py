@@ -138,13 +138,13 @@ def build_model(spec: ArchSpec, tp: int = 1, pp: int = 1, ep: int = 1, etp: Opti
     from megatron_coe.parallel import initialize_parallel
 
     install_cpu_compat()
-    initialize_parallel(tp, pp, ep, etp, seed=seed)
+    pg_collection = initialize_parallel(tp, pp, ep, etp, seed=seed)
     dtype = getattr(torch, spec.dtype)
     config = spec.to_megatron_config(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp or tp, sequence_parallel=tp > 1, params_dtype=dtype,
         pipeline_dtype=dtype)
-    model = build_coe_gpt_model(config, vocab_size=spec.vocab_size,
+    model = build_coe_gpt_model(config, pg_collection=pg_collection, vocab_size=spec.vocab_size,
                                 max_sequence_length=spec.max_position_embeddings,
                                 share_embeddings_and_output_weights=spec.tie_word_embeddings)
     return model, config

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.pipeline_parallel.utils import (
+    is_pp_first_stage,
+    is_pp_last_stage,
+    is_vp_first_stage,
+    is_vp_last_stage,
+)
 
 from megatron_coe.models.specs import get_coe_block_spec
 
@@ -13,6 +18,7 @@ from megatron_coe.models.specs import get_coe_block_spec
 def build_coe_gpt_model(
     config,
     *,
+    pg_collection,
     vocab_size: int,
     max_sequence_length: int,
     use_transformer_engine: bool = False,
@@ -24,18 +30,25 @@ def build_coe_gpt_model(
 ) -> GPTModel:
     """A ``GPTModel`` whose every layer is a ``CoETransformerLayer`` with a ``ChainOfExpertsLayer``.
 
-    Rotary position embeddings are used for both attention kinds (MLA applies its own RoPE).
-    ``pre_process``/``post_process`` default to this rank's pipeline stage.
+    ``pg_collection``: the ``ProcessGroupCollection`` from ``megatron_coe.parallel.
+    initialize_parallel``; it is handed to ``GPTModel``, which passes it to the decoder block,
+    every transformer layer and, through them, every CoE layer, router, dispatcher and expert.
+    This rank's pipeline stage (``pre_process``/``post_process`` defaults and the layers to
+    build) comes from ``pg_collection.pp``. Rotary position embeddings are used for both
+    attention kinds (MLA applies its own RoPE).
     """
+    if pg_collection is None:
+        raise ValueError("build_coe_gpt_model needs pg_collection: pass the ProcessGroupCollection "
+                         "returned by megatron_coe.parallel.initialize_parallel().")
+    vp_size = config.virtual_pipeline_model_parallel_size
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pre_process = is_pp_first_stage(pg_collection.pp) and is_vp_first_stage(vp_stage, vp_size)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post_process = is_pp_last_stage(pg_collection.pp) and is_vp_last_stage(vp_stage, vp_size)
     return GPTModel(
         config=config,
         transformer_layer_spec=get_coe_block_spec(
-            config, use_transformer_engine, vp_stage=vp_stage,
-            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            config, use_transformer_engine, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank(),
         ),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
@@ -44,5 +57,6 @@ def build_coe_gpt_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        pg_collection=pg_collection,
         vp_stage=vp_stage,
     )

@@ -34,6 +34,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_coe.compat import TransformerEngineUnavailable, require_transformer_engine  # noqa: F401
+from megatron_coe.compat.moe_specs_and_signatures import as_module_spec, spec_module, spec_submodules
 from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 from megatron_coe.transformer.coe_router import CoETopKRouter
 from megatron_coe.transformer.coe_transformer_layer import CoETransformerLayer
@@ -41,16 +42,20 @@ from megatron_coe.transformer.grouped_experts import GroupedSequentialMLP
 from megatron_coe.transformer.local_modules import MLADotProductAttention, TorchNorm
 
 
-def _coe_mlp_spec(mlp_spec: ModuleSpec, local: bool) -> ModuleSpec:
+def _coe_mlp_spec(mlp_spec, local: bool) -> ModuleSpec:
     """Megatron's MoE module spec with the CoE layer and per-pass router swapped in (and, for
-    the local spec, ``SequentialMLP`` experts replaced by ``GroupedSequentialMLP``)."""
+    the local spec, ``SequentialMLP`` experts replaced by ``GroupedSequentialMLP``).
+
+    ``mlp_spec`` is upstream's MoE builder in the installed release's form (``ModuleSpec`` or
+    ``functools.partial``, see ``compat.moe_specs_and_signatures``); the result is a
+    ``ModuleSpec`` on every release, its routed experts too."""
+    submodules = spec_submodules(mlp_spec)
     replace = dict(router=CoETopKRouter)
-    experts = mlp_spec.submodules.experts
-    if local and experts.module is SequentialMLP:
-        replace["experts"] = dataclasses.replace(experts, module=GroupedSequentialMLP)
-    submodules = dataclasses.replace(mlp_spec.submodules, **replace)
-    return ModuleSpec(module=ChainOfExpertsLayer, params=dict(mlp_spec.params or {}),
-                      submodules=submodules, metainfo=dict(mlp_spec.metainfo or {}))
+    experts = submodules.experts
+    if local and spec_module(experts) is SequentialMLP:
+        replace["experts"] = as_module_spec(experts, module=GroupedSequentialMLP)
+    submodules = dataclasses.replace(submodules, **replace)
+    return as_module_spec(mlp_spec, module=ChainOfExpertsLayer, submodules=submodules)
 
 
 def _localize(layer_submodules, multi_latent_attention: bool):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import socket
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -160,18 +158,6 @@ def init_distributed(args: TrainArgs) -> None:
         backend=backend, timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
 
 
-def set_seed(seed: int) -> None:
-    """Python, numpy, torch and Megatron's model-parallel RNG tracker (call after parallel init)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-
-
 # --------------------------------------------------------------------------- model
 def padded_vocab_size(vocab_size: int, args: TrainArgs) -> int:
     multiple = args.make_vocab_size_divisible_by
@@ -229,8 +215,11 @@ def _build_model_config(args: TrainArgs):
     return CoETransformerConfig(**kw)
 
 
-def build_model(args: TrainArgs, config, vocab_size: int) -> list:
-    """``[DistributedDataParallel(GPTModel)]`` (one chunk: no virtual pipeline stages)."""
+def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list:
+    """``[DistributedDataParallel(GPTModel)]`` (one chunk: no virtual pipeline stages).
+
+    ``pg_collection``: the ``ProcessGroupCollection`` from ``parallel.initialize_parallel``
+    (which also seeded the RNGs); the model and all its layers use these groups."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
@@ -239,8 +228,8 @@ def build_model(args: TrainArgs, config, vocab_size: int) -> list:
     install_cpu_compat()
     plan = precision_plan(args)
     model = build_coe_gpt_model(
-        config, vocab_size=vocab_size, max_sequence_length=args.seq_length,
-        use_transformer_engine=plan.use_transformer_engine)
+        config, pg_collection=pg_collection, vocab_size=vocab_size,
+        max_sequence_length=args.seq_length, use_transformer_engine=plan.use_transformer_engine)
     if use_cuda():
         model.cuda(torch.cuda.current_device())
     if plan.bf16:

@@ -25,6 +25,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.typed_torch import apply_module
 
+from megatron_coe.compat.moe_specs_and_signatures import supported_kwargs
 from megatron_coe.transformer.coe_router import CoETopKRouter
 
 
@@ -41,19 +42,25 @@ class ChainOfExpertsLayer(MoELayer):
     """
 
     def __init__(self, config, submodules: Optional[MoESubmodules] = None, layer_number=None,
-                 pg_collection=None):
+                 pg_collection=None, **kwargs):
+        # kwargs: keywords newer releases pass (is_mtp_layer >= 0.17, name >= 0.18), forwarded
+        # where the installed MoELayer takes them (compat.moe_specs_and_signatures).
+        base_kwargs = supported_kwargs(MoELayer.__init__, kwargs)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
-                         pg_collection=pg_collection)
+                         pg_collection=pg_collection, **base_kwargs)
         self.num_passes = config.coe_iterations
         # MoELayer built one router (``self.router``); it becomes pass 1's router so that a C=1
-        # CoE layer consumes the RNG exactly like MoELayer. Later passes get their own routers.
+        # CoE layer consumes the RNG exactly like MoELayer. Later passes get their own routers,
+        # built with the same arguments as MoELayer's.
         first_router = self.router
         del self.router
         num_routers = 1 if config.coe_shared_router else self.num_passes
+        router_kwargs = {k: v for k, v in base_kwargs.items() if k == "is_mtp_layer"}
         self.routers = torch.nn.ModuleList(
             [first_router]
             + [
-                submodules.router(config=self.config, pg_collection=pg_collection)
+                submodules.router(config=self.config, pg_collection=pg_collection,
+                                  **router_kwargs)
                 for _ in range(num_routers - 1)
             ]
         )

@@ -1,10 +1,12 @@
 """Per-pass router for Chain-of-Experts: Megatron's ``TopKRouter`` that logs per (layer, pass).
 
-Routing itself is Megatron-Core's (softmax/sigmoid scores, pre-softmax, top-k scaling,
-group-limited routing, aux / seq-aux / global-aux loss, z-loss, expert bias, token dropping).
-The only change is where the auxiliary losses are recorded: Megatron's tracker keeps one slot
-per layer and name, so C passes of one layer would be summed together. Here every name gets a
-``_pass{t}`` suffix (t = 1..C), giving one tracker entry per (layer, pass).
+Routing and every loss are the installed Megatron-Core's own (softmax/sigmoid scores,
+pre-softmax, top-k scaling, group-limited routing, aux / seq-aux / global-aux loss, z-loss and
+their scaling, expert bias, token dropping): ``forward`` is ``TopKRouter.forward`` unchanged.
+The only difference is where the losses are *recorded*: Megatron's tracker keeps one slot per
+layer and name, so C passes of one layer would be summed together. The forward runs inside
+``compat.router_losses.metric_names_suffixed("_pass{t}")`` (t = 1..C), giving one tracker entry
+per (layer, pass): ``load_balancing_loss_pass1``, ``z_loss_pass2``, ...
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from typing import Optional
 
 import torch
 
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    save_to_aux_losses_tracker,
-    z_loss_func,
-)
 from megatron.core.transformer.moe.router import TopKRouter
+
+from megatron_coe.compat.moe_specs_and_signatures import supported_kwargs
+from megatron_coe.compat.router_losses import metric_names_suffixed
 
 
 def pass_metric_name(name: str, pass_number: int) -> str:
@@ -30,55 +30,16 @@ class CoETopKRouter(TopKRouter):
     """``TopKRouter`` whose aux-loss and z-loss records carry the CoE pass number.
 
     ``pass_number`` is set by the owning ``ChainOfExpertsLayer`` before each call (a router shared
-    by all passes in the shared-router ablation is called once per pass).
+    by all passes in the shared-router ablation is called once per pass). Constructor keywords
+    newer releases pass (``is_mtp_layer``) are forwarded where the installed ``TopKRouter``
+    takes them.
     """
 
-    def __init__(self, config, pg_collection=None) -> None:
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, **kwargs) -> None:
+        super().__init__(config=config, pg_collection=pg_collection,
+                         **supported_kwargs(TopKRouter.__init__, kwargs))
         self.pass_number = 1
 
-    def _tracker_num_layers(self) -> int:
-        num_layers = self.config.num_layers
-        if self.config.mtp_num_layers is not None:
-            num_layers += self.config.mtp_num_layers
-        return num_layers
-
-    def attach_and_log_load_balancing_loss(
-        self,
-        activation,
-        aux_loss_coeff,
-        aux_loss,
-        aux_loss_name,
-        reduce_group,
-        reduce_group_has_dp=False,
-        valid_token_count=None,
-    ):
-        return super().attach_and_log_load_balancing_loss(
-            activation,
-            aux_loss_coeff,
-            aux_loss,
-            pass_metric_name(aux_loss_name, self.pass_number),
-            reduce_group,
-            reduce_group_has_dp=reduce_group_has_dp,
-            valid_token_count=valid_token_count,
-        )
-
-    def apply_z_loss(self, logits, padding_mask: Optional[torch.Tensor] = None):
-        """Megatron's z-loss (same scaling rules), recorded as ``z_loss_pass{t}``."""
-        if self.config.moe_z_loss_coeff is None or not self.training or not torch.is_grad_enabled():
-            return logits
-        coeff = self.config.moe_z_loss_coeff / self.tp_cp_group.size()
-        z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask)
-        scaled = z_loss
-        if self.calculate_per_token_loss:
-            # Same correction as TopKRouter.apply_z_loss: finalize_model_grads divides by tokens.
-            num_tokens = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
-            scaled = z_loss * num_tokens
-        logits = MoEAuxLossAutoScaler.apply(logits, scaled)
-        save_to_aux_losses_tracker(
-            pass_metric_name("z_loss", self.pass_number),
-            z_loss / coeff,
-            self.layer_number,
-            self._tracker_num_layers(),
-        )
-        return logits
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        with metric_names_suffixed(pass_metric_name("", self.pass_number)):
+            return super().forward(input, padding_mask)

@@ -6,31 +6,24 @@ the pre-MLP layernorm. In Megatron that add is the layer's ``mlp_bda`` (bias-dro
 ``x_C`` exactly; with it on (and C=1, inner residual off) the layer is Megatron's standard MoE
 transformer layer, unchanged.
 
-It also hands the process-group collection to the CoE MLP explicitly: Megatron's
-``TransformerLayer`` only does so for the exact class ``MoELayer``.
+The layer's ``pg_collection`` (given by the ``TransformerBlock``, which got it from ``GPTModel``)
+reaches the CoE MLP on every supported release: ``compat.moe_specs_and_signatures.
+mlp_spec_with_process_groups`` puts it into the MLP spec where the installed ``TransformerLayer``
+would not pass it to a ``MoELayer`` subclass (< 0.18).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-
-class _KnownCoEMLPFilter(logging.Filter):
-    """Drop TransformerLayer's "Unknown MLP type" warning: this layer passes pg_collection itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unknown MLP type")
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_KnownCoEMLPFilter())
+from megatron_coe.compat.moe_specs_and_signatures import (
+    mlp_spec_with_process_groups,
+    supported_kwargs,
+)
 
 
 def get_bias_dropout(training: bool, fused: bool):
@@ -51,17 +44,13 @@ class CoETransformerLayer(TransformerLayer):
     """``TransformerLayer`` whose MLP residual follows ``config.coe_outer_residual``."""
 
     def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None):
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
-        mlp = submodules.mlp
-        if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(
-            mlp.module, MoELayer
-        ) and mlp.module is not MoELayer:
-            params = dict(mlp.params or {}, pg_collection=pg_collection)
-            submodules = dataclasses.replace(submodules, mlp=dataclasses.replace(mlp, params=params))
+                 pg_collection=None, vp_stage=None, **kwargs):
+        # kwargs: keywords newer releases pass (e.g. is_mtp_layer, name), forwarded where the
+        # installed TransformerLayer takes them.
+        replace = dict(mlp=mlp_spec_with_process_groups(submodules.mlp, pg_collection))
         if not getattr(config, "coe_outer_residual", True):
-            submodules = dataclasses.replace(submodules, mlp_bda=get_bias_dropout)
+            replace["mlp_bda"] = get_bias_dropout
+        submodules = dataclasses.replace(submodules, **replace)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection,
-                         vp_stage=vp_stage)
+                         vp_stage=vp_stage, **supported_kwargs(TransformerLayer.__init__, kwargs))

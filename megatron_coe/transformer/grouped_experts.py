@@ -44,6 +44,8 @@ import contextlib
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from megatron_coe.compat.moe_specs_and_signatures import supported_kwargs
+
 
 def grouped_compute_blockers(config) -> list[str]:
     """Config settings that make ``GroupedSequentialMLP`` use ``SequentialMLP``'s loop instead."""
@@ -128,8 +130,11 @@ class _GroupedLinear(torch.autograd.Function):
 class GroupedSequentialMLP(SequentialMLP):
     """``SequentialMLP`` whose local experts run as two grouped linears (see the module docstring)."""
 
-    def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+    def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
+        # kwargs: keywords newer releases pass (name >= 0.18), forwarded where the installed
+        # SequentialMLP takes them (compat.moe_specs_and_signatures).
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection,
+                         **supported_kwargs(SequentialMLP.__init__, kwargs))
         self.grouped_compute = not grouped_compute_blockers(self.config)
         self._weight_grads = None  # {"linear_fc1": _WeightGrads, ...} inside chain_scope()
 

@@ -1,51 +1,32 @@
-"""Narrow compatibility layer between Megatron-Core 0.16.x and machines it does not expect.
+"""CUDA on a machine without CUDA: stand-ins for the CUDA calls Megatron-Core makes unconditionally.
 
-Two independent parts, both idempotent and both no-ops where they are not needed:
+``install_cpu_compat()`` is activated only when ``torch.cuda.is_available()`` is False (it is a
+no-op on GPU machines; it also applies ``te_absent.install_megatron_fixes()``). Call sites
+(file names inside ``megatron/core``; registry entries ``cuda.*``):
 
-``install_megatron_fixes()``
-    Workarounds for Megatron-Core 0.16.1 bugs that show whenever Transformer Engine is absent
-    (CPU machines, or GPU machines running the local spec). Applied on every machine.
+* ``moe/token_dispatcher.py`` ``torch.cuda.Stream()`` / ``torch.cuda.stream()``;
+  ``dist_checkpointing/strategies/filesystem_async.py`` ``torch.cuda.synchronize()``:
+  streams, events and synchronize become no-ops (``cuda.streams``).
+* ``torch.cuda.current_device()`` used as a device (router, utils, tensor-parallel mappings and
+  layers, rotary embeddings, DDP buffers, the checkpoint saver): it returns the CPU device
+  (``cuda.current_device``).
+* RNG: ``tensor_parallel/random.py`` seeds and forks the CUDA generator (attention dropout and
+  expert init ``fork()`` the tracker): routed to the CPU default generator (``cuda.rng``).
+* ``moe/moe_utils.py`` ``maybe_move_tensor_to_cpu`` turns all-to-all split sizes into numpy only
+  for CUDA tensors, so ``all_to_all_single`` gets tensors (TypeError on gloo): CPU split sizes
+  are converted too (``cuda.alltoall_split_sizes``).
+* ``tensor_parallel/mappings.py`` ``_gather_along_first_dim`` gathers uneven shards (the
+  all-to-all dispatcher with expert tensor parallelism > 1) with a list ``all_gather``, which
+  gloo rejects: CPU tensors are padded to the longest shard, gathered and unpadded
+  (``cuda.uneven_all_gather``).
+* ``transformer/utils.py`` ``get_default_causal_mask`` (used by ``fusions/fused_softmax.py``
+  when no mask is passed) allocates on ``device="cuda"``: a CPU version is bound in
+  ``fused_softmax`` (``cuda.causal_mask``).
 
-    * ``moe/moe_utils.py:1192`` reads the global ``te_general_gemm``, which is only defined
-      when TE imports: every router forward raises ``NameError``. We define it as ``None``
-      (the non-TE branch of ``RouterGatingLinearFunction`` is then taken, as upstream does
-      from 0.19 on).
-    * ``extensions/transformer_engine.py:66-77`` replaces a missing ``transformer_engine`` by a
-      ``MagicMock``, so ``transformer/multi_latent_attention.py:55-62`` believes TE is there
-      (``HAVE_TE=True``, ``TELinear`` a mock) and MLA fails in ``isinstance``. We set
-      ``multi_latent_attention.HAVE_TE = False``.
-
-``install_cpu_compat()``
-    Activated only when ``torch.cuda.is_available()`` is False. Megatron-Core calls CUDA APIs
-    unconditionally in these places (file:line inside ``megatron/core``, 0.16.1):
-
-    * ``moe/token_dispatcher.py:445`` ``torch.cuda.Stream()``, ``:874`` ``torch.cuda.stream()``;
-      ``dist_checkpointing/strategies/filesystem_async.py`` ``torch.cuda.synchronize()``:
-      streams, events and synchronize become no-ops.
-    * ``torch.cuda.current_device()`` used as a device: ``moe/router.py:90``, ``utils.py:631``,
-      ``tensor_parallel/mappings.py:141,148,181,442``, ``tensor_parallel/layers.py:552``,
-      ``models/common/embeddings/rotary_pos_embedding.py:78,162``,
-      ``distributed/param_and_grad_buffer.py:800,806``,
-      ``dist_checkpointing/strategies/state_dict_saver.py:252``: it returns the CPU device.
-    * RNG: ``tensor_parallel/random.py:235-240,422`` seed and fork the CUDA generator (attention
-      dropout and expert init ``fork()`` the tracker): routed to the CPU default generator.
-    * ``moe/moe_utils.py:1093`` turns all-to-all split sizes into numpy only for CUDA tensors, so
-      ``tensor_parallel/mappings.py:444`` hands tensors to ``all_to_all_single`` (TypeError on
-      gloo): CPU split sizes are converted too.
-    * ``tensor_parallel/mappings.py:148-150`` gathers uneven shards (``output_split_sizes``, used
-      by the all-to-all dispatcher with expert tensor parallelism > 1) with a list
-      ``all_gather``, which gloo rejects ("invalid tensor size"): CPU tensors are padded to the
-      longest shard, gathered and unpadded. (The uneven ``reduce_scatter`` of its backward works
-      on gloo as is.)
-    * ``transformer/utils.py:35`` ``get_default_causal_mask`` (used by ``fusions/fused_softmax.py:327``
-      when no attention mask is passed) allocates on ``device="cuda"``: a CPU version is bound
-      in ``fused_softmax``.
-
-    ``cuda_device_redirect()`` is a separate, opt-in context for the training loop: Megatron's
-    DDP and optimizers create tensors with a literal ``device='cuda'`` (``optimizer/optimizer.py:481,485``,
-    ``optimizer/clip_grads.py:103,174``) and compare ``param.type()`` against
-    ``'torch.cuda.FloatTensor'`` (``optimizer/distrib_optimizer.py:361,420,431,582``,
-    ``clip_grads.py:167``). Models alone never need it.
+``cuda_device_redirect()`` is a separate, opt-in context for the training loop
+(``cuda.device_redirect``): Megatron's DDP, optimizers and schedules create tensors with a
+literal ``device='cuda'`` and compare ``param.type()`` against ``'torch.cuda.FloatTensor'``.
+Models alone never need it.
 
 Nothing here changes numerics; ``tests/test_compat.py`` checks each stand-in.
 """
@@ -58,53 +39,7 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
-_FIXES_INSTALLED = False
 _CPU_INSTALLED = False
-
-
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match torch
-        return False
-    return True
-
-
-class TransformerEngineUnavailable(RuntimeError):
-    """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
-
-
-def require_transformer_engine(what: str) -> None:
-    """Raise a clear error unless Transformer Engine and a CUDA device are both present.
-
-    GPU-only paths (TE specs, FP8, grouped GEMM) call this and never fall back silently."""
-    if not torch.cuda.is_available():
-        raise TransformerEngineUnavailable(
-            f"{what} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device. "
-            "On CPU use the local spec (--transformer-impl local) and no --fp8-format."
-        )
-    if not have_transformer_engine():
-        raise TransformerEngineUnavailable(
-            f"{what} needs Transformer Engine, which is not importable here. Install it "
-            "(requirements-gpu.txt, or use an NVIDIA PyTorch container) or use --transformer-impl local."
-        )
-
-
-def install_megatron_fixes() -> None:
-    """Work around Megatron-Core 0.16.1 bugs that show without Transformer Engine."""
-    global _FIXES_INSTALLED
-    if _FIXES_INSTALLED:
-        return
-    import megatron.core.transformer.moe.moe_utils as moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    if not have_transformer_engine():
-        import megatron.core.transformer.multi_latent_attention as mla
-
-        mla.HAVE_TE = False
-    _FIXES_INSTALLED = True
 
 
 class _NoOpEvent:
@@ -159,6 +94,8 @@ _DEFAULT_STREAM = _NoOpStream()
 def install_cpu_compat() -> bool:
     """Install the CPU stand-ins if (and only if) no CUDA device exists. Returns True if active."""
     global _CPU_INSTALLED
+    from megatron_coe.compat.te_absent import install_megatron_fixes
+
     install_megatron_fixes()
     if torch.cuda.is_available():
         return False

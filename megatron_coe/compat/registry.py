@@ -1,0 +1,129 @@
+"""Every patch, stand-in and version adaptation between megatron-coe and Megatron-Core.
+
+One ``Entry`` per workaround: its name, the compat module that holds it (``area``), what kind
+of change it is, the upstream call sites it covers (paths inside ``megatron/core``), the
+Megatron-Core versions it applies to, and a one-line summary. Outside these versions the
+code path is not taken (a version adaptation picks the other branch).
+
+Kinds:
+    stand-in    replaces a CUDA API that Megatron-Core calls unconditionally (CPU only)
+    patch       rebinds a name inside ``megatron.core`` (an upstream bug or a CPU limitation)
+    adaptation  calls or builds what the installed version expects (no upstream change)
+
+``tests/test_compat_registry.py`` lists this registry and exercises every entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from megatron_coe.compat.versions import megatron_core_version, in_range
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    area: str  # module of megatron_coe.compat that implements it
+    kind: str  # "stand-in" | "patch" | "adaptation"
+    upstream: Tuple[str, ...]  # call sites / names inside megatron/core
+    versions: str  # ">=A,<B" (see versions.in_range)
+    summary: str
+
+    def applies(self, version=None) -> bool:
+        return in_range(version or megatron_core_version(), self.versions)
+
+
+ALL = ">=0.16.1"
+
+REGISTRY: Tuple[Entry, ...] = (
+    # ---------------------------------------------------------------- cuda_on_cpu (no CUDA only)
+    Entry("cuda.streams", "cuda_on_cpu", "stand-in",
+          ("transformer/moe/token_dispatcher.py: torch.cuda.Stream(), torch.cuda.stream()",
+           "dist_checkpointing/strategies/filesystem_async.py: torch.cuda.synchronize()"),
+          ALL, "CUDA streams, events and synchronize are no-ops"),
+    Entry("cuda.current_device", "cuda_on_cpu", "stand-in",
+          ("transformer/moe/router.py", "utils.py", "tensor_parallel/mappings.py",
+           "tensor_parallel/layers.py", "models/common/embeddings/rotary_pos_embedding.py",
+           "distributed/param_and_grad_buffer.py",
+           "dist_checkpointing/strategies/state_dict_saver.py"),
+          ALL, "torch.cuda.current_device() returns the CPU device"),
+    Entry("cuda.rng", "cuda_on_cpu", "stand-in",
+          ("tensor_parallel/random.py: _set_cuda_rng_state, model_parallel_cuda_manual_seed, "
+           "CudaRNGStatesTracker.fork",),
+          ALL, "the CUDA RNG calls drive the CPU default generator"),
+    Entry("cuda.alltoall_split_sizes", "cuda_on_cpu", "patch",
+          ("transformer/moe/moe_utils.py: maybe_move_tensor_to_cpu",
+           "transformer/moe/token_dispatcher.py (its imported binding)"),
+          ALL, "all-to-all split sizes become numpy for CPU tensors too (gloo all_to_all_single)"),
+    Entry("cuda.uneven_all_gather", "cuda_on_cpu", "patch",
+          ("tensor_parallel/mappings.py: _gather_along_first_dim(output_split_sizes=...)",),
+          ALL, "uneven all-gather (expert-TP > 1 all-to-all dispatcher) padded for gloo"),
+    Entry("cuda.causal_mask", "cuda_on_cpu", "patch",
+          ("fusions/fused_softmax.py: get_default_causal_mask (transformer/utils.py, device='cuda')",),
+          ALL, "default causal mask allocated on the CPU"),
+    Entry("cuda.device_redirect", "cuda_on_cpu", "stand-in",
+          ("optimizer/optimizer.py, optimizer/clip_grads.py: device='cuda'",
+           "optimizer/distrib_optimizer.py: param.type() == 'torch.cuda.FloatTensor'",
+           "pipeline_parallel/schedules.py: device='cuda' counters"),
+          ALL, "opt-in context mapping device='cuda' to the CPU for DDP/optimizer/schedules"),
+    # ---------------------------------------------------------------- te_absent
+    Entry("te.router_gemm_name", "te_absent", "patch",
+          ("transformer/moe/moe_utils.py: RouterGatingLinearFunction reads te_general_gemm",),
+          ">=0.16.1,<0.17", "te_general_gemm defined as None (NameError in every router forward)"),
+    Entry("te.mla_have_te", "te_absent", "patch",
+          ("transformer/multi_latent_attention.py: HAVE_TE (a MagicMock TE counts as present)",),
+          ">=0.16.1,<0.17", "multi_latent_attention.HAVE_TE forced False without TE"),
+    # ---------------------------------------------------------------- moe_specs_and_signatures
+    Entry("specs.moe_spec_form", "moe_specs_and_signatures", "adaptation",
+          ("models/gpt/moe_module_specs.py: get_moe_module_spec_for_backend",
+           "models/backends.py: LocalSpecProvider.grouped_mlp_modules"),
+          ALL, "MoE/expert specs read from ModuleSpec (<0.18) or functools.partial (>=0.18)"),
+    Entry("signatures.moe_layer_kwargs", "moe_specs_and_signatures", "adaptation",
+          ("transformer/transformer_layer.py: mlp(config=, pg_collection=, is_mtp_layer=, name=)",
+           "transformer/moe/moe_layer.py: router(..., is_mtp_layer=), experts(..., name=)"),
+          ALL, "CoE modules accept is_mtp_layer (>=0.17) / name (>=0.18) and forward only "
+               "the keywords the installed base class takes"),
+    Entry("signatures.mlp_pg_collection", "moe_specs_and_signatures", "adaptation",
+          ("transformer/transformer_layer.py: [Module 8] passes pg_collection only to MoELayer "
+           "itself",),
+          ">=0.16.1,<0.18", "CoETransformerLayer puts its pg_collection into the CoE MLP spec's "
+                            "params (and silences the 'Unknown MLP type' warning)"),
+    # ---------------------------------------------------------------- router_losses
+    Entry("router.pass_metric_names", "router_losses", "patch",
+          ("transformer/moe/router.py: save_to_aux_losses_tracker (<0.18) / "
+           "get_moe_metrics_tracker().record (>=0.18) in attach_and_log_load_balancing_loss "
+           "and apply_z_loss",),
+          ALL, "during a CoE router's forward, router metrics are recorded as <name>_pass<t>; "
+               "the losses themselves are upstream's"),
+    # ---------------------------------------------------------------- transformer_config
+    Entry("config.cuda_graph_field", "transformer_config", "adaptation",
+          ("transformer/transformer_config.py: cuda_graph_scope (<0.18), cuda_graph_modules "
+           "(>=0.18; cuda_graph_scope a deprecated alias migrated in __post_init__)",),
+          ALL, "the CoE CUDA-graph guard reads the field(s) the installed version uses"),
+    # ---------------------------------------------------------------- dist_checkpointing
+    Entry("ckpt.write_results_queue", "dist_checkpointing", "adaptation",
+          ("dist_checkpointing/strategies/filesystem_async.py: _get_write_results_queue (<0.17), "
+           "get_write_results_queue (>=0.17), module global _results_queue",),
+          ALL, "get / install dist_checkpointing's write-results queue"),
+)
+
+BY_NAME = {e.name: e for e in REGISTRY}
+
+
+def entry(name: str) -> Entry:
+    return BY_NAME[name]
+
+
+def applicable(version=None) -> Tuple[Entry, ...]:
+    """Entries that apply to ``version`` (default: the installed Megatron-Core)."""
+    return tuple(e for e in REGISTRY if e.applies(version))
+
+
+def describe(version=None) -> str:
+    """A table of the registry for the installed version (``python -m megatron_coe.compat``)."""
+    lines = []
+    for e in REGISTRY:
+        mark = "applies" if e.applies(version) else "n/a"
+        lines.append(f"{e.name:28s} {e.kind:10s} {e.versions:18s} {mark:7s} {e.area}: {e.summary}")
+    return "\n".join(lines)

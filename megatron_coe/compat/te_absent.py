@@ -1,0 +1,69 @@
+"""Transformer Engine absent: detection, clear refusals, and Megatron-Core bugs that show without TE.
+
+``have_transformer_engine()`` / ``require_transformer_engine(what)``: GPU-only paths (TE specs,
+FP8, grouped GEMM) call the latter and never fall back silently.
+
+``install_megatron_fixes()`` (idempotent, every machine) works around two Megatron-Core 0.16
+bugs that appear whenever TE is absent; both were fixed upstream in 0.17, where nothing is done:
+
+* ``te.router_gemm_name``: ``transformer/moe/moe_utils.py`` (``RouterGatingLinearFunction``)
+  reads the global ``te_general_gemm``, defined only when TE imports: every router forward
+  raises ``NameError``. It is defined as ``None`` (the non-TE branch, as upstream from 0.17).
+* ``te.mla_have_te``: ``extensions/transformer_engine.py`` replaces a missing TE by a
+  ``MagicMock``, so ``transformer/multi_latent_attention.py`` believes TE is there
+  (``HAVE_TE=True``) and MLA fails in ``isinstance``: ``HAVE_TE`` is set to False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_coe.compat.versions import mcore_in
+
+_FIXES_INSTALLED = False
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match torch
+        return False
+    return True
+
+
+class TransformerEngineUnavailable(RuntimeError):
+    """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
+
+
+def require_transformer_engine(what: str) -> None:
+    """Raise a clear error unless Transformer Engine and a CUDA device are both present.
+
+    GPU-only paths (TE specs, FP8, grouped GEMM) call this and never fall back silently."""
+    if not torch.cuda.is_available():
+        raise TransformerEngineUnavailable(
+            f"{what} needs a CUDA GPU with Transformer Engine; this machine has no CUDA device. "
+            "On CPU use the local spec (--transformer-impl local) and no --fp8-format."
+        )
+    if not have_transformer_engine():
+        raise TransformerEngineUnavailable(
+            f"{what} needs Transformer Engine, which is not importable here. Install it "
+            "(requirements-gpu.txt, or use an NVIDIA PyTorch container) or use --transformer-impl local."
+        )
+
+
+def install_megatron_fixes() -> None:
+    """Apply the registry's ``te.*`` patches that apply to the installed Megatron-Core."""
+    global _FIXES_INSTALLED
+    if _FIXES_INSTALLED:
+        return
+    if mcore_in("<0.17"):
+        import megatron.core.transformer.moe.moe_utils as moe_utils
+
+        if not hasattr(moe_utils, "te_general_gemm"):
+            moe_utils.te_general_gemm = None
+        if not have_transformer_engine():
+            import megatron.core.transformer.multi_latent_attention as mla
+
+            mla.HAVE_TE = False
+    _FIXES_INSTALLED = True
