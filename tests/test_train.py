@@ -584,14 +584,14 @@ def _count_params(rank, world_size, tp=1, pp=1, ep=1, tied=False):
     from megatron_coe.training.setup import count_parameters, mark_routed_experts
 
     destroy_parallel()
-    initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                        expert_model_parallel_size=ep)
+    pg = initialize_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                             expert_model_parallel_size=ep)
     config = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                          expert_model_parallel_size=ep, sequence_parallel=tp > 1,
                          moe_shared_expert_intermediate_size=32,
                          pipeline_dtype=torch.float32 if pp > 1 else None)
     with cuda_device_redirect():  # tied embeddings at PP > 1: Megatron moves the copy to CUDA
-        model = build_coe_gpt_model(config, vocab_size=64, max_sequence_length=16,
+        model = build_coe_gpt_model(config, pg_collection=pg, vocab_size=64, max_sequence_length=16,
                                     share_embeddings_and_output_weights=tied)
     mark_routed_experts(model)
     counts = count_parameters([model])
