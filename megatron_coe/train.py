@@ -44,7 +44,7 @@ _START_TIME = time.time()  # process start, for --exit-duration-in-mins
 def _user_errors() -> tuple:
     """Exception types that mean "the run is misconfigured" (message only, no traceback)."""
     from megatron_coe.config import CoEConfigError
-    from megatron_coe.checkpointing import CheckpointError
+    from megatron_coe.training.checkpoint import CheckpointError
     from megatron_coe.training.options import OptionError
     from megatron_coe.training.setup import SetupError
 
@@ -75,6 +75,17 @@ def _quiet_known_warnings() -> None:
 
 
 def main(argv: list | None = None) -> int:
+    """Run the trainer; the exit status (see the module docstring)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # at any point: imports, start-up, training
+        rank = os.environ.get("RANK", "0")
+        print(f"coe-train: rank {rank}: interrupted (SIGINT): stopped without saving",
+              file=sys.stderr, flush=True)
+        return 130
+
+
+def _main(argv: list | None) -> int:
     from megatron_coe.training.options import OptionError, parse_args
 
     rank = int(os.environ.get("RANK", "0"))
@@ -127,10 +138,6 @@ def main(argv: list | None = None) -> int:
     except CollectiveError as e:  # every rank says what it was waiting for
         print(f"coe-train: error: {e}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        print(f"coe-train: rank {rank}: interrupted (SIGINT): stopped without saving",
-              file=sys.stderr, flush=True)
-        return 130
     finally:
         if torch.distributed.is_initialized():
             from megatron_coe.parallel import destroy_parallel

@@ -1,0 +1,395 @@
+"""Fault injection for the trainer (``python -m megatron_coe.train``): one test per fault class.
+
+Each test asserts the exit status, the one line the run prints, a time bound and that no data was
+lost (the published checkpoint is intact and finite). All runs are tiny (mock data, CPU, gloo).
+
+* NaN/Inf: ``--lr 1e4`` makes the gradient norm NaN at step 2: every rank exits 3 at that step
+  with one line naming it, and the latest published checkpoint is the last finite one;
+* bad options: every numeric option just outside its range (generated from the option table),
+  and a list of the bad values an operator typed, each one line and exit 2 before anything runs;
+* a finished run started again: "nothing to train", exit 0 within seconds, checkpoint untouched;
+* SIGTERM / SIGINT during start-up: a bounded exit, nothing written;
+* a hung rank (SIGSTOP): its peer exits within --distributed-timeout-minutes plus a margin,
+  naming the collective it was waiting in;
+* SIGKILL of torchrun: its ranks stop within seconds, publishing nothing more.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from megatron_coe import train
+from megatron_coe.training import checkpoint as ckpt
+from megatron_coe.training.options import OPTIONS, OptionError, flag_name, parse_args
+
+from test_train import PYTHON, ROOT, TINY, _env, _free_port, kill_tree, launch, metrics, run
+
+MOCK = [*TINY, "--mock-data", "--eval-iters", "0", "--log-interval", "1"]
+
+
+# --------------------------------------------------------------------------- helpers
+def launch_ranks(args: list, nproc: int, logs: list) -> list:
+    """``nproc`` rank processes without a launcher (as srun starts them); their exit codes are
+    the trainer's own."""
+    port, procs = _free_port(), []
+    for rank in range(nproc):
+        env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "megatron_coe.train", *[str(a) for a in args]], cwd=ROOT, env=env,
+            stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_for_steps(path: Path, n: int, procs: list, logs: list, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, "\n".join(
+            Path(log).read_text()[-2000:] for log in logs)
+        time.sleep(0.05)
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def non_finite_tensors(checkpoint: str, tmp_path: Path) -> tuple[int, int]:
+    """(tensors, non-finite tensors) of a published checkpoint: model and optimizer state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / "flat.pt"
+    dcp_to_torch_save(checkpoint, out)
+    tensors = []
+
+    def walk(obj):
+        if torch.is_tensor(obj):
+            tensors.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(torch.load(out, weights_only=False))
+    floats = [t for t in tensors if t.is_floating_point()]
+    return len(floats), sum(not bool(torch.isfinite(t).all()) for t in floats)
+
+
+def error_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("coe-train: ")]
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+@pytest.mark.timeout(300)
+def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """--lr 1e4, EP=2 over 2 ranks, a checkpoint every step: the gradient norm is NaN at step 2;
+    both ranks exit 3 there with one line; iter 1 stays the latest and holds no NaN."""
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--lr", "1e4", "--lr-warmup-iters", "0", "--train-iters", "20",
+            "--expert-model-parallel-size", "2", "--save", save, "--save-interval", "1",
+            "--metrics-file", tmp_path / "metrics.jsonl"]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = launch_ranks(args, 2, logs)
+    try:
+        rcs = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p)
+    text = logs[0].read_text()
+    assert rcs == [3, 3], f"exit codes {rcs}:\n{text[-3000:]}"
+    [line] = [x for x in error_lines(text) if "non-finite" in x]
+    m = re.search(r"non-finite (.+) at iteration (\d+): stopped without saving", line)
+    assert m and "grad norm (nan)" in m[1], line
+    stopped = int(m[2])
+    assert 2 <= stopped <= 4, line  # within a few steps of the first NaN (step 2 here)
+    assert "Traceback" not in text and "Traceback" not in logs[1].read_text()
+    steps = {i for (t, i) in metrics(tmp_path / "metrics.jsonl") if t == "train"}
+    assert max(steps) == stopped  # no step after the one that went non-finite
+    latest = ckpt.find_checkpoint(str(save))
+    assert latest and ckpt.read_meta(latest)["iteration"] == stopped - 1
+    assert f"last published checkpoint: {latest}" in line
+    assert not list(save.glob(f"iter_{stopped:07d}*"))  # nothing of the NaN step, not even .tmp
+    total, bad = non_finite_tensors(latest, tmp_path)
+    assert total > 0 and bad == 0, f"{bad}/{total} non-finite tensors in {latest}"
+
+
+@pytest.mark.timeout(300)
+def test_no_check_for_nan_trains_on(tmp_path):
+    """--no-check-for-nan-in-loss-and-grad (Megatron-LM's switch): the NaN run is not stopped."""
+    args = [*MOCK, "--lr", "1e4", "--lr-warmup-iters", "0", "--train-iters", "4",
+            "--no-check-for-nan-in-loss-and-grad"]
+    text = run(args, 1, tmp_path / "run.log", timeout=180)
+    assert "grad norm nan" in text and "non-finite" not in text
+
+
+def test_save_refuses_non_finite_parameters():
+    """The save guard on its own: one NaN parameter on any rank -> NonFiniteError, no save call."""
+    from megatron_coe.training.trainer import NonFiniteError, Trainer
+
+    class Args:
+        save, check_for_nan_in_loss_and_grad = "/nonexistent/never-written", True
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.args, trainer.iteration, trainer.last_saved, trainer.rank = Args(), 7, None, 0
+    trainer.phase = "test"
+    trainer.model = [torch.nn.Linear(2, 2)]
+    trainer._all_parameters_finite = lambda: not any(  # no process group here
+        not torch.isfinite(p).all() for p in trainer.model[0].parameters())
+    with torch.no_grad():
+        trainer.model[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="non-finite parameters at iteration 7: checkpoint "
+                                             "not saved"):
+        trainer.save()
+    assert not Path("/nonexistent/never-written").exists()
+
+
+# --------------------------------------------------------------------------- bad options
+def _outside(valid) -> list:
+    """Values just outside a range (and NaN): what each numeric option must refuse."""
+    bad = [math.nan]
+    if math.isfinite(valid.lo):
+        bad.append(valid.lo if valid.lo_open else valid.lo - 1)
+    if math.isfinite(valid.hi):
+        bad.append(valid.hi if valid.hi_open else valid.hi + 1)
+    return bad
+
+
+NUMERIC = sorted(name for name, f in OPTIONS.items() if f.metadata["type"] in (int, float))
+
+
+def test_every_numeric_option_has_a_range():
+    assert NUMERIC and all(OPTIONS[n].metadata["valid"] is not None for n in NUMERIC)
+    assert {"micro_batch_size", "global_batch_size", "seq_length", "log_interval", "lr",
+            "train_iters", "hidden_size", "eval_iters", "clip_grad",
+            "distributed_timeout_minutes"} <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_each_numeric_option_refuses_values_outside_its_range(name):
+    valid = OPTIONS[name].metadata["valid"]
+    kind = OPTIONS[name].metadata["type"]
+    for value in _outside(valid):
+        if kind is int and not math.isfinite(value):
+            continue  # not an integer: refused by the type check already
+        text = str(int(value) if kind is int else value)
+        with pytest.raises(OptionError) as e:
+            parse_args([f"{flag_name(name)}={text}"])
+        msg = str(e.value)
+        assert f"({flag_name(name)})" in msg and f"valid: {valid}" in msg and "\n" not in msg
+
+
+BAD_OPTIONS = [  # (flags, text of the one line); what an operator types by mistake
+    ("--micro-batch-size 0", "(--micro-batch-size): 0 is out of range; valid: >= 1"),
+    ("--micro-batch-size -4", "(--micro-batch-size): -4 is out of range; valid: >= 1"),
+    ("--global-batch-size 0", "(--global-batch-size): 0 is out of range; valid: >= 1"),
+    ("--seq-length 0", "(--seq-length): 0 is out of range; valid: >= 1"),
+    ("--seq-length 100000", "--seq-length 100000 needs about"),
+    ("--log-interval 0", "(--log-interval): 0 is out of range; valid: >= 1"),
+    ("--lr 0", "(--lr): 0.0 is out of range; valid: > 0"),
+    ("--lr=-1e-3", "(--lr): -0.001 is out of range; valid: > 0"),
+    ("--lr nan", "(--lr): nan is out of range; valid: > 0"),
+    ("--lr 1e-4 --min-lr 3e-4", "(--min-lr): 0.0003 is above --lr 0.0001"),
+    ("--train-iters 0", "(--train-iters): 0 is out of range; valid: >= 1"),
+    ("--train-iters -5", "(--train-iters): -5 is out of range; valid: >= 1"),
+    ("--split abc", "(--split): 'abc' is not a split"),
+    ("--split 0,100,0 --data-path x", "(--split): '0,100,0' gives the training split weight 0"),
+    ("--split 100,0,0 --data-path x --eval-iters 2", "(--split): '100,0,0' leaves no "
+     "validation data but --eval-iters is 2"),
+    ("--hidden-size 0", "(--hidden-size): 0 is out of range; valid: >= 1"),
+    ("--num-layers 0", "(--num-layers): 0 is out of range; valid: >= 1"),
+    ("--num-experts 0", "(--num-experts): 0 is out of range; valid: >= 1"),
+    ("--eval-iters -1", "(--eval-iters): -1 is out of range; valid: >= 0"),
+    ("--eval-interval 0", "(--eval-interval): 0 is out of range; valid: >= 1"),
+    ("--clip-grad -1", "(--clip-grad): -1.0 is out of range; valid: >= 0"),
+    ("--hidden-dropout 1", "(--hidden-dropout): 1.0 is out of range; valid: [0, 1)"),
+    ("--adam-beta2 1", "(--adam-beta2): 1.0 is out of range; valid: [0, 1)"),
+    ("--save-interval 0", "(--save-interval): 0 is out of range; valid: >= 1"),
+    ("--lr-warmup-iters 500", "--lr-warmup-iters: warmup of 500 steps is not shorter"),
+    ("--distributed-timeout-minutes 0", "(--distributed-timeout-minutes): 0.0 is out of range"),
+    ("--tensor-model-parallel-size 0", "(--tensor-model-parallel-size): 0 is out of range"),
+    ("--micro-batch-size two", "(--micro-batch-size): invalid literal for int()"),
+]
+
+
+@pytest.mark.parametrize("flags,expected", BAD_OPTIONS, ids=[f for f, _ in BAD_OPTIONS])
+def test_bad_option_is_one_line_and_exit_2(flags, expected, capfd):
+    """train.main in-process (the CLI minus the interpreter start): exit 2, one line on stderr
+    naming the flag, the value and the valid range, before any process group."""
+    argv = [*MOCK, "--no-exit-signal-handler", *flags.split()]
+    rc = train.main(argv)
+    out, err = capfd.readouterr()
+    assert rc == 2, out + err
+    assert not torch.distributed.is_initialized()
+    assert err.count("\n") == 1 and err.startswith("coe-train: error: "), err
+    assert expected in err, err
+
+
+@pytest.mark.timeout(120)
+def test_global_batch_size_0_from_the_command_line(tmp_path):
+    """The real CLI: one line, exit 2, no traceback, no checkpoint, in seconds."""
+    t0 = time.time()
+    text = run([*MOCK, "--global-batch-size", "0", "--save", tmp_path / "ckpt"], 1,
+               tmp_path / "run.log", timeout=60, expect_rc=2)
+    assert time.time() - t0 < 30
+    assert text.strip() == ("coe-train: error: option global_batch_size (--global-batch-size): "
+                            "0 is out of range; valid: >= 1")
+    assert not (tmp_path / "ckpt").exists()
+
+
+# --------------------------------------------------------------------------- nothing to train
+@pytest.mark.timeout(300)
+def test_resuming_a_finished_run_exits_0_in_seconds(tmp_path):
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--train-iters", "3", "--lr-warmup-iters", "1", "--save", save, "--load", save,
+            "--metrics-file", tmp_path / "metrics.jsonl"]
+    run(args, 1, tmp_path / "first.log")
+    before = tree_digest(save)
+    t0 = time.time()
+    text = run(args, 1, tmp_path / "again.log", timeout=60)
+    elapsed = time.time() - t0
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert (f"coe-train: nothing to train: checkpoint {save / 'iter_0000003'} is at iteration 3 "
+            ">= --train-iters 3") in text, text
+    assert "training from iteration" not in text and "Traceback" not in text
+    assert tree_digest(save) == before  # nothing rewritten
+
+
+# --------------------------------------------------------------------------- signals at start-up
+@pytest.mark.timeout(300)
+def test_sigterm_to_torchrun_during_startup_ends_in_bounded_time(tmp_path):
+    """SIGTERM to torchrun while its 2 ranks import and build: every process is gone within a
+    bound, and nothing is written."""
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--train-iters", "1000", "--expert-model-parallel-size", "2", "--save", save]
+    log = tmp_path / "run.log"
+    proc = launch(args, 2, log)
+    try:
+        deadline = time.time() + 60
+        while len(psutil.Process(proc.pid).children()) < 2:  # ranks started, still importing
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        ranks = psutil.Process(proc.pid).children()
+        time.sleep(1.0)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+        gone, alive = psutil.wait_procs(ranks, timeout=30)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert not alive, f"ranks still running: {alive}"
+    assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert not list(save.glob("iter_*")), "a checkpoint was written"
+
+
+@pytest.mark.timeout(300)
+def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
+    log = tmp_path / "run.log"
+    proc = launch([*MOCK, "--train-iters", "1000", "--save", tmp_path / "ckpt"], 1, log)
+    try:
+        deadline = time.time() + 60
+        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    text = log.read_text()
+    assert rc == 130, text[-3000:]
+    assert elapsed < 30
+    assert "interrupted (SIGINT): stopped without saving" in text and "Traceback" not in text
+    assert not list((tmp_path / "ckpt").glob("iter_*"))
+
+
+# --------------------------------------------------------------------------- hung / orphaned
+@pytest.mark.timeout(300)
+def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
+    """SIGSTOP rank 1 of an EP=2 run with --distributed-timeout-minutes 0.2 (12 s): rank 0 exits
+    1 within 12 s plus a margin, naming the iteration and the collective it waited in; the
+    published checkpoint is untouched."""
+    timeout_s = 12
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--train-iters", "100000", "--expert-model-parallel-size", "2", "--save", save,
+            "--save-interval", "2", "--distributed-timeout-minutes", timeout_s / 60,
+            "--metrics-file", tmp_path / "metrics.jsonl"]
+    logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
+    procs = launch_ranks(args, 2, logs)
+    try:
+        wait_for_steps(tmp_path / "metrics.jsonl", 3, procs, logs)
+        deadline = time.time() + 60
+        while ckpt.find_checkpoint(str(save)) is None:
+            assert time.time() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        rc0 = procs[0].wait(timeout=timeout_s + 60)
+        elapsed = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+    text = logs[0].read_text()
+    assert rc0 == 1, text[-3000:]
+    assert elapsed < timeout_s + 20, f"rank 0 took {elapsed:.1f} s to give up"
+    [line] = [x for x in error_lines(text) if "timed out" in x]
+    assert re.search(r"rank 0: (iteration \d+|checkpoint save at iteration \d+): .*a collective "
+                     r"timed out after --distributed-timeout-minutes 0.2: a peer rank is hung",
+                     line), line
+    assert "Traceback" not in text
+    latest = ckpt.find_checkpoint(str(save))  # published before the stop, complete and finite
+    assert latest is not None and f"last published checkpoint: {latest}" in line
+    total, bad = non_finite_tensors(latest, tmp_path)
+    assert total > 0 and bad == 0
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_of_torchrun_stops_its_ranks(tmp_path):
+    """SIGKILL to torchrun alone (not its ranks): both ranks are gone within seconds and no
+    checkpoint is published after that."""
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--train-iters", "100000", "--expert-model-parallel-size", "2", "--save", save,
+            "--save-interval", "3", "--metrics-file", tmp_path / "metrics.jsonl"]
+    log = tmp_path / "run.log"
+    proc = launch(args, 2, log)
+    ranks = []
+    try:
+        wait_for_steps(tmp_path / "metrics.jsonl", 2, [proc], [log])
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2, ranks
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        t0 = time.time()
+        gone, alive = psutil.wait_procs(ranks, timeout=15)
+        elapsed = time.time() - t0
+    finally:
+        for r in ranks:
+            try:
+                r.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+    assert not alive, f"ranks outlived torchrun: {alive}"
+    assert elapsed < 10, f"ranks took {elapsed:.1f} s to stop"
+    latest = ckpt.find_checkpoint(str(save))
+    time.sleep(2)
+    assert ckpt.find_checkpoint(str(save)) == latest  # nothing published after the stop
+    assert "the launcher (pid" in log.read_text()
