@@ -44,7 +44,7 @@ _START_TIME = time.time()  # process start, for --exit-duration-in-mins
 def _user_errors() -> tuple:
     """Exception types that mean "the run is misconfigured" (message only, no traceback)."""
     from megatron_coe.config import CoEConfigError
-    from megatron_coe.training.checkpoint import CheckpointError
+    from megatron_coe.checkpointing import CheckpointError
     from megatron_coe.training.options import OptionError
     from megatron_coe.training.setup import SetupError
 

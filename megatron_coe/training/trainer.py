@@ -46,6 +46,7 @@ from typing import Optional
 
 import torch
 
+from megatron_coe import checkpointing
 from megatron_coe.compat import cuda_device_redirect
 from megatron_coe.training import checkpoint as ckpt
 from megatron_coe.training import data, metrics, setup, signals, timelimit
@@ -130,7 +131,25 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
         meta = ckpt.read_meta(resume_from)
         ckpt.check_compatible(meta, args, vocab_size, resume_from)
         check_something_to_train(meta, args, resume_from)
+    elif args.load:
+        _report_missing_checkpoint(args)
+    if args.save:  # a file, read-only or full --save is found now, not after the steps are spent
+        need = ckpt.estimated_bytes(args, model_config, vocab_size)
+        if resume_from:
+            need = max(need, checkpointing.checkpoint_bytes(resume_from))
+        checkpointing.check_save_dir(args.save, need)
     return Preflight(layout, model_config, tokenizer, vocab_size, resume_from)
+
+
+def _report_missing_checkpoint(args: TrainArgs) -> None:
+    """--load found nothing: an error with --exit-on-missing-checkpoint, else a warning line."""
+    why = checkpointing.describe_missing(args.load)
+    if args.exit_on_missing_checkpoint:
+        raise ckpt.CheckpointError(f"{why}; --exit-on-missing-checkpoint is set: fix --load or "
+                                   "drop that flag to train from scratch")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {why}: training from scratch (--exit-on-missing-checkpoint makes this "
+              "an error)", flush=True)
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -175,13 +194,13 @@ class Trainer:
             self.pg_collection = initialize_parallel(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed,
-                distributed_timeout_minutes=args.distributed_timeout_minutes)
-            setup.set_seed(args.seed)
+                distributed_timeout_minutes=args.distributed_timeout_minutes)  # also seeds
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
             self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
 
-            self.model = setup.build_model(args, self.model_config, self.vocab_size)
+            self.model = setup.build_model(args, self.model_config, self.vocab_size,
+                                           self.pg_collection)
             self.optimizer = setup.build_optimizer(args, self.model)
             self.scheduler = setup.build_scheduler(args, self.optimizer)
         config = self.model_config
@@ -197,8 +216,6 @@ class Trainer:
                     self.resume_from, self.model, self.optimizer, self.scheduler, args,
                     self.layout)
             self._log(f"resumed from {self.resume_from} at iteration {self.iteration}")
-        elif args.load:
-            self._log(f"no published checkpoint in {args.load}: starting from scratch")
         self.last_saved = self.iteration if self.resume_from else None
 
         s = args.seq_length
@@ -357,8 +374,6 @@ class Trainer:
             self._write_exit_reason("signal")
             self.metrics.close()
             return
-        if args.save:
-            ckpt.warm_up_writer()
         iterator = data.micro_batches(self.train_ds, args.micro_batch_size, self.consumed,
                                       self.dp_rank, self.dp_size, args.num_workers)
         self._log(f"training from iteration {self.iteration} to {args.train_iters}")
