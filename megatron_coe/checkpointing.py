@@ -624,8 +624,10 @@ def save(root: str, iteration: int, write: Callable[[str], None], meta: Optional
     _agree(error, tmp, f"checkpoint iteration {iteration}", None)
     try:
         write(tmp)
-    except Exception as e:  # noqa: BLE001 - every rank must learn about it (see _agree)
-        error = e
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException;
+        error = e               # every rank must learn about any failure (see _agree)
     _agree(error, tmp, f"checkpoint iteration {iteration}", tmp)
     files = checksum_files(tmp)
     if rank == 0:

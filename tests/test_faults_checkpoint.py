@@ -1,0 +1,371 @@
+"""Checkpoint faults: each one ends in bounded time with one clear line, and nothing published is lost.
+
+One tiny 1-process run (mock data, 2 steps, checkpoints at 1 and 2) is made once and copied into
+each test; the faults are then injected into the copy or into the trainer:
+
+* a shard with changed bytes / a truncated shard: refused at load, naming the file and the last
+  good iteration (checksums recorded at save);
+* a truncated ``coe_checkpoint.json``: one line naming it;
+* two runs on one ``--save``: the second fails at start naming the holder; the first still saves;
+* an HF import into a run directory: refused, the run untouched;
+* a read-only ``--save`` (found before training) and a disk that fills at a later save (torch's
+  "unexpected pos" error): reported as EROFS / ENOSPC, the published checkpoint intact, the
+  partial write removed. As root a chmod does not make a directory read-only and no small file
+  system can be mounted everywhere, so the OSError is injected (``_patched`` wrapper);
+* a regular file as ``--save``; ``--load`` of an empty directory (warning; an error with
+  ``--exit-on-missing-checkpoint``);
+* exit right after a save ends within seconds, and no helper process is left;
+* SIGKILL of a rank while its checkpoint writer is running: the writer dies too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from megatron_coe import checkpointing as fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 8 "
+        "--moe-router-topk 2 --moe-ffn-hidden-size 32 --coe-iterations 2 --seq-length 32 "
+        "--micro-batch-size 2 --global-batch-size 4 --lr 3e-3 "
+        "--eval-iters 0 --log-interval 1 --mock-data --no-exit-signal-handler").split()
+
+
+# --------------------------------------------------------------------------- helpers
+def _env(tag: str = "") -> dict:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", COE_FAULT_TEST=tag)
+    for name in ("COE_JOB_END_TIME", "COE_EXIT_REASON_FILE", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return env
+
+
+def _command(args: list, patch: str = "") -> list:
+    if not patch:
+        return [sys.executable, "-m", "megatron_coe.train", *map(str, args)]
+    code = textwrap.dedent(patch) + "\nimport sys\nfrom megatron_coe.train import main\n" \
+                                    "sys.exit(main(sys.argv[1:]))\n"
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def run(args: list, timeout: float = 120, patch: str = "", tag: str = "") -> tuple:
+    """(exit status, output, seconds) of one trainer process."""
+    t0 = time.time()
+    try:
+        p = subprocess.run(_command(args, patch), cwd=ROOT, env=_env(tag), capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"trainer did not exit within {timeout} s: {(e.stdout or b'')[-2000:]!r}")
+    return p.returncode, p.stdout + p.stderr, time.time() - t0
+
+
+def error_line(out: str) -> str:
+    """The one ``coe-train: error:`` line; fails on a traceback or several error lines."""
+    assert "Traceback" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("coe-train: error:")]
+    assert len(lines) == 1, out[-3000:]
+    return lines[0]
+
+
+def digest(root: Path) -> dict:
+    """{relative path: sha256} of every file under ``root`` (the lock file excluded)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != fmt.LOCK}
+
+
+def intact(root: Path, iteration: int) -> None:
+    """``root``'s tracker names ``iteration`` and that checkpoint verifies; no .tmp is left."""
+    assert fmt.read_tracker(str(root)) == iteration
+    path = fmt.find_checkpoint(str(root))
+    fmt.verify(path, fmt.read_meta(path))
+    assert not list(root.glob("*.tmp"))
+
+
+def tagged(tag: str) -> list:
+    """Live processes started with ``COE_FAULT_TEST=tag`` (a trainer and anything it forked)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("COE_FAULT_TEST") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished 2-step run: checkpoints at iterations 1 and 2 (tracker: 2)."""
+    root = tmp_path_factory.mktemp("run") / "ckpt"
+    rc, out, _ = run([*TINY, "--train-iters", 2, "--save", root, "--save-interval", 1])
+    assert rc == 0, out[-3000:]
+    intact(root, 2)
+    return root
+
+
+@pytest.fixture
+def copy(run_dir, tmp_path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def resume(root: Path, **kw) -> tuple:
+    return run([*TINY, "--train-iters", 3, "--load", root, "--save", root], **kw)
+
+
+# --------------------------------------------------------------------------- integrity
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("damage", ["changed_bytes", "truncated"])
+def test_damaged_shard_is_named_with_the_last_good_iteration(copy, damage):
+    shard = copy / "iter_0000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    if damage == "changed_bytes":  # 160 bytes in the middle: loads "fine" without checksums
+        mid = len(data) // 2
+        data[mid:mid + 160] = bytes(b ^ 0x5A for b in data[mid:mid + 160])
+    else:
+        data = data[:len(data) - 106]
+    shard.write_bytes(bytes(data))
+    before = digest(copy)
+    rc, out, seconds = resume(copy)
+    line = error_line(out)
+    assert rc == 2 and seconds < 90, out[-3000:]
+    assert f"checkpoint {copy}/iter_0000002 is damaged: __0_0.distcp is " in line, line
+    assert ("damaged (checksum" if damage == "changed_bytes" else "truncated or altered") in line
+    assert "the last good checkpoint is iteration 1" in line, line
+    assert digest(copy) == before  # nothing written, nothing published
+    fmt.verify(str(copy / "iter_0000001"), fmt.read_meta(str(copy / "iter_0000001")))
+
+
+@pytest.mark.timeout(180)
+def test_truncated_metadata_json_is_one_line_with_the_path(copy):
+    meta = copy / "iter_0000002" / fmt.META
+    meta.write_bytes(meta.read_bytes()[:300])
+    before = digest(copy)
+    rc, out, seconds = resume(copy)
+    line = error_line(out)
+    assert rc == 2 and seconds < 60, out[-3000:]
+    assert f"checkpoint metadata {meta} is damaged (300 bytes;" in line, line
+    assert "the last good checkpoint is iteration 1" in line, line
+    assert digest(copy) == before
+
+
+# --------------------------------------------------------------------------- ownership
+@pytest.mark.timeout(240)
+def test_second_writer_on_one_save_fails_at_start_naming_the_holder(tmp_path):
+    save = tmp_path / "ckpt"
+    first = subprocess.Popen(
+        _command([*TINY[:-1], "--train-iters", 100000, "--save", save, "--metrics-file",
+                  tmp_path / "m.jsonl"]),
+        cwd=ROOT, env=_env(), stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not ((tmp_path / "m.jsonl").exists() and (tmp_path / "m.jsonl").read_text()):
+            assert first.poll() is None and time.time() < deadline, \
+                (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        rc, out, seconds = run([*TINY, "--train-iters", 2, "--save", save])
+        line = error_line(out)
+        assert rc == 2 and seconds < 60, out[-3000:]
+        assert f"--save {save} is in use by another run (host " in line, line
+        assert f"pid {first.pid} " in line, line
+        assert not list(save.glob("iter_*"))  # the second run wrote nothing
+        first.send_signal(signal.SIGTERM)  # the first run saves at its next step and exits 0
+        assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    path = fmt.find_checkpoint(str(save))
+    meta = fmt.read_meta(path)
+    intact(save, meta["iteration"])
+    assert meta["args"]["train_iters"] == 100000  # the first run's metadata with its tensors
+
+
+@pytest.mark.timeout(120)
+def test_hf_import_into_a_run_directory_is_refused(copy, tmp_path):
+    before = digest(copy)
+    t0 = time.time()
+    p = subprocess.run([sys.executable, "tools/convert_from_hf.py", "--load", tmp_path / "hf",
+                        "--save", copy], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=100)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and time.time() - t0 < 60, out[-3000:]
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert (f"--save {copy} already holds a training run's checkpoints (latest iter_0000002)"
+            in out), out
+    assert digest(copy) == before
+    # the trainer never resumes an older iteration than the tracker's, whatever else is there
+    (copy / "iter_0000000").mkdir()
+    shutil.copy(copy / "iter_0000001" / fmt.META, copy / "iter_0000000" / fmt.META)
+    assert fmt.find_checkpoint(str(copy)) == str(copy / "iter_0000002")
+
+
+# --------------------------------------------------------------------------- storage
+_READ_ONLY = """
+import errno, os
+SAVE = os.path.realpath({save!r})
+_open = os.open
+def read_only_open(path, flags, *a, **k):
+    if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and \\
+            os.path.realpath(os.fspath(path)).startswith(SAVE):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+    return _open(path, flags, *a, **k)
+os.open = read_only_open
+"""
+
+_DISK_FULL_AT_ITER_2 = """
+import functools, os
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+SAVE = os.path.realpath({save!r})
+_write_item, _statvfs = fa._write_item, os.statvfs
+@functools.wraps(_write_item)  # keeps the signature Megatron inspects
+def write_item(*args, **kw):  # what torch's zip writer reports when the disk fills mid-shard
+    stream = [a for a in args if hasattr(a, "name")][0]
+    if "iter_0000002.tmp" in str(stream.name):
+        stream.write(b"x" * 598)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+    return _write_item(*args, **kw)
+class Full:
+    def __init__(self, st): self.f_frsize, self.f_bavail = st.f_frsize, 0
+def statvfs(path):  # the file system is full once the first checkpoint is on it
+    st = _statvfs(path)
+    full = os.path.realpath(os.fspath(path)).startswith(SAVE) and \\
+        os.path.isdir(os.path.join(SAVE, "iter_0000001"))
+    return Full(st) if full else st
+fa._write_item, os.statvfs = write_item, statvfs
+"""
+
+
+@pytest.mark.timeout(120)
+def test_read_only_save_is_reported_before_training(tmp_path):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    rc, out, seconds = run([*TINY, "--train-iters", 2, "--save", save],
+                           patch=_READ_ONLY.format(save=str(save)))
+    line = error_line(out)
+    assert rc == 2 and seconds < 60, out[-3000:]
+    assert line == (f"coe-train: error: --save {save} is not writable: read-only file system "
+                    f"(EROFS); choose another --save or fix the directory before training"), line
+    assert "iter 1/" not in out  # no step was spent
+    assert list(save.iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_full_disk_at_a_later_save_is_enospc_and_keeps_the_published_checkpoint(tmp_path):
+    save = tmp_path / "ckpt"
+    rc, out, seconds = run([*TINY, "--train-iters", 3, "--save", save, "--save-interval", 1],
+                           patch=_DISK_FULL_AT_ITER_2.format(save=str(save)))
+    line = error_line(out)
+    assert rc == 2 and seconds < 90, out[-3000:]
+    assert line.startswith(f"coe-train: error: cannot write checkpoint iteration 2 to "
+                           f"{save}/iter_0000002.tmp: no space left on device (ENOSPC)"), line
+    assert f"the published checkpoint {save}/iter_0000001 is untouched" in line, line
+    assert "unexpected pos" not in line
+    intact(save, 1)  # and the partial iter_0000002.tmp is gone
+
+
+@pytest.mark.timeout(120)
+def test_regular_file_as_save_is_one_line(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me\n")
+    rc, out, seconds = run([*TINY, "--train-iters", 2, "--save", target])
+    line = error_line(out)
+    assert rc == 2 and seconds < 60, out[-3000:]
+    assert line == (f"coe-train: error: --save {target} is a file, not a directory: pass a "
+                    "directory (it is created if missing)"), line
+    assert target.read_text() == "keep me\n"
+
+
+@pytest.mark.timeout(180)
+def test_load_of_an_empty_directory_warns_or_exits(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, seconds = run([*TINY, "--train-iters", 2, "--load", empty,
+                            "--exit-on-missing-checkpoint"])
+    line = error_line(out)
+    assert rc == 2 and seconds < 60, out[-3000:]
+    assert line == (f"coe-train: error: --load {empty} holds no checkpoint "
+                    f"({fmt.TRACKER} is missing); --exit-on-missing-checkpoint is set: fix "
+                    "--load or drop that flag to train from scratch"), line
+    rc, out, _ = run([*TINY, "--train-iters", 1, "--load", tmp_path / "typo"])
+    assert rc == 0, out[-3000:]
+    assert (f"warning: --load {tmp_path / 'typo'} does not exist: training from scratch "
+            "(--exit-on-missing-checkpoint makes this an error)") in out.splitlines(), out
+
+
+# --------------------------------------------------------------------------- processes
+@pytest.mark.timeout(120)
+def test_exit_right_after_a_save_is_quick_and_leaves_no_process(tmp_path):
+    """The old writer warm-up started a spawn Manager that the exit handler joined forever."""
+    tag = uuid.uuid4().hex
+    save = tmp_path / "ckpt"
+    rc, out, seconds = run([*TINY, "--train-iters", 1, "--save", save], tag=tag, timeout=60)
+    assert rc == 0 and seconds < 45, out[-3000:]
+    intact(save, 1)
+    time.sleep(0.5)
+    assert tagged(tag) == []
+    # and a run that stops at once, before its first step (the case that hung)
+    rc, out, seconds = run([*TINY, "--train-iters", 1, "--load", save, "--save", save],
+                           tag=tag, timeout=60)
+    assert rc == 0 and seconds < 45, out[-3000:]
+    time.sleep(0.5)
+    assert tagged(tag) == []
+    intact(save, 1)
+
+
+_SLOW_WRITER = """
+import functools, os, time
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+_write_item = fa._write_item
+@functools.wraps(_write_item)
+def write_item(*args, **kw):  # the forked writer of iteration 2 stalls
+    stream = [a for a in args if hasattr(a, "name")][0]
+    if "iter_0000002.tmp" in str(stream.name):
+        print("writer stalled", os.getpid(), flush=True)
+        time.sleep(300)
+    return _write_item(*args, **kw)
+fa._write_item = write_item
+"""
+
+
+@pytest.mark.timeout(180)
+def test_writer_processes_die_with_their_rank_on_sigkill(tmp_path):
+    tag = uuid.uuid4().hex
+    save = tmp_path / "ckpt"
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(_command([*TINY, "--train-iters", 3, "--save", save,
+                                      "--save-interval", 1], patch=_SLOW_WRITER),
+                            cwd=ROOT, env=_env(tag), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while "writer stalled" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        writers = [p for p in tagged(tag) if p.pid != proc.pid]
+        assert writers, "no writer process found"
+        proc.kill()
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(writers, timeout=5)
+        assert alive == [], f"writer processes outlived their rank: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in tagged(tag):
+            p.kill()
+    intact_published = fmt.find_checkpoint(str(save))
+    assert intact_published == str(save / "iter_0000001")
+    fmt.verify(intact_published, fmt.read_meta(intact_published))
+    assert fmt.read_tracker(str(save)) == 1
