@@ -658,10 +658,12 @@ def refuse_import_into_run(root: str, source: str) -> None:
             and meta.get("converted_from") == os.path.abspath(source) and not others)
     if same:
         return
-    what = (f"a training run's checkpoints (latest {os.path.basename(latest or '')})"
-            if latest else f"checkpoints {['iter_%07d' % i for i in others][:3]}")
-    if meta is not None and meta.get("weights_only"):
-        what = f"an import of {meta.get('converted_from')}"
-    raise CheckpointError(f"--save {root} already holds {what}; an import there would be "
-                          "ignored by the trainer or replace it: choose an empty --save directory")
+    if meta is not None and meta.get("weights_only") and not others:
+        raise CheckpointError(f"--save {root} already holds an import of {meta.get('converted_from')}: "
+                              f"importing {os.path.abspath(source)} there would replace it; choose "
+                              "an empty --save directory (or remove that one)")
+    latest_name = os.path.basename(latest) if latest else f"iter_{max(others):07d}"
+    raise CheckpointError(f"--save {root} already holds a training run's checkpoints (latest "
+                          f"{latest_name}): the trainer would resume those and ignore an import; "
+                          "choose an empty --save directory")
 
