@@ -10,8 +10,10 @@ each test; the faults are then injected into the copy or into the trainer:
 * an HF import into a run directory: refused, the run untouched;
 * a read-only ``--save`` (found before training) and a disk that fills at a later save (torch's
   "unexpected pos" error): reported as EROFS / ENOSPC, the published checkpoint intact, the
-  partial write removed. As root a chmod does not make a directory read-only and no small file
-  system can be mounted everywhere, so the OSError is injected (``_patched`` wrapper);
+  partial write removed. As root a chmod does not make a directory read-only and a small file
+  system cannot be mounted everywhere, so the OSError is injected (a ``patch`` run before the
+  trainer's ``main``); where ``unshare -rm`` works, the same two faults also run on a real
+  2.2 MB tmpfs and a read-only mount;
 * a regular file as ``--save``; ``--load`` of an empty directory (warning; an error with
   ``--exit-on-missing-checkpoint``);
 * exit right after a save ends within seconds, and no helper process is left;
@@ -274,6 +276,45 @@ def test_full_disk_at_a_later_save_is_enospc_and_keeps_the_published_checkpoint(
     assert f"the published checkpoint {save}/iter_0000001 is untouched" in line, line
     assert "unexpected pos" not in line
     intact(save, 1)  # and the partial iter_0000002.tmp is gone
+
+
+def _can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not _can_mount(), reason="needs unshare -rm (a user namespace) for a tmpfs")
+@pytest.mark.parametrize("fault", ["full", "read_only"])
+def test_real_small_or_read_only_filesystem(tmp_path, fault):
+    """The same faults on a real file system: a 2.2 MB tmpfs (room for one checkpoint of the
+    tiny model; the previous one is kept until the next is published) or a read-only mount."""
+    mnt, out_dir = tmp_path / "mnt", tmp_path / "after"
+    mnt.mkdir()
+    save = mnt / "ckpt"
+    cmd = " ".join(_command([*TINY, "--train-iters", 3, "--save-interval", 1, "--save", save,
+                             "--metrics-file", tmp_path / "m.jsonl"]))
+    ro = f" && mkdir {save} && mount -o remount,ro {mnt}" if fault == "read_only" else ""
+    script = (f"mount -t tmpfs -o size=2200k tmpfs {mnt}{ro} && {{ {cmd}; rc=$?; "
+              f"cp -a {mnt} {out_dir}; exit $rc; }}")
+    t0 = time.time()
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=150)
+    out, after = p.stdout + p.stderr, out_dir / "ckpt"
+    line = error_line(out)
+    assert p.returncode == 2 and time.time() - t0 < 90, out[-3000:]
+    if fault == "read_only":
+        assert line == (f"coe-train: error: --save {save} is not writable: read-only file system "
+                        "(EROFS); choose another --save or fix the directory before training"), line
+        assert list(after.iterdir()) == []
+    else:
+        assert line == (f"coe-train: error: cannot write checkpoint iteration 2 to "
+                        f"{save}/iter_0000002.tmp: no space left on device (ENOSPC); the "
+                        f"published checkpoint {save}/iter_0000001 is untouched"), line
+        intact(after, 1)
 
 
 @pytest.mark.timeout(120)
