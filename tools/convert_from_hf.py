@@ -26,6 +26,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def one_line(error) -> str:
+    """A (possibly multi-line, bulleted) message as one line."""
+    parts = [p.strip() for p in str(error).splitlines()]
+    parts = [p[2:] if p.startswith("- ") else p for p in parts if p]
+    return "; ".join(parts).replace(":;", ":")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,6 +79,9 @@ def main(argv=None) -> int:
                          pp=args.pipeline_model_parallel_size, ep=args.expert_model_parallel_size,
                          etp=args.expert_tensor_parallel_size, upcycle=upcycle, seq_length=args.seq_length)
     except ConversionError as e:
+        print(f"convert_from_hf: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. --save not writable
         print(f"convert_from_hf: error: {e}", file=sys.stderr)
         return 2
     finally:

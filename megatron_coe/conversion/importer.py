@@ -28,6 +28,7 @@ Upcycling (``upcycle=Upcycle(iterations=C, ...)``) turns a standard MoE (C=1) in
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 
 from megatron_coe.conversion import hf_io, mapping
-from megatron_coe.conversion.spec import MODEL_TYPE_STOCK, ArchSpec, ConversionError
+from megatron_coe.conversion.spec import COE_MODEL_TYPES, MODEL_TYPE_STOCK, ArchSpec, ConversionError
 
 
 @dataclass
@@ -86,30 +87,44 @@ class HFSource:
 
     def __init__(self, path: str, upcycle: Optional[Upcycle] = None):
         self.path = path
+        # Everything about the source is checked here, before any worker process starts: the
+        # config.json fields, the model Megatron-Core would build, and every tensor's name and shape.
         self.config = hf_io.read_hf_config(path)
+        cfg_path = os.path.join(path, "config.json")
+        hf_io.check_hf_config(self.config, cfg_path, COE_MODEL_TYPES + (MODEL_TYPE_STOCK,))
         self.stock = self.config.get("model_type") == MODEL_TYPE_STOCK
-        self.source_spec = ArchSpec.from_hf_config(self.config)
+        try:
+            self.source_spec = ArchSpec.from_hf_config(self.config)
+        except ConversionError as e:
+            raise ConversionError(f"{cfg_path}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConversionError(f"{cfg_path}: cannot read the model configuration ({type(e).__name__}: "
+                                  f"{e}); fix config.json") from None
         self.spec = upcycle.target_spec(self.source_spec) if upcycle else self.source_spec
         self.upcycle = upcycle
+        _check_buildable(self.spec, cfg_path)
         self.weights = hf_io.HFWeights(path)
         self._check_names()
 
     def _check_names(self) -> None:
-        expected = set(mapping.non_layer_to_hf(self.source_spec, _meta_non_layer(self.source_spec)))
+        """Every tensor config.json implies is there, with its shape, and nothing else."""
         from megatron_coe.conversion.megatron_ckpt import canonical_shapes
 
-        meta_layer = {k: torch.empty(s, device="meta")
-                      for k, s in canonical_shapes(self.source_spec)["layer"].items()}
-        for layer_idx in range(self.source_spec.num_layers):
-            expected |= set(mapping.layer_to_hf(self.source_spec, meta_layer, layer_idx, stock=self.stock))
-        have = set(self.weights.names())
-        missing, unexpected = sorted(expected - have), sorted(have - expected)
-        if missing or unexpected:
-            lines = [f"missing tensor {n}" for n in missing[:10]] + [f"unexpected tensor {n}"
-                                                                      for n in unexpected[:10]]
-            raise ConversionError(f"{self.path}: the weights do not match config.json "
-                                  f"({len(missing)} missing, {len(unexpected)} unexpected):\n  - "
-                                  + "\n  - ".join(lines))
+        try:
+            expected = {n: tuple(t.shape) for n, t in
+                        mapping.non_layer_to_hf(self.source_spec, _meta_non_layer(self.source_spec)).items()}
+            meta_layer = {k: torch.empty(s, device="meta")
+                          for k, s in canonical_shapes(self.source_spec)["layer"].items()}
+            for layer_idx in range(self.source_spec.num_layers):
+                expected.update((n, tuple(t.shape)) for n, t in mapping.layer_to_hf(
+                    self.source_spec, meta_layer, layer_idx, stock=self.stock).items())
+        except (RuntimeError, ValueError, TypeError) as e:  # sizes that do not fit together (heads x head_dim)
+            raise ConversionError(
+                f"{os.path.join(self.path, 'config.json')}: the attention sizes do not fit together "
+                f"({(str(e).splitlines() or [''])[0]}); check num_attention_heads, num_key_value_heads, "
+                "head_dim (MLA: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)"
+            ) from None
+        hf_io.check_weights(self.path, self.config, self.weights.shapes, expected)
 
     def layer(self, layer_idx: int) -> dict:
         hf = self.weights.get_prefix(f"model.layers.{layer_idx}.")
@@ -121,6 +136,27 @@ class HFSource:
     def non_layer(self) -> dict:
         names = [n for n in self.weights.names() if not n.startswith("model.layers.")]
         return mapping.non_layer_from_hf(self.source_spec, {n: self.weights.get(n) for n in names})
+
+
+# Megatron config field -> config.json key, to name the field a Megatron-Core refusal is about
+_HF_FIELD = {"moe_router_topk": "num_experts_per_tok", "num_moe_experts": "n_routed_experts",
+             "coe_iterations": "inner_iter", "num_layers": "num_hidden_layers",
+             "moe_ffn_hidden_size": "moe_intermediate_size", "ffn_hidden_size": "intermediate_size",
+             "kv_channels": "head_dim", "num_query_groups": "num_key_value_heads"}
+
+
+def _check_buildable(spec: ArchSpec, cfg_path: str) -> None:
+    """The Megatron-Core config of ``spec`` validates (one line naming the config.json field)."""
+    try:
+        spec.to_megatron_config()
+    except ConversionError:
+        raise
+    except Exception as e:  # CoEConfigError, Megatron-Core's ValueError / AssertionError
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fields = [f"{hf} ({mc})" for mc, hf in _HF_FIELD.items() if re.search(rf"\b{mc}\b", msg)]
+        raise ConversionError(f"{cfg_path} describes a model Megatron-Core refuses: {msg}"
+                              + (f" [config.json field: {', '.join(fields)}]" if fields else "")
+                              + "; fix config.json") from None
 
 
 def _meta_non_layer(spec: ArchSpec) -> dict:
