@@ -63,6 +63,7 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
     from megatron_coe.conversion.importer import Upcycle, import_hf
     from megatron_coe.conversion.spec import ConversionError
 
