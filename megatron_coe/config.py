@@ -151,6 +151,10 @@ class CoEMLATransformerConfig(CoEConfigMixin, MLATransformerConfig):
     the core attention's output width is ``kv_channels`` per head.
     """
 
+    mla_latent_norm_epsilon: float = 1e-6
+    """Eps of the q/kv latent norms (with ``qk_layernorm``); DeepSeek-V2 hard-codes 1e-6 there,
+    while ``layernorm_epsilon`` is the other norms' (``models/specs.with_latent_norm_eps``)."""
+
     def __post_init__(self):
         if self.kv_channels is None:
             self.kv_channels = self.v_head_dim

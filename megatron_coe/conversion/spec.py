@@ -14,7 +14,11 @@ Hugging Face ``model_type`` values:
 * ``coe_gpt``: CoE with standard multi-head / grouped-query attention and rotary embeddings
   (Megatron's ``GPTModel`` attention; Llama-style ``q_proj``/``k_proj``/``v_proj`` weights);
 * ``deepseek_v2``: stock ``transformers`` DeepSeek-V2, written only for a standard MoE (C=1,
-  inner residual off, outer residual on) that it can express exactly (see ``stock_deepseek_v2_problems``).
+  inner residual off, outer residual on) that it can express exactly (see ``stock_deepseek_v2_problems``);
+* ``coe_megatron``: this project's own type for an MLA model that the published
+  ``coe_deepseekv2`` semantics would compute differently (``published_problems``: no latent norms,
+  latent eps other than DeepSeek-V2's 1e-6, LayerNorm, ...). Its remote code computes exactly what
+  Megatron computes; the borrowed names are never written for a model they do not describe.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Optional
 
 import torch.nn.functional as F
 
+from megatron_coe.arch import ModelArch
+
 
 class ConversionError(ValueError):
     """A checkpoint or config that cannot be converted; the message says why and what to change."""
@@ -33,7 +39,10 @@ class ConversionError(ValueError):
 MODEL_TYPE_MLA = "coe_deepseekv2"
 MODEL_TYPE_GPT = "coe_gpt"
 MODEL_TYPE_STOCK = "deepseek_v2"
-COE_MODEL_TYPES = (MODEL_TYPE_MLA, MODEL_TYPE_GPT)
+MODEL_TYPE_OWN_MLA = "coe_megatron"
+COE_MODEL_TYPES = (MODEL_TYPE_MLA, MODEL_TYPE_GPT, MODEL_TYPE_OWN_MLA)
+# DeepSeek-V2's modeling code hard-codes the eps of the q/kv latent RMSNorms.
+DEEPSEEK_V2_LATENT_EPS = 1e-6
 
 _ACTIVATIONS = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
 
@@ -55,6 +64,7 @@ class ArchSpec:
     qk_rope_head_dim: Optional[int] = None
     v_head_dim: Optional[int] = None
     qk_layernorm: bool = False
+    latent_norm_eps: Optional[float] = None  # MLA latent norms (None: norm_eps, older records)
     rope_theta: float = 10000.0
     rope_interleaved: bool = False
     rotary_percent: float = 1.0
@@ -86,6 +96,10 @@ class ArchSpec:
     extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def latent_eps(self) -> float:
+        return self.norm_eps if self.latent_norm_eps is None else self.latent_norm_eps
+
     @property
     def num_routers(self) -> int:
         return 1 if self.shared_router else self.coe_iterations
@@ -190,7 +204,9 @@ class ArchSpec:
             spec = spec.replace(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
                                 qk_nope_head_dim=c.qk_head_dim, qk_rope_head_dim=c.qk_pos_emb_head_dim,
                                 v_head_dim=c.v_head_dim, rope_theta=float(c.rotary_base),
-                                rope_scaling=rope_scaling)
+                                rope_scaling=rope_scaling,
+                                latent_norm_eps=float(getattr(c, "mla_latent_norm_epsilon",
+                                                              c.layernorm_epsilon)))
         else:
             spec = spec.replace(num_query_groups=c.num_query_groups or c.num_attention_heads,
                                 head_dim=c.kv_channels, rope_theta=float(rotary_base),
@@ -204,6 +220,7 @@ class ArchSpec:
                    moe_router_num_groups=self.num_groups, moe_router_group_topk=self.group_topk)
         if self.attention == "mla":
             out["rotary_base"] = self.rope_theta
+            out["mla_latent_norm_epsilon"] = self.latent_eps
             if self.rope_scaling:
                 rs = self.rope_scaling
                 out.update(rope_type="yarn", rotary_scaling_factor=rs["factor"],
@@ -219,9 +236,45 @@ class ArchSpec:
 
     # ------------------------------------------------------------------ Hugging Face
     def hf_model_type(self, stock: bool = False) -> str:
+        """``deepseek_v2`` (``stock``), ``coe_deepseekv2`` where the published semantics compute
+        this model exactly, else this project's own ``coe_megatron`` (MLA) / ``coe_gpt``."""
         if stock:
             return MODEL_TYPE_STOCK
-        return MODEL_TYPE_MLA if self.attention == "mla" else MODEL_TYPE_GPT
+        if self.attention != "mla":
+            return MODEL_TYPE_GPT
+        return MODEL_TYPE_OWN_MLA if self.published_problems() else MODEL_TYPE_MLA
+
+    def published_problems(self) -> list[str]:
+        """Why code written for ``coe_deepseekv2`` (the published CoE model: DeepSeek-V2 attention
+        and experts, CoE chain) would compute a different function than this model; [] if none."""
+        p = []
+        if self.attention != "mla":
+            p.append("coe_deepseekv2 is multi-latent attention; this model has standard attention")
+            return p
+        if not self.qk_layernorm:
+            p.append("DeepSeek-V2 attention always normalises the q/kv latents "
+                     "(q_a_layernorm/kv_a_layernorm); this model has no latent norms "
+                     "(trained with --no-qk-layernorm or before latent norms were the default)")
+        elif self.latent_eps != DEEPSEEK_V2_LATENT_EPS:
+            p.append(f"DeepSeek-V2 hard-codes eps {DEEPSEEK_V2_LATENT_EPS:g} for the latent norms; "
+                     f"this model uses {self.latent_eps:g}")
+        if self.normalization != "RMSNorm":
+            p.append(f"DeepSeek-V2 uses RMSNorm; this model uses {self.normalization}")
+        if not (self.gated and self.activation == "silu"):
+            p.append("DeepSeek-V2 experts are SwiGLU; this model's are not (--swiglu)")
+        if self.score_function != "softmax" or not self.pre_softmax:
+            p.append("DeepSeek-V2 routes with a softmax over all routed experts and no "
+                     "renormalisation of the top-k weights (--moe-router-score-function softmax "
+                     "--moe-router-pre-softmax); this model does not")
+        if self.num_groups or self.group_topk:
+            p.append("group-limited routing is not part of the published CoE model")
+        if self.expert_bias:
+            p.append("DeepSeek-V2 has no expert bias (--moe-router-enable-expert-bias)")
+        if self.shared_expert_size and self.shared_expert_size % self.moe_ffn_hidden_size:
+            p.append(f"DeepSeek-V2 counts shared experts in units of the routed expert size "
+                     f"({self.moe_ffn_hidden_size}); the shared expert size "
+                     f"{self.shared_expert_size} is not a multiple of it")
+        return p
 
     def stock_deepseek_v2_problems(self) -> list[str]:
         """Why stock ``transformers`` ``DeepseekV2ForCausalLM`` cannot run this model exactly."""
@@ -244,6 +297,9 @@ class ArchSpec:
             p.append("stock DeepSeek-V2 uses RMSNorm")
         if not self.qk_layernorm:
             p.append("stock DeepSeek-V2 always normalises the q/kv latents: needs --qk-layernorm")
+        elif self.attention == "mla" and self.latent_eps != DEEPSEEK_V2_LATENT_EPS:
+            p.append(f"stock DeepSeek-V2 hard-codes eps {DEEPSEEK_V2_LATENT_EPS:g} for the latent "
+                     f"norms; this model uses {self.latent_eps:g}")
         if self.rope_scaling is not None:
             p.append("YaRN export to stock DeepSeek-V2 is not supported (use the CoE remote-code export)")
         if self.shared_expert_size and self.shared_expert_size % self.moe_ffn_hidden_size:
@@ -291,6 +347,7 @@ class ArchSpec:
             return cfg
         cfg.update(
             attention_type=self.attention, qk_layernorm=self.qk_layernorm,
+            latent_norm_eps=self.latent_eps if self.attention == "mla" else None,
             rope_scaling=self.rope_scaling, norm_type=self.normalization.lower(), mlp_gated=self.gated,
             shared_expert_intermediate_size=self.shared_expert_size, router_expert_bias=self.expert_bias,
             inner_iter=self.coe_iterations, use_igate=not self.shared_router,
@@ -366,6 +423,8 @@ class ArchSpec:
             num_attention_heads=get("num_attention_heads"), vocab_size=get("vocab_size"),
             max_position_embeddings=get("max_position_embeddings", 4096), attention=attention,
             qk_layernorm=True if stock else bool(get("qk_layernorm", True)),
+            latent_norm_eps=(DEEPSEEK_V2_LATENT_EPS if stock or model_type == MODEL_TYPE_MLA
+                             else float(get("latent_norm_eps") or DEEPSEEK_V2_LATENT_EPS)),
             rope_theta=float(rope_theta), rope_scaling=None if stock else get("rope_scaling"),
             normalization="LayerNorm" if get("norm_type", "rmsnorm") == "layernorm" else "RMSNorm",
             norm_eps=float(get("rms_norm_eps", 1e-6)), activation=get("hidden_act", "silu"),
@@ -394,74 +453,82 @@ class ArchSpec:
                                 rotary_percent=float(get("partial_rotary_factor", 1.0)))
         return spec
 
-    # ------------------------------------------------------------------ trainer options
-    def to_train_args(self, **overrides):
-        """``TrainArgs`` of the trainer (``megatron_coe.training.options``) for this architecture.
+    # ------------------------------------------------------------------ the architecture record
+    def to_arch(self) -> ModelArch:
+        """The trainer's architecture record (``megatron_coe.arch.ModelArch``) of this model.
 
-        Raises ``ConversionError`` for settings the trainer's options cannot express (they would be
-        silently changed by a run that loads the converted checkpoint).
-        """
-        from megatron_coe.training.options import TrainArgs
-
+        Raises ``ConversionError`` for what the record (and so the trainer) cannot express."""
         p = []
-        if self.attention == "mha" and self.kv_groups != self.num_attention_heads:
-            p.append("grouped-query attention (num_key_value_heads) has no trainer option")
-        if self.scaling_factor not in (None, 1.0):
-            p.append("routed_scaling_factor != 1 has no trainer option (moe_router_topk_scaling_factor)")
-        if self.num_groups or self.group_topk:
-            p.append("group-limited routing has no trainer option")
-        if self.rope_scaling is not None or self.rope_theta != 10000.0 or self.rope_interleaved \
-                or self.rotary_percent != 1.0:
-            p.append("the trainer uses plain RoPE with base 10000 on all head dims")
         if self.gated and self.activation != "silu":
             p.append(f"gated {self.activation} has no trainer option (only --swiglu)")
         if not self.gated and self.activation != "gelu":
             p.append(f"activation {self.activation} has no trainer option (gelu, or silu with --swiglu)")
-        if self.tie_word_embeddings:
-            p.append("tied input/output embeddings have no trainer option")
         if self.score_function == "sigmoid" and self.pre_softmax:
             p.append("pre_softmax with sigmoid scores")
+        if self.rope_interleaved:
+            p.append("interleaved RoPE (rope_interleaved) has no trainer option")
+        if self.attention == "mla" and self.kv_groups != self.num_attention_heads:
+            p.append("MLA with num_key_value_heads != num_attention_heads")
         if p:
             raise ConversionError("this model cannot be trained with megatron_coe.train as is:\n  - "
                                   + "\n  - ".join(p))
-        # Options left at the trainer's default stay unset (None), as in a run's own recorded args:
-        # the trainer's --load check compares the recorded option values.
+        mla = self.attention == "mla"
         ffn = None if self.ffn_hidden_size in (None, 4 * self.hidden_size) else self.ffn_hidden_size
-        kv = self.head_dim if self.attention == "mha" else None
-        if kv == self.hidden_size // self.num_attention_heads:
-            kv = None
+        kv = None if mla or self.head_dim in (None, self.hidden_size // self.num_attention_heads) \
+            else self.head_dim
+        rs = self.rope_scaling or {}
         kw = dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads, ffn_hidden_size=ffn, kv_channels=kv,
-            num_experts=self.num_experts, moe_router_topk=self.topk,
+            num_query_groups=None if mla or self.kv_groups == self.num_attention_heads else self.kv_groups,
+            normalization=self.normalization, layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=self.gated, multi_latent_attention=mla,
+            qk_layernorm=self.qk_layernorm,
+            position_embedding_type="yarn" if rs else "rope", rotary_base=self.rope_theta,
+            rotary_percent=self.rotary_percent,
+            max_position_embeddings=self.max_position_embeddings,
+            untie_embeddings_and_output_weights=not self.tie_word_embeddings,
+            num_moe_experts=self.num_experts, moe_router_topk=self.topk,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size,
             moe_shared_expert_intermediate_size=self.shared_expert_size,
             moe_router_score_function=self.score_function, moe_router_pre_softmax=self.pre_softmax,
+            moe_router_topk_scaling_factor=self.scaling_factor,
+            moe_router_num_groups=self.num_groups, moe_router_group_topk=self.group_topk,
             moe_router_enable_expert_bias=self.expert_bias,
-            multi_latent_attention=self.attention == "mla", normalization=self.normalization,
-            qk_layernorm=self.qk_layernorm, swiglu=self.gated,
-            seq_length=self.max_position_embeddings,
             coe_iterations=self.coe_iterations, coe_inner_residual=self.inner_residual,
             coe_outer_residual=self.outer_residual, coe_shared_router=self.shared_router,
+            vocab_size=self.vocab_size,
         )
-        if self.attention == "mla":
+        if mla:
             kw.update(q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
                       qk_head_dim=self.qk_nope_head_dim, qk_pos_emb_head_dim=self.qk_rope_head_dim,
-                      v_head_dim=self.v_head_dim)
-        kw.update(overrides)
-        return TrainArgs(**kw)
+                      v_head_dim=self.v_head_dim, mla_latent_norm_epsilon=self.latent_eps)
+        if rs:
+            kw.update(rotary_scaling_factor=float(rs["factor"]), mscale=float(rs.get("mscale", 1.0)),
+                      mscale_all_dim=float(rs.get("mscale_all_dim", 0.0)),
+                      original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+                      beta_fast=float(rs.get("beta_fast", 32)), beta_slow=float(rs.get("beta_slow", 1)))
+        return ModelArch(**kw)
+
+    def to_option_values(self) -> dict:
+        """{trainer option: value} that build exactly this model (``megatron_coe.train``);
+        ``seq_length`` is the declared context length."""
+        values = self.to_arch().to_option_values()
+        values["seq_length"] = self.max_position_embeddings
+        return values
+
+    def to_train_args(self, **overrides):
+        """``TrainArgs`` of the trainer for this architecture (``to_option_values`` + overrides).
+        Kept for callers that need the trainer's object; imports the trainer's option table."""
+        from megatron_coe.training.options import TrainArgs  # noqa: PLC0415 - see to_option_values
+
+        values = self.to_option_values()
+        values.update(overrides)
+        return TrainArgs(**values)
 
     def train_args_warnings(self) -> list:
-        """Settings the trainer's options cannot set, which it silently replaces by its defaults."""
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
-        default_eps = TransformerConfig.__dataclass_fields__["layernorm_epsilon"].default
-        notes = []
-        if self.norm_eps != default_eps:
-            notes.append(f"the model's norm epsilon is {self.norm_eps:g} but megatron_coe.train has no "
-                         f"option for it and uses {default_eps:g}: a run loading this checkpoint "
-                         "normalises slightly differently")
-        return notes
+        """Settings the trainer's options cannot set (none left: every field has an option)."""
+        return []
 
     def to_megatron_config(self, **overrides):
         """The CoE ``TransformerConfig`` of this spec (CPU-safe settings; ``overrides`` win)."""

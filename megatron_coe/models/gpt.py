@@ -26,6 +26,7 @@ def build_coe_gpt_model(
     post_process: Optional[bool] = None,
     share_embeddings_and_output_weights: bool = False,
     rotary_base: int = 10000,
+    rotary_percent: float = 1.0,
     vp_stage: Optional[int] = None,
 ) -> GPTModel:
     """A ``GPTModel`` whose every layer is a ``CoETransformerLayer`` with a ``ChainOfExpertsLayer``.
@@ -57,6 +58,7 @@ def build_coe_gpt_model(
         share_embeddings_and_output_weights=share_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=rotary_base,
+        rotary_percent=rotary_percent,
         pg_collection=pg_collection,
         vp_stage=vp_stage,
     )

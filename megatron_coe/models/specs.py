@@ -14,11 +14,14 @@ swaps in the CoE pieces:
   ``MLADotProductAttention``.
 
 Attention is standard multi-head attention or DeepSeek-V2 multi-latent attention, chosen by the
-config class (``CoEMLATransformerConfig`` sets ``multi_latent_attention``).
+config class (``CoEMLATransformerConfig`` sets ``multi_latent_attention``). With MLA and
+``qk_layernorm`` the q/kv latent norms use ``config.mla_latent_norm_epsilon`` (DeepSeek-V2: 1e-6)
+instead of ``layernorm_epsilon`` (``with_latent_norm_eps``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -79,6 +82,47 @@ def _localize(layer_submodules, multi_latent_attention: bool):
     return dataclasses.replace(layer_submodules, **replace)
 
 
+def with_latent_norm_eps(module):
+    """``module`` (a norm, or Transformer Engine's linear with a fused input norm) built with the
+    config's ``mla_latent_norm_epsilon`` as its eps instead of ``layernorm_epsilon``.
+
+    Megatron-Core's ``MLASelfAttention`` builds the q/kv latent norms with
+    ``eps=config.layernorm_epsilon``, the eps of every other norm; DeepSeek-V2 hard-codes 1e-6
+    for the latent norms only. The returned class builds ``module`` with a copy of the config
+    whose ``layernorm_epsilon`` is the latent eps (the fused TE linears read it from the config).
+    """
+    if module is IdentityOp:
+        return module
+
+    def build(cls, *args, config, **kwargs):
+        latent = copy.copy(config)
+        latent.layernorm_epsilon = config.mla_latent_norm_epsilon
+        if "eps" in kwargs:
+            kwargs["eps"] = latent.layernorm_epsilon
+        return module(*args, config=latent, **kwargs)
+
+    name = f"LatentEps{getattr(module, '__name__', 'Module')}"
+    return type(name, (), {"__new__": build, "__doc__": f"{name}: see with_latent_norm_eps."})
+
+
+def _latent_eps(layer_submodules):
+    """MLA only: the latent norms (or the TE linears they are fused into) get their own eps."""
+    attention = layer_submodules.self_attention
+    attn_sub = attention.submodules
+    replace = {}
+    for name in ("q_layernorm", "kv_layernorm"):
+        if getattr(attn_sub, name, IdentityOp) is not IdentityOp:
+            replace[name] = with_latent_norm_eps(getattr(attn_sub, name))
+    for name in ("linear_q_up_proj", "linear_kv_up_proj"):
+        module = getattr(attn_sub, name, None)
+        if module is not None and "LayerNorm" in getattr(module, "__name__", ""):
+            replace[name] = with_latent_norm_eps(module)
+    if not replace:
+        return layer_submodules
+    return dataclasses.replace(layer_submodules, self_attention=dataclasses.replace(
+        attention, submodules=dataclasses.replace(attn_sub, **replace)))
+
+
 def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSpec:
     """Transformer-layer spec of a CoE model for ``config`` (a ``CoE*TransformerConfig``).
 
@@ -114,6 +158,8 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
             normalization=config.normalization,
         )
         submodules = _localize(base.submodules, mla)
+    if mla and config.qk_layernorm:
+        submodules = _latent_eps(submodules)
     mlp = _coe_mlp_spec(submodules.mlp, local=not use_transformer_engine)
     submodules = dataclasses.replace(submodules, mlp=mlp)
     return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from megatron_coe import arch
 from megatron_coe.training.options import TrainArgs
 
 _PASS = re.compile(r"^(?P<name>.+)_pass(?P<t>\d+)$")
@@ -35,25 +36,8 @@ _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
 
 # --------------------------------------------------------------------------- FLOPs
 def flops_per_token(args: TrainArgs, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per MAC)."""
-    h, n, s = args.hidden_size, args.num_attention_heads, args.seq_length
-    s_attn = s / 2  # causal: on average half the keys are visible
-    if args.multi_latent_attention:
-        dq, dr, dv = args.qk_head_dim, args.qk_pos_emb_head_dim, args.v_head_dim
-        q = h * args.q_lora_rank + args.q_lora_rank * n * (dq + dr) if args.q_lora_rank \
-            else h * n * (dq + dr)
-        kv = h * (args.kv_lora_rank + dr) + args.kv_lora_rank * n * (dq + dv)
-        attn = q + kv + n * dv * h + n * (dq + dr) * s_attn + n * dv * s_attn
-    else:
-        d = args.kv_channels or h // n
-        attn = 4 * h * n * d + 2 * n * d * s_attn
-    mats = 3 if args.swiglu else 2
-    routed = args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * h
-    shared = args.moe_shared_expert_intermediate_size or 0
-    per_pass = h * args.num_experts + args.moe_router_topk * mats * h * routed + mats * h * shared
-    layer = attn + args.coe_iterations * per_pass
-    macs = args.num_layers * layer + h * vocab_size
-    return 3 * 2 * macs
+    """Training FLOPs per token of this run's architecture (``arch.flops_per_token``)."""
+    return arch.flops_per_token(arch.ModelArch.from_args(args), args.seq_length, vocab_size)
 
 
 def peak_flops_per_device(args: TrainArgs) -> Optional[float]:

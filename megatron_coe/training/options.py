@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_coe import arch
+
 
 class OptionError(ValueError):
     """A bad option value or config file; the message names the option."""
@@ -63,9 +65,11 @@ class Range:
 
 
 def opt(default, help, *, type=None, choices=None, model=None, shape=False, list_of=None,
-        group="training", valid=None):
+        group="training", valid=None, flag=None, arch=None):
     """Declare one option. ``type`` defaults to the default's type; ``list_of`` for list options;
-    ``valid`` the numeric range (see the module docstring)."""
+    ``valid`` the numeric range (see the module docstring); ``flag`` the command-line flag when it
+    is not the name with dashes (Megatron-LM's ``--norm-epsilon`` for ``layernorm_epsilon``);
+    ``arch`` the ``megatron_coe.arch.ModelArch`` field of an architecture option."""
     if type is None and list_of is None:
         if default is None:
             raise TypeError(f"option with default None needs type= ({help!r})")
@@ -73,7 +77,7 @@ def opt(default, help, *, type=None, choices=None, model=None, shape=False, list
     if type in (int, float) and valid is None:
         raise TypeError(f"numeric option needs valid= ({help!r})")
     meta = dict(help=help, type=type, choices=choices, model=model, shape=shape, list_of=list_of,
-                group=group, valid=None if valid is None else Range(valid))
+                group=group, valid=None if valid is None else Range(valid), flag=flag, arch=arch)
     if list_of is not None:
         return field(default_factory=lambda: list(default or []), metadata=meta)
     return field(default=default, metadata=meta)
@@ -82,36 +86,14 @@ def opt(default, help, *, type=None, choices=None, model=None, shape=False, list
 M, P, T, D, C, L = "model", "parallelism", "training", "data", "checkpointing", "logging"
 
 
+# The architecture rows (shapes, attention, norms, RoPE, experts and router, CoE chain) come from
+# the one architecture record, megatron_coe.arch.ModelArch: same defaults, flags and help.
+_ArchOptions = dataclasses.make_dataclass("_ArchOptions", arch.option_rows(opt))
+
+
 @dataclass
-class TrainArgs:
-    # ------------------------------------------------------------------ model
-    num_layers: int = opt(2, "Number of transformer layers.", model=True, shape=True, group=M,
-                          valid='>= 1')
-    hidden_size: int = opt(64, "Transformer hidden size.", model=True, shape=True, group=M,
-                           valid='>= 1')
-    num_attention_heads: int = opt(4, "Number of attention heads.", model=True, shape=True, group=M,
-                                   valid='>= 1')
-    ffn_hidden_size: Optional[int] = opt(None, "Dense FFN size (default 4 x hidden); the routed "
-                                         "experts' size when --moe-ffn-hidden-size is unset.",
-                                         type=int, model=True, shape=True, group=M, valid='>= 1')
-    kv_channels: Optional[int] = opt(None, "Attention head dim (default hidden/heads; MLA: "
-                                     "v_head_dim).", type=int, model=True, shape=True, group=M,
-                                     valid='>= 1')
-    num_experts: int = opt(8, "Routed experts per layer.", model="num_moe_experts", shape=True,
-                           group=M, valid='>= 1')
-    moe_router_topk: int = opt(2, "Experts per token in each CoE pass.", model=True, group=M,
-                               valid='>= 1')
-    moe_ffn_hidden_size: Optional[int] = opt(None, "Routed expert FFN size (default "
-                                             "ffn_hidden_size).", type=int, model=True,
-                                             shape=True, group=M, valid='>= 1')
-    moe_shared_expert_intermediate_size: Optional[int] = opt(
-        None, "Total FFN size of the shared expert(s); unset = no shared expert.", type=int,
-        model=True, shape=True, group=M, valid='>= 1')
-    moe_router_score_function: str = opt("softmax", "Router score function.",
-                                         choices=["softmax", "sigmoid"], model=True, group=M)
-    moe_router_pre_softmax: bool = opt(False, "Softmax over all experts before top-k (no "
-                                       "renormalisation of the top-k weights).", model=True,
-                                       group=M)
+class TrainArgs(_ArchOptions):
+    # ------------------------------------------------------------------ model (not architecture)
     moe_router_load_balancing_type: str = opt(
         "aux_loss", "Load-balancing loss.",
         choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"], model=True,
@@ -123,27 +105,10 @@ class TrainArgs:
     moe_token_dispatcher_type: str = opt("alltoall", "Token dispatcher.",
                                          choices=["allgather", "alltoall", "flex"], model=True,
                                          group=M)
-    moe_router_enable_expert_bias: bool = opt(False, "Aux-loss-free expert bias (updated once "
-                                              "per step in finalize_model_grads).", model=True,
-                                              shape=True, group=M)
     moe_router_bias_update_rate: float = opt(1e-3, "Expert-bias update rate.", model=True,
                                              group=M, valid='>= 0')
     moe_grouped_gemm: bool = opt(False, "Grouped-GEMM experts (GPU, Transformer Engine).",
                                  model=True, group=M)
-    multi_latent_attention: bool = opt(False, "DeepSeek-V2 multi-latent attention (MLA).",
-                                       shape=True, group=M)
-    q_lora_rank: Optional[int] = opt(None, "MLA query low-rank dim (unset: no q compression).",
-                                     type=int, shape=True, group=M, valid='>= 1')
-    kv_lora_rank: int = opt(512, "MLA key/value low-rank dim.", shape=True, group=M, valid='>= 1')
-    qk_head_dim: int = opt(128, "MLA query/key head dim (without RoPE part).", shape=True, group=M,
-                           valid='>= 1')
-    qk_pos_emb_head_dim: int = opt(64, "MLA RoPE head dim of query/key.", shape=True, group=M,
-                                   valid='>= 1')
-    v_head_dim: int = opt(128, "MLA value head dim.", shape=True, group=M, valid='>= 1')
-    normalization: str = opt("RMSNorm", "Norm layer.", choices=["LayerNorm", "RMSNorm"],
-                             model=True, shape=True, group=M)
-    qk_layernorm: bool = opt(False, "Norm on queries and keys.", model=True, shape=True, group=M)
-    swiglu: bool = opt(False, "SwiGLU expert/FFN activation (gated SiLU).", shape=True, group=M)
     init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M,
                                  valid='> 0')
     hidden_dropout: float = opt(0.0, "Dropout on hidden states.", model=True, group=M,
@@ -153,13 +118,6 @@ class TrainArgs:
     seq_length: int = opt(128, "Sequence length (tokens per sample).", group=M, valid='>= 1')
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this.",
                                             group=M, valid='>= 1')
-    coe_iterations: int = opt(2, "C: chained routing passes per CoE layer (1 = plain MoE).",
-                              model=True, shape=True, group=M, valid='>= 1')
-    coe_inner_residual: bool = opt(True, "Residual around each CoE pass.", model=True, group=M)
-    coe_outer_residual: bool = opt(False, "Residual around the whole CoE layer.", model=True,
-                                   group=M)
-    coe_shared_router: bool = opt(False, "One router shared by all passes (ablation).",
-                                  model=True, shape=True, group=M)
     # ------------------------------------------------------------------ parallelism
     tensor_model_parallel_size: int = opt(1, "Tensor-parallel size.", model=True, group=P,
                                           valid='>= 1')
@@ -282,7 +240,16 @@ OPTIONS = {f.name: f for f in fields(TrainArgs)}
 
 
 def flag_name(name: str) -> str:
+    """The command-line flag of option ``name`` (its ``flag=`` or the name with dashes)."""
+    f = OPTIONS.get(name)
+    if f is not None and f.metadata.get("flag"):
+        return f.metadata["flag"]
     return "--" + name.replace("_", "-")
+
+
+# YAML keys spelled like a flag that differs from its option name (norm_epsilon: 1e-6).
+FLAG_KEYS = {f.metadata["flag"][2:].replace("-", "_"): f.name for f in fields(TrainArgs)
+             if f.metadata.get("flag")}
 
 
 def _parse_bool(value) -> bool:
@@ -340,6 +307,7 @@ def load_yaml(path: str) -> dict:
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        name = FLAG_KEYS.get(name, name)
         if name not in OPTIONS:
             raise OptionError(f"unknown key '{key}' in config file {path}.{_suggest(name)}")
         values[name] = coerce(name, value)
@@ -360,16 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups[meta["group"]]
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{meta['help']} (default: {default})"
+        flag, dest = flag_name(f.name), f.name
         if meta["list_of"] is not None:
-            group.add_argument(flag_name(f.name), nargs="+", help=help_text)
+            group.add_argument(flag, dest=dest, nargs="+", help=help_text)
         elif meta["type"] is bool and f.name.startswith("no_"):
             # a plain switch: --no-load-optim, never --no-no-load-optim (YAML: no_load_optim: true)
-            group.add_argument(flag_name(f.name), action="store_true", help=meta["help"])
+            group.add_argument(flag, dest=dest, action="store_true", help=meta["help"])
         elif meta["type"] is bool:
-            group.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction,
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                                help=meta["help"] + f" (default: {default})")
         else:
-            group.add_argument(flag_name(f.name), help=help_text, choices=meta["choices"])
+            group.add_argument(flag, dest=dest, help=help_text, choices=meta["choices"])
     return parser
 
 

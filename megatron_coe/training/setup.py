@@ -12,8 +12,8 @@ import socket
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from megatron_coe.arch import ModelArch
 from megatron_coe.compat import cuda_device_redirect, have_transformer_engine, install_cpu_compat
 from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
 from megatron_coe.training import precision
@@ -184,19 +184,19 @@ def build_model_config(args: TrainArgs):
 
 
 def _build_model_config(args: TrainArgs):
-    kw = {}
+    """Architecture from the record (``ModelArch.from_args``), then the non-architecture model
+    options (``model=`` in the option table), then the machine's settings."""
+    record = ModelArch.from_args(args)
+    problems = record.check()
+    if problems:
+        raise SetupError(problems[0])
+    kw = record.to_config_kwargs()
     for name, f in OPTIONS.items():
         target = f.metadata["model"]
         if target:
             kw[name if target is True else target] = getattr(args, name)
-    if kw["ffn_hidden_size"] is None:
-        kw["ffn_hidden_size"] = 4 * args.hidden_size
-    if kw["moe_ffn_hidden_size"] is None:
-        kw["moe_ffn_hidden_size"] = kw["ffn_hidden_size"]
     if kw["expert_tensor_parallel_size"] is None:
         kw.pop("expert_tensor_parallel_size")
-    if args.swiglu:
-        kw.update(gated_linear_unit=True, activation_func=F.silu)
     kw.update(add_bias_linear=False, gradient_accumulation_fusion=False,
               variable_seq_lengths=False, calculate_per_token_loss=False)
     if args.recompute_modules:
@@ -208,9 +208,6 @@ def _build_model_config(args: TrainArgs):
                   masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
                   bias_activation_fusion=False)
     if args.multi_latent_attention:
-        kw.update(q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
-                  qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
-                  v_head_dim=args.v_head_dim, rope_type="rope")
         return CoEMLATransformerConfig(**kw)
     return CoETransformerConfig(**kw)
 
@@ -229,7 +226,8 @@ def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list
     plan = precision_plan(args)
     model = build_coe_gpt_model(
         config, pg_collection=pg_collection, vocab_size=vocab_size,
-        max_sequence_length=args.seq_length, use_transformer_engine=plan.use_transformer_engine)
+        max_sequence_length=args.seq_length, use_transformer_engine=plan.use_transformer_engine,
+        **ModelArch.from_args(args).gpt_model_kwargs())
     if use_cuda():
         model.cuda(torch.cuda.current_device())
     if plan.bf16:

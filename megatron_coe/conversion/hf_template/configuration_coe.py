@@ -5,6 +5,8 @@ Two model types share one set of keys:
 
 * ``coe_deepseekv2`` (:class:`CoeConfig`): DeepSeek-V2 multi-latent attention (MLA), the layout
   of the published CoE checkpoints;
+* ``coe_megatron`` (:class:`CoeMegatronConfig`): megatron-coe's own type for an MLA model whose
+  function the published ``coe_deepseekv2`` semantics would not reproduce (the exporter says why);
 * ``coe_gpt`` (:class:`CoeGPTConfig`): standard multi-head / grouped-query attention with rotary
   embeddings (Llama-style ``q_proj``/``k_proj``/``v_proj``/``o_proj`` weights).
 
@@ -49,6 +51,7 @@ class CoeConfig(PretrainedConfig):
         qk_rope_head_dim=64,
         v_head_dim=128,
         qk_layernorm=True,
+        latent_norm_eps=1e-6,
         # positions
         max_position_embeddings=4096,
         rope_theta=10000.0,
@@ -109,6 +112,8 @@ class CoeConfig(PretrainedConfig):
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.qk_layernorm = qk_layernorm
+        # eps of the MLA q/kv latent norms: DeepSeek-V2 hard-codes 1e-6 (rms_norm_eps is the others')
+        self.latent_norm_eps = 1e-6 if latent_norm_eps is None else latent_norm_eps
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
@@ -165,4 +170,12 @@ class CoeGPTConfig(CoeConfig):
         super().__init__(attention_type=attention_type, **kwargs)
 
 
-__all__ = ["CoeConfig", "CoeGPTConfig"]
+class CoeMegatronConfig(CoeConfig):
+    """megatron-coe's own type for an MLA CoE model that ``coe_deepseekv2`` semantics do not
+    describe exactly (no latent norms, another latent eps, LayerNorm, ...): the same keys, read
+    as written (``qk_layernorm``, ``latent_norm_eps``, ``norm_type``, ...)."""
+
+    model_type = "coe_megatron"
+
+
+__all__ = ["CoeConfig", "CoeGPTConfig", "CoeMegatronConfig"]

@@ -29,7 +29,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
-from .configuration_coe import CoeConfig, CoeGPTConfig
+from .configuration_coe import CoeConfig, CoeGPTConfig, CoeMegatronConfig
 
 
 # --------------------------------------------------------------------------- norms
@@ -47,11 +47,12 @@ class CoeRMSNorm(nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
-def make_norm(config, size):
+def make_norm(config, size, eps=None):
+    eps = config.rms_norm_eps if eps is None else eps
     if config.norm_type == "layernorm":
-        return nn.LayerNorm(size, eps=config.rms_norm_eps)
+        return nn.LayerNorm(size, eps=eps)
     if config.norm_type == "rmsnorm":
-        return CoeRMSNorm(size, eps=config.rms_norm_eps)
+        return CoeRMSNorm(size, eps=eps)
     raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {config.norm_type!r}")
 
 
@@ -180,10 +181,12 @@ class CoeMLAttention(nn.Module):
             self.q_proj = nn.Linear(h, self.num_heads * self.q_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=False)
-            self.q_a_layernorm = make_norm(config, self.q_lora_rank) if config.qk_layernorm else nn.Identity()
+            self.q_a_layernorm = (make_norm(config, self.q_lora_rank, config.latent_norm_eps)
+                                  if config.qk_layernorm else nn.Identity())
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.q_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = make_norm(config, self.kv_lora_rank) if config.qk_layernorm else nn.Identity()
+        self.kv_a_layernorm = (make_norm(config, self.kv_lora_rank, config.latent_norm_eps)
+                               if config.qk_layernorm else nn.Identity())
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
                                    bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=False)
@@ -524,4 +527,13 @@ class CoeGPTForCausalLM(CoeForCausalLM):
     config_class = CoeGPTConfig
 
 
-__all__ = ["CoePreTrainedModel", "CoeModel", "CoeForCausalLM", "CoeGPTModel", "CoeGPTForCausalLM"]
+class CoeMegatronModel(CoeModel):
+    config_class = CoeMegatronConfig
+
+
+class CoeMegatronForCausalLM(CoeForCausalLM):
+    config_class = CoeMegatronConfig
+
+
+__all__ = ["CoePreTrainedModel", "CoeModel", "CoeForCausalLM", "CoeGPTModel", "CoeGPTForCausalLM",
+           "CoeMegatronModel", "CoeMegatronForCausalLM"]

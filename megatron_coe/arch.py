@@ -1,0 +1,348 @@
+"""The architecture of a CoE model: ONE record, ``ModelArch``, with Megatron-Core's field names.
+
+Every field that decides what function a model computes (shapes, attention kind, norms, RoPE,
+routing, the CoE chain) is declared here once: its Megatron-Core ``TransformerConfig`` name (the
+field name), its one default, its Megatron-LM flag and help text. Everything else reads it:
+
+* the trainer's option table (``training/options.py``) takes its architecture rows from
+  ``option_rows`` (the option's name is Megatron-LM's ``args`` name, e.g. ``num_experts`` for
+  ``num_moe_experts``, ``layernorm_epsilon`` for ``--norm-epsilon``, ``swiglu`` for
+  ``gated_linear_unit``);
+* ``ModelArch.from_args`` / ``to_config_kwargs`` build the Megatron ``TransformerConfig``
+  (``training/setup.build_model_config``);
+* ``ModelArch.from_megatron_config`` reads a built model back (checkpoint records, export);
+* FLOPs (``training/metrics.py``) and the Hugging Face translation (``conversion/spec.py``) read it.
+
+This module imports neither ``training`` nor ``conversion`` (both import it).
+
+Defaults are Megatron-LM's where Megatron-LM has one; the CoE fields default to one plain
+pass (``coe_iterations`` 1, inner residual on, outer off: the paper's layer with C=1).
+Two fields are this project's own, for DeepSeek-V2 attention: ``qk_layernorm`` unset means
+"on for multi-latent attention" (DeepSeek-V2 always normalises the q/kv latents), and
+``mla_latent_norm_epsilon`` (1e-6, DeepSeek-V2's hard-coded value) is the latent norms' eps,
+separate from ``layernorm_epsilon`` (``--norm-epsilon``) of the other norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+# Megatron-Core's defaults for the YaRN parameters (MLATransformerConfig) when the flag is unset.
+YARN_DEFAULTS = dict(original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0)
+# DeepSeek-V2's latent norm eps (hard-coded in its modeling code).
+DEEPSEEK_V2_LATENT_EPS = 1e-6
+
+
+def _f(default, help, *, arg=None, flag=None, type=None, choices=None, valid=None, shape=False,
+       config=True):
+    """One architecture field. ``arg``: the trainer option / Megatron-LM ``args`` name (default:
+    the field name); ``flag``: the command-line flag (default ``--`` + arg with dashes);
+    ``config``: passed to ``TransformerConfig`` under the field's name as is."""
+    if type is None:
+        type = default.__class__
+    return field(default=default, metadata=dict(help=help, arg=arg, flag=flag, type=type,
+                                                choices=choices, valid=valid, shape=shape,
+                                                config=config))
+
+
+@dataclass
+class ModelArch:
+    # ------------------------------------------------------------------ transformer
+    num_layers: int = _f(2, "Number of transformer layers.", valid=">= 1", shape=True)
+    hidden_size: int = _f(64, "Transformer hidden size.", valid=">= 1", shape=True)
+    num_attention_heads: int = _f(4, "Number of attention heads.", valid=">= 1", shape=True)
+    num_query_groups: Optional[int] = _f(
+        None, "Key/value head groups of standard attention (grouped-query attention; default: "
+        "one per head).", type=int, valid=">= 1", shape=True)
+    kv_channels: Optional[int] = _f(None, "Attention head dim (default hidden/heads; MLA: "
+                                    "v_head_dim).", type=int, valid=">= 1", shape=True)
+    ffn_hidden_size: Optional[int] = _f(None, "Dense FFN size (default 4 x hidden); the routed "
+                                        "experts' size when --moe-ffn-hidden-size is unset.",
+                                        type=int, valid=">= 1", shape=True)
+    normalization: str = _f("LayerNorm", "Norm layer.", choices=["LayerNorm", "RMSNorm"],
+                            shape=True)
+    layernorm_epsilon: float = _f(1e-5, "Epsilon of the input, pre-MLP and final norms.",
+                                  flag="--norm-epsilon", valid="> 0")
+    gated_linear_unit: bool = _f(False, "SwiGLU expert/FFN activation (gated SiLU; off: GeLU).",
+                                 arg="swiglu", shape=True, config=False)
+    # ------------------------------------------------------------------ attention
+    multi_latent_attention: bool = _f(False, "DeepSeek-V2 multi-latent attention (MLA).",
+                                      shape=True, config=False)
+    qk_layernorm: Optional[bool] = _f(
+        None, "Norm on queries and keys; with MLA the RMSNorms of the q/kv latents (DeepSeek-V2's "
+        "q_a_layernorm/kv_a_layernorm). Default: on with MLA (DeepSeek-V2 always applies them), "
+        "off otherwise.", type=bool, shape=True, config=False)
+    mla_latent_norm_epsilon: float = _f(
+        DEEPSEEK_V2_LATENT_EPS, "Epsilon of the MLA latent norms (DeepSeek-V2 hard-codes 1e-6; "
+        "--norm-epsilon is the other norms').", valid="> 0", config=False)
+    q_lora_rank: Optional[int] = _f(None, "MLA query low-rank dim (unset: no q compression).",
+                                    type=int, valid=">= 1", shape=True, config=False)
+    kv_lora_rank: int = _f(32, "MLA key/value low-rank dim.", valid=">= 1", shape=True,
+                           config=False)
+    qk_head_dim: int = _f(128, "MLA query/key head dim (without the RoPE part).", valid=">= 1",
+                          shape=True, config=False)
+    qk_pos_emb_head_dim: int = _f(64, "MLA RoPE head dim of query/key.", valid=">= 1",
+                                  shape=True, config=False)
+    v_head_dim: int = _f(128, "MLA value head dim.", valid=">= 1", shape=True, config=False)
+    # ------------------------------------------------------------------ positions
+    position_embedding_type: str = _f("rope", "Position embedding: rope, or yarn (YaRN-scaled "
+                                      "RoPE; multi-latent attention only).",
+                                      choices=["rope", "yarn"], config=False)
+    rotary_base: float = _f(10000.0, "RoPE base (theta).", valid="> 0", config=False)
+    rotary_percent: float = _f(1.0, "Fraction of the head dim that gets RoPE (standard "
+                               "attention).", valid="(0, 1]", config=False)
+    rotary_scaling_factor: float = _f(1.0, "YaRN scaling factor.", valid=">= 1", config=False)
+    mscale: float = _f(1.0, "YaRN mscale (multi-latent attention).", valid=">= 0", config=False)
+    mscale_all_dim: float = _f(0.0, "YaRN mscale_all_dim (multi-latent attention).",
+                               valid=">= 0", config=False)
+    original_max_position_embeddings: Optional[int] = _f(
+        None, "YaRN: the original context length (default 4096).", type=int, valid=">= 1",
+        arg="yarn_original_max_position_embeddings", config=False)
+    beta_fast: Optional[float] = _f(None, "YaRN beta_fast (default 32).", type=float,
+                                    valid="> 0", arg="yarn_beta_fast", config=False)
+    beta_slow: Optional[float] = _f(None, "YaRN beta_slow (default 1).", type=float,
+                                    valid="> 0", arg="yarn_beta_slow", config=False)
+    max_position_embeddings: Optional[int] = _f(
+        None, "Context length the model is declared for (exported as max_position_embeddings; "
+        "default --seq-length).", type=int, valid=">= 1", config=False)
+    untie_embeddings_and_output_weights: bool = _f(
+        False, "Separate input embedding and output layer weights (default: tied, as in "
+        "Megatron-LM).", shape=True, config=False)
+    # ------------------------------------------------------------------ experts and router
+    num_moe_experts: int = _f(8, "Routed experts per layer.", arg="num_experts", valid=">= 1",
+                              shape=True)
+    moe_router_topk: int = _f(2, "Experts per token in each CoE pass.", valid=">= 1")
+    moe_ffn_hidden_size: Optional[int] = _f(None, "Routed expert FFN size (default "
+                                            "ffn_hidden_size).", type=int, valid=">= 1",
+                                            shape=True)
+    moe_shared_expert_intermediate_size: Optional[int] = _f(
+        None, "Total FFN size of the shared expert(s); unset = no shared expert.", type=int,
+        valid=">= 1", shape=True)
+    moe_router_score_function: str = _f("softmax", "Router score function.",
+                                        choices=["softmax", "sigmoid"])
+    moe_router_pre_softmax: bool = _f(False, "Softmax over all experts before top-k (no "
+                                      "renormalisation of the top-k weights).")
+    moe_router_topk_scaling_factor: Optional[float] = _f(
+        None, "Multiply the routing weights by this (DeepSeek's routed_scaling_factor).",
+        type=float, valid="> 0")
+    moe_router_num_groups: Optional[int] = _f(None, "Group-limited routing: expert groups.",
+                                              type=int, valid=">= 1")
+    moe_router_group_topk: Optional[int] = _f(None, "Group-limited routing: groups selected "
+                                              "per token.", type=int, valid=">= 1")
+    moe_router_enable_expert_bias: bool = _f(False, "Aux-loss-free expert bias (updated once "
+                                             "per step in finalize_model_grads).", shape=True)
+    # ------------------------------------------------------------------ chain of experts
+    coe_iterations: int = _f(1, "C: chained routing passes per CoE layer (1 = one pass).",
+                             valid=">= 1", shape=True)
+    coe_inner_residual: bool = _f(True, "Residual around each CoE pass (paper: on).")
+    coe_outer_residual: bool = _f(False, "Residual around the whole CoE layer (paper: off; "
+                                  "Megatron's standard MoE: on).")
+    coe_shared_router: bool = _f(False, "One router shared by all passes (ablation).",
+                                 shape=True)
+    # ------------------------------------------------------------------ not options
+    vocab_size: Optional[int] = field(default=None, metadata=dict(option=False))
+    """Padded vocabulary of the built model (from the tokenizer; recorded, not an option)."""
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def latent_norms(self) -> bool:
+        """Whether the MLA q/kv latents are normalised (qk_layernorm, default on with MLA)."""
+        return self.multi_latent_attention and self.qk_layernorm_on
+
+    @property
+    def qk_layernorm_on(self) -> bool:
+        return self.multi_latent_attention if self.qk_layernorm is None else bool(self.qk_layernorm)
+
+    @property
+    def activation(self) -> str:
+        return "silu" if self.gated_linear_unit else "gelu"
+
+    @property
+    def yarn(self) -> Optional[dict]:
+        """YaRN parameters (Hugging Face ``rope_scaling`` keys) or None for plain RoPE."""
+        if self.position_embedding_type != "yarn":
+            return None
+        return dict(type="yarn", factor=float(self.rotary_scaling_factor),
+                    original_max_position_embeddings=int(
+                        self.original_max_position_embeddings
+                        or YARN_DEFAULTS["original_max_position_embeddings"]),
+                    beta_fast=float(self.beta_fast or YARN_DEFAULTS["beta_fast"]),
+                    beta_slow=float(self.beta_slow or YARN_DEFAULTS["beta_slow"]),
+                    mscale=float(self.mscale), mscale_all_dim=float(self.mscale_all_dim))
+
+    def replace(self, **changes) -> "ModelArch":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ trainer options
+    @classmethod
+    def from_args(cls, args, vocab_size: Optional[int] = None) -> "ModelArch":
+        """The record of a trainer run (``TrainArgs`` or any object with the option names)."""
+        kw = {f.name: getattr(args, arg_name(f)) for f in option_fields()}
+        if kw["max_position_embeddings"] is None and hasattr(args, "seq_length"):
+            kw["max_position_embeddings"] = args.seq_length
+        return cls(vocab_size=vocab_size, **kw)
+
+    def to_option_values(self) -> dict:
+        """{trainer option name: value} of this record (the inverse of ``from_args``)."""
+        return {arg_name(f): getattr(self, f.name) for f in option_fields()}
+
+    def check(self) -> list:
+        """Rules between architecture fields; a list of one-line problems naming the flags."""
+        p = []
+        if self.position_embedding_type == "yarn" and not self.multi_latent_attention:
+            p.append("--position-embedding-type yarn needs --multi-latent-attention (Megatron-Core "
+                     "implements YaRN for MLA); use rope for standard attention")
+        if self.multi_latent_attention and self.num_query_groups not in (None,
+                                                                          self.num_attention_heads):
+            p.append("--num-query-groups (grouped-query attention) does not apply to "
+                     "--multi-latent-attention; leave it unset")
+        if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
+            p.append(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                     f"--num-query-groups {self.num_query_groups}")
+        if self.multi_latent_attention and self.rotary_percent != 1.0:
+            p.append("--rotary-percent applies to standard attention only (MLA has "
+                     "--qk-pos-emb-head-dim); leave it at 1.0")
+        return p
+
+    # ------------------------------------------------------------------ Megatron
+    def to_config_kwargs(self) -> dict:
+        """``TransformerConfig`` / ``MLATransformerConfig`` fields of this architecture."""
+        import torch.nn.functional as F
+
+        kw = {f.name: getattr(self, f.name) for f in option_fields() if f.metadata["config"]}
+        if kw["ffn_hidden_size"] is None:
+            kw["ffn_hidden_size"] = 4 * self.hidden_size
+        if kw["moe_ffn_hidden_size"] is None:
+            kw["moe_ffn_hidden_size"] = kw["ffn_hidden_size"]
+        kw.update(gated_linear_unit=self.gated_linear_unit,
+                  activation_func=F.silu if self.gated_linear_unit else F.gelu,
+                  qk_layernorm=self.qk_layernorm_on)
+        if self.num_query_groups is None:
+            kw.pop("num_query_groups")
+        if self.multi_latent_attention:
+            kw.pop("num_query_groups", None)
+            kw.update(q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
+                      qk_head_dim=self.qk_head_dim, qk_pos_emb_head_dim=self.qk_pos_emb_head_dim,
+                      v_head_dim=self.v_head_dim, rotary_base=self.rotary_base,
+                      mla_latent_norm_epsilon=self.mla_latent_norm_epsilon,
+                      rope_type="yarn" if self.position_embedding_type == "yarn" else "rope",
+                      rotary_scaling_factor=self.rotary_scaling_factor, mscale=self.mscale,
+                      mscale_all_dim=self.mscale_all_dim)
+            if self.position_embedding_type == "yarn":
+                y = self.yarn
+                kw.update(original_max_position_embeddings=y["original_max_position_embeddings"],
+                          beta_fast=y["beta_fast"], beta_slow=y["beta_slow"])
+        return kw
+
+    def gpt_model_kwargs(self) -> dict:
+        """``GPTModel`` arguments that are architecture (``build_coe_gpt_model``)."""
+        return dict(share_embeddings_and_output_weights=not self.untie_embeddings_and_output_weights,
+                    rotary_base=self.rotary_base, rotary_percent=self.rotary_percent)
+
+    @classmethod
+    def from_megatron_config(cls, config, vocab_size: Optional[int] = None,
+                             max_position_embeddings: Optional[int] = None,
+                             untie_embeddings_and_output_weights: bool = True,
+                             rotary_base: Optional[float] = None,
+                             rotary_percent: float = 1.0) -> "ModelArch":
+        """The record of a built ``CoE*TransformerConfig`` (+ the ``GPTModel`` arguments)."""
+        import torch.nn.functional as F
+
+        c = config
+        mla = bool(getattr(c, "multi_latent_attention", False))
+        kw = {}
+        for f in option_fields():
+            if f.metadata["config"] and hasattr(c, f.name):
+                kw[f.name] = getattr(c, f.name)
+        kw["gated_linear_unit"] = bool(c.gated_linear_unit)
+        if c.activation_func is not (F.silu if c.gated_linear_unit else F.gelu):
+            kw["gated_linear_unit"] = bool(c.gated_linear_unit)  # checked by the HF translator
+        kw.update(multi_latent_attention=mla, qk_layernorm=bool(c.qk_layernorm),
+                  max_position_embeddings=max_position_embeddings,
+                  untie_embeddings_and_output_weights=bool(untie_embeddings_and_output_weights),
+                  rotary_percent=float(rotary_percent))
+        if not mla and kw.get("num_query_groups") in (None, c.num_attention_heads):
+            kw["num_query_groups"] = None
+        if mla:
+            kw.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                      qk_head_dim=c.qk_head_dim, qk_pos_emb_head_dim=c.qk_pos_emb_head_dim,
+                      v_head_dim=c.v_head_dim, rotary_base=float(c.rotary_base),
+                      num_query_groups=None,
+                      mla_latent_norm_epsilon=float(getattr(c, "mla_latent_norm_epsilon",
+                                                            c.layernorm_epsilon)))
+            if c.kv_channels == c.v_head_dim:
+                kw["kv_channels"] = None
+            if c.rope_type == "yarn":
+                kw.update(position_embedding_type="yarn",
+                          rotary_scaling_factor=float(c.rotary_scaling_factor),
+                          mscale=float(c.mscale), mscale_all_dim=float(c.mscale_all_dim),
+                          original_max_position_embeddings=int(c.original_max_position_embeddings),
+                          beta_fast=float(c.beta_fast), beta_slow=float(c.beta_slow))
+        elif rotary_base is not None:
+            kw["rotary_base"] = float(rotary_base)
+        if kw.get("kv_channels") == c.hidden_size // c.num_attention_heads and not mla:
+            kw["kv_channels"] = None
+        return cls(vocab_size=vocab_size, **kw)
+
+    # ------------------------------------------------------------------ json
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArch":
+        """A recorded record; fields it lacks (older checkpoints) keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def option_fields() -> list:
+    """The record's fields that are trainer options, in declaration order."""
+    return [f for f in fields(ModelArch) if f.metadata.get("option", True)]
+
+
+def arg_name(f) -> str:
+    """The trainer option / Megatron-LM ``args`` name of an architecture field."""
+    return f.metadata["arg"] or f.name
+
+
+def option_rows(opt) -> list:
+    """``(name, type, dataclasses.field)`` rows of the trainer's option table, made with the
+    table's own ``opt(default, help, ...)`` declaration (``training/options.py``)."""
+    rows = []
+    for f in option_fields():
+        m = f.metadata
+        kw = dict(type=m["type"], choices=m["choices"], shape=m["shape"], group="model",
+                  valid=m["valid"], arch=f.name)
+        if m["flag"]:
+            kw["flag"] = m["flag"]
+        kind = Optional[m["type"]] if f.default is None else m["type"]
+        rows.append((arg_name(f), kind, opt(f.default, m["help"], **kw)))
+    return rows
+
+
+def flops_per_token(arch: ModelArch, seq_length: int, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add),
+    counting ``coe_iterations x topk`` routed experts, the shared expert and the router in every
+    pass, attention with a causal mask (half the keys on average) and the output layer."""
+    a = arch
+    h, n = a.hidden_size, a.num_attention_heads
+    s_attn = seq_length / 2
+    if a.multi_latent_attention:
+        dq, dr, dv = a.qk_head_dim, a.qk_pos_emb_head_dim, a.v_head_dim
+        q = h * a.q_lora_rank + a.q_lora_rank * n * (dq + dr) if a.q_lora_rank \
+            else h * n * (dq + dr)
+        kv = h * (a.kv_lora_rank + dr) + a.kv_lora_rank * n * (dq + dv)
+        attn = q + kv + n * dv * h + n * (dq + dr) * s_attn + n * dv * s_attn
+    else:
+        d = a.kv_channels or h // n
+        g = a.num_query_groups or n
+        attn = 2 * h * n * d + 2 * h * g * d + 2 * n * d * s_attn
+    mats = 3 if a.gated_linear_unit else 2
+    routed = a.moe_ffn_hidden_size or a.ffn_hidden_size or 4 * h
+    shared = a.moe_shared_expert_intermediate_size or 0
+    per_pass = h * a.num_moe_experts + a.moe_router_topk * mats * h * routed + mats * h * shared
+    layer = attn + a.coe_iterations * per_pass
+    macs = a.num_layers * layer + h * vocab_size
+    return 3 * 2 * macs
