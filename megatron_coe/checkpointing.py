@@ -501,17 +501,15 @@ def lock_collective(root: Optional[str], flag: str = "--save") -> Optional[SaveL
 def sharded_writer():
     """Context for ``dist_checkpointing.save``: in-process results queue, writers die with us."""
     global _DEATHSIG
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_coe.compat.dist_checkpointing import write_results_queue_swapped
 
-    previous = filesystem_async._results_queue
-    filesystem_async._results_queue = queue.Queue()
     _install_fork_hook()
     _DEATHSIG = (threading.get_ident(), os.getpid())
     try:
-        yield
+        with write_results_queue_swapped(queue.Queue()):
+            yield
     finally:
         _DEATHSIG = None
-        filesystem_async._results_queue = previous
 
 
 def _fsync_tree(directory: str) -> None:

@@ -18,8 +18,11 @@ these signals, so a SIGTERM to every process of the job (``scancel``, Slurm pree
 ``kill -TERM -PGID``) still ends with a published checkpoint. Under torchrun, a SIGTERM to
 torchrun itself is forwarded to the ranks, but torchrun SIGKILLs ranks still alive 30 s later.
 ``--exit-duration-in-mins`` and ``$COE_JOB_END_TIME`` (minus ``--exit-time-margin-mins``) stop the
-run the same way before a time limit. ``--load DIR`` resumes from the newest published
-checkpoint in DIR (or starts fresh when there is none).
+run the same way before a time limit. ``--load DIR`` resumes from the checkpoint DIR's
+``latest_checkpointed_iteration.txt`` names (or an ``iter_*`` directory given as DIR); when there
+is none it warns and starts fresh, or exits 2 with ``--exit-on-missing-checkpoint``. The
+``--save`` directory is locked for the run (``megatron_coe.checkpointing``): a second run on it
+exits 2 at start, naming the holder. Checkpoint writer processes die with their rank.
 
 Exit status and the one line each fault prints (``coe-train: ...``, no traceback):
 

@@ -397,6 +397,9 @@ def test_writer_processes_die_with_their_rank_on_sigkill(tmp_path):
             time.sleep(0.1)
         writers = [p for p in tagged(tag) if p.pid != proc.pid]
         assert writers, "no writer process found"
+        # forked writers only: no spawn-mode server (the old results Manager) that could
+        # outlive the rank or hang its exit
+        assert not [p for p in writers if "spawn_main" in " ".join(p.cmdline())], writers
         proc.kill()
         proc.wait(timeout=10)
         gone, alive = psutil.wait_procs(writers, timeout=5)
