@@ -12,6 +12,11 @@ All ranks take part in the reductions (they are collectives); only global rank 0
 * model FLOPs per step count attention, the router, C x top-k routed experts and the shared
   expert of every pass, and the output layer (x3 for forward + backward). MFU needs a peak:
   ``--peak-tflops`` or a known GPU.
+* Weights & Biases (``--wandb-project``, Megatron-LM's flags): the TensorBoard scalars, under
+  the same names and steps, go to a W&B run in ``--wandb-save-dir`` (default ``<--save>/wandb``)
+  whose config is the run's options; ``WANDB_MODE=offline`` keeps everything in that directory
+  (``wandb sync`` uploads it later). Written by global rank 0 (Megatron-LM: the last rank; the
+  values are the same all-reduced ones).
 * GPU memory (CUDA only): ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` of rank 0
   since the start, in every JSONL record (``max_memory_*_gib``) and on the progress line.
 """
@@ -142,6 +147,46 @@ class GpuMonitor:
                 "gpu/max_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+# --------------------------------------------------------------------------- W&B
+def wandb_dir(args: TrainArgs) -> Optional[str]:
+    """Megatron-LM's W&B directory: ``--wandb-save-dir``, else ``<--save>/wandb``."""
+    if args.wandb_save_dir:
+        return args.wandb_save_dir
+    return os.path.join(args.save, "wandb") if args.save else None
+
+
+def check_wandb(args: TrainArgs) -> None:
+    """Before anything is built: the package is importable and the run has a directory."""
+    from megatron_coe.training.errors import SetupError
+
+    if not args.wandb_project:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise SetupError(f"--wandb-project {args.wandb_project} needs the wandb package, which is "
+                         "not installed: pip install wandb (pinned in requirements.txt) or drop "
+                         "--wandb-project")
+    if wandb_dir(args) is None:
+        raise SetupError(f"--wandb-project {args.wandb_project}: W&B needs a run directory: set "
+                         "--wandb-save-dir or --save (default <--save>/wandb)")
+    if args.wandb_exp_name == "":
+        raise SetupError("--wandb-exp-name is empty: give the W&B run a name or drop the flag")
+
+
+def open_wandb(args: TrainArgs):
+    """Start the W&B run (global rank 0); returns the run object."""
+    import wandb
+
+    path = wandb_dir(args)
+    os.makedirs(path, exist_ok=True)
+    kwargs = dict(dir=path, name=args.wandb_exp_name, project=args.wandb_project,
+                  config=args.to_dict())
+    if args.wandb_entity:
+        kwargs["entity"] = args.wandb_entity
+    return wandb.init(**kwargs)
+
+
 # --------------------------------------------------------------------------- writer
 def _fmt_time(seconds: float) -> str:
     seconds = int(max(seconds, 0))
@@ -159,6 +204,7 @@ class MetricsWriter:
         self.peak = peak_flops_per_device(args)
         self.gpu = GpuMonitor() if self.rank0 else None
         self.tb = None
+        self.wandb = None
         self.jsonl = None
         self.step_times = []
         self.window = defaultdict(float)
@@ -174,6 +220,8 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=args.tensorboard_dir)
+        if args.wandb_project:
+            self.wandb = open_wandb(args)
 
     def _record(self, record: dict) -> None:
         if self.jsonl:
@@ -184,6 +232,8 @@ class MetricsWriter:
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def train_step(self, iteration: int, loss: float, lr: float, grad_norm, step_time: float,
                    aux: dict, imbalance: Optional[dict]) -> None:
@@ -263,6 +313,9 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def now() -> float:

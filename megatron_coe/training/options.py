@@ -153,6 +153,11 @@ class TrainArgs(_ArchOptions):
     recompute_modules: list = opt(None, "Selective activation recompute of these modules "
                                   "(e.g. core_attn moe layernorm mla_up_proj shared_experts).",
                                   list_of=str, group=P)
+    overlap_grad_reduce: bool = opt(False, "Overlap the data-parallel gradient reduce-scatter "
+                                    "with the backward pass (Megatron-Core DDP buckets).", group=P)
+    overlap_param_gather: bool = opt(False, "Overlap the distributed optimizer's parameter "
+                                     "all-gather with the next forward pass (needs "
+                                     "--overlap-grad-reduce).", group=P)
     # ------------------------------------------------------------------ training
     micro_batch_size: int = opt(2, "Samples per micro-batch per data-parallel rank.", valid='>= 1')
     global_batch_size: int = opt(8, "Samples per optimizer step (all ranks, all micro-batches).",
@@ -218,6 +223,34 @@ class TrainArgs(_ArchOptions):
                                       group=L)
     peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s per device for MFU (default: known "
                                        "GPUs only).", type=float, group=L, valid='> 0')
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project: log the TensorBoard "
+                                       "scalars to W&B too (WANDB_MODE=offline: only to the run "
+                                       "directory).", type=str, group=L)
+    wandb_exp_name: Optional[str] = opt(None, "W&B run name (default: W&B's generated name).",
+                                        type=str, group=L)
+    wandb_save_dir: Optional[str] = opt(None, "W&B run directory (default: <--save>/wandb).",
+                                        type=str, group=L)
+    wandb_entity: Optional[str] = opt(None, "W&B entity (user or team).", type=str, group=L)
+    profile: bool = opt(False, "Profile steps --profile-step-start..--profile-step-end on "
+                        "--profile-ranks: a torch profiler trace with --use-pytorch-profiler, "
+                        "else a CUDA profiler (nsys) capture range.", group=L)
+    use_pytorch_profiler: bool = opt(False, "With --profile: torch.profiler, trace written to "
+                                     "<--tensorboard-dir>/../torch_profile/rank-N.json.gz.",
+                                     group=L)
+    profile_step_start: int = opt(10, "First profiled iteration.", group=L, valid='>= 0')
+    profile_step_end: int = opt(12, "Profiling stops after this iteration.", group=L,
+                                valid='>= 1')
+    profile_ranks: list = opt(None, "Global ranks to profile (default: all).", list_of=int,
+                              group=L)
+    log_straggler: bool = opt(False, "Report the slowest and fastest rank (step time, "
+                              "throughput) every --log-interval steps: Megatron-Core's "
+                              "StragglerDetector on CUDA, per-rank step times on CPU.", group=L)
+    disable_straggler_on_startup: bool = opt(False, "Start the straggler detector switched off "
+                                             "(toggled through its control port).", group=L)
+    straggler_ctrlr_port: int = opt(65535, "Control port of the straggler detector (rank 0).",
+                                    group=L, valid='[1, 65535]')
+    straggler_minmax_count: int = opt(1, "How many slowest/fastest ranks to report.", group=L,
+                                      valid='>= 1')
     # ------------------------------------------------------------------ checkpointing
     save: Optional[str] = opt(None, "Checkpoint directory to save to.", type=str, group=C)
     save_interval: Optional[int] = opt(None, "Save every this many steps (and at the end).",
@@ -384,6 +417,15 @@ def validate(args: TrainArgs) -> TrainArgs:
         raise OptionError(f"option split (--split): {args.split!r} leaves no validation data but "
                           f"--eval-iters is {args.eval_iters}; give the second weight a positive "
                           "value or set --eval-iters 0")
+    if args.profile and args.profile_step_end <= args.profile_step_start:
+        raise OptionError(f"option profile_step_end (--profile-step-end): "
+                          f"{args.profile_step_end} is not after --profile-step-start "
+                          f"{args.profile_step_start}; valid: --profile-step-end > "
+                          "--profile-step-start")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise OptionError("option overlap_param_gather (--overlap-param-gather): needs "
+                          "--overlap-grad-reduce (as in Megatron-LM); add it or drop "
+                          "--overlap-param-gather")
     decay = args.lr_decay_iters or args.train_iters
     warmup = (int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None
               else args.lr_warmup_iters)

@@ -233,11 +233,39 @@ def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list
     if plan.bf16:
         model = Float16Module(config, model)
     mark_routed_experts(model)
+    # --overlap-grad-reduce: bucketed async reduce-scatter launched during backward (Megatron-Core
+    # DDP); --overlap-param-gather: the distributed optimizer's all-gather of updated parameters
+    # is dispatched after the step and waited for by forward pre-hooks (the trainer disables the
+    # hooks, forcing the gather, around validation and checkpoint saves, as Megatron-LM does).
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True)
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=True)
     with cuda_device_redirect():
         model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    if args.overlap_param_gather:
+        wait_for_params_of_grouped_experts(model)
     return [model]
+
+
+def wait_for_params_of_grouped_experts(ddp) -> None:
+    """--overlap-param-gather: DDP's forward pre-hook on each module waits for the all-gather of
+    that module's own parameters. ``GroupedSequentialMLP`` reads its experts' weights without
+    calling the expert modules, so their hooks never run and a forward could use stale expert
+    weights; one pre-hook on the ``GroupedSequentialMLP`` runs DDP's hook for every module below
+    it (only while DDP's hooks are enabled: validation and saves disable them after a forced
+    gather)."""
+    from megatron_coe.transformer.grouped_experts import GroupedSequentialMLP
+
+    ddp_hook = ddp._make_forward_pre_hook()
+
+    def hook(module, *unused):
+        if ddp.remove_forward_pre_hook_handles:  # DDP's own hooks are on
+            for sub in module.modules():
+                ddp_hook(sub)
+
+    for module in ddp.module.modules():
+        if isinstance(module, GroupedSequentialMLP):
+            module.register_forward_pre_hook(hook)
 
 
 def mark_routed_experts(model) -> None:

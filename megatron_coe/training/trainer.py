@@ -49,7 +49,7 @@ import torch
 from megatron_coe import checkpointing
 from megatron_coe.compat import cuda_device_redirect
 from megatron_coe.training import checkpoint as ckpt
-from megatron_coe.training import data, metrics, setup, signals, timelimit
+from megatron_coe.training import data, metrics, profiling, setup, signals, timelimit
 from megatron_coe.training.options import TrainArgs
 
 EXIT_REASON_ENV = "COE_EXIT_REASON_FILE"
@@ -121,6 +121,8 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     setup.check_runtime(args)
     timelimit.check(args)
     layout = setup.check_layout(args, world_size)
+    metrics.check_wandb(args)
+    profiling.check(args, world_size)
     model_config = setup.build_model_config(args)  # validates itself (CoEConfigError / SetupError)
     data.validate_data(args, None)  # files first: a wrong --data-path names the data files
     tokenizer = data.load_tokenizer(args)
@@ -223,6 +225,9 @@ class Trainer:
         self.attention_mask = mask.cuda() if torch.cuda.is_available() else mask
         flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
         self.metrics = metrics.MetricsWriter(args, flops, world)
+        self.flops_per_step = flops
+        self.profiler = profiling.StepProfiler(args, self.rank)
+        self.straggler = profiling.StragglerReport(args, self.rank, world)
         self.lr = args.lr  # LR of the current step (for the metrics)
         with self.doing("start-up: counting parameters (all-reduce)"):
             params = setup.count_parameters(self.model)
@@ -316,7 +321,8 @@ class Trainer:
         self.optimizer.zero_grad()
         self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
         with cuda_device_redirect():
-            reports = self._run_schedule(iterator, forward_only=False)
+            with self.straggler.timed():
+                reports = self._run_schedule(iterator, forward_only=False)
             _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return reports, grad_norm
@@ -324,8 +330,24 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Token-weighted lm loss over the first ``eval_iters`` global validation batches."""
-        with self.doing(f"validation at iteration {self.iteration}"):
+        with self.doing(f"validation at iteration {self.iteration}"), self.params_gathered():
             return self._evaluate()
+
+    @contextlib.contextmanager
+    def params_gathered(self):
+        """With --overlap-param-gather the updated parameters are all-gathered lazily by forward
+        pre-hooks; validation and checkpoint saves need them now (Megatron-LM does the same)."""
+        if not self.args.overlap_param_gather:
+            yield
+            return
+        with cuda_device_redirect():
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook()  # also finishes the all-gather (force_sync)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
 
     def _evaluate(self) -> float:
         t0 = metrics.now()
@@ -348,7 +370,8 @@ class Trainer:
         if not self.args.save or self.last_saved == self.iteration:
             return
         t0 = metrics.now()
-        with self.doing(f"checkpoint save at iteration {self.iteration}"):
+        with self.doing(f"checkpoint save at iteration {self.iteration}"), \
+                self.params_gathered():
             if self.args.check_for_nan_in_loss_and_grad and not self._all_parameters_finite():
                 raise NonFiniteError(
                     f"non-finite parameters at iteration {self.iteration}: checkpoint not saved; "
@@ -400,6 +423,7 @@ class Trainer:
                       f"checkpoint: {found or 'none'} (left untouched)", flush=True)
             raise
         finally:
+            self.profiler.stop()
             self.metrics.close()
 
     def _signalled_during_startup(self) -> bool:
@@ -449,11 +473,13 @@ class Trainer:
     def _one_step(self, iterator) -> Optional[str]:
         """One optimizer step plus what is due after it; the reason when the run should stop."""
         args = self.args
+        self.profiler.before_step(self.iteration)
         t0 = metrics.now()
         with self.doing(f"iteration {self.iteration + 1}: forward/backward (expert all-to-all, "
                         "pipeline send/recv, gradient reduce-scatter) and optimizer step"):
             reports, grad_norm = self.train_step(iterator)
         self.iteration += 1
+        self.profiler.after_step(self.iteration)
         self.consumed += args.global_batch_size
         self.time_guard.record_step(metrics.now() - t0)
         time_up = (self.iteration < args.train_iters
@@ -470,6 +496,8 @@ class Trainer:
                        or self.iteration == args.train_iters)
             imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
                          if log_now else None)
+            if log_now:
+                self.straggler.report(self.flops_per_step * args.log_interval)
         step_time = metrics.now() - t0
         self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance)
         if check:
