@@ -50,3 +50,48 @@ def test_single_pass_features_are_allowed_at_one_iteration():
     cfg = tiny_config(coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True,
                       moe_enable_routing_replay=True)
     assert cfg.moe_enable_routing_replay
+
+
+def _cuda_graph_settings():
+    """Every way the installed Megatron-Core lets a user capture part of a MoE layer: its current
+    field (``cuda_graph_scope`` < 0.18, ``cuda_graph_modules`` >= 0.18) and, from 0.18, the
+    deprecated alias; as a string and as a list."""
+    from megatron_coe.compat.transformer_config import cuda_graph_fields
+
+    return [
+        dict(cuda_graph_impl=impl, **{field: value})
+        for field in cuda_graph_fields()
+        for impl in ("transformer_engine", "local")
+        for value in ("moe_router", ["moe_router", "moe_preprocess"], ["moe"])
+    ]
+
+
+@pytest.mark.parametrize("settings", _cuda_graph_settings(), ids=str)
+def test_partial_moe_cuda_graph_refused_through_the_installed_field(settings):
+    with pytest.raises(CoEConfigError, match="captures part of a MoE layer") as err:
+        tiny_config(coe_iterations=2, **settings)
+    from megatron_coe.compat.transformer_config import cuda_graph_field
+
+    assert str(err.value).startswith(f"{cuda_graph_field()}=")  # names the field to change
+
+
+def test_installed_cuda_graph_field_is_the_one_megatron_reads():
+    """The guard's notion of the current field matches the installed TransformerConfig: after
+    Megatron's own __post_init__, a partial capture is visible in exactly that field."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
+    from megatron_coe.compat.versions import mcore_in
+    from megatron_coe.testing.configs import CPU_SAFE, TINY
+
+    fields = {k: v for k, v in {**CPU_SAFE, **TINY}.items() if not k.startswith("coe_")}
+    field = cuda_graph_field()
+    assert field == ("cuda_graph_scope" if mcore_in("<0.18") else "cuda_graph_modules")
+    cfg = TransformerConfig(cuda_graph_impl="transformer_engine", **{field: ["moe_router"]}, **fields)
+    assert cuda_graph_capture_modules(cfg) == ["moe_router"]
+
+
+@pytest.mark.parametrize("settings", [dict(cuda_graph_impl="transformer_engine"),
+                                      dict(cuda_graph_impl="none")], ids=str)
+def test_whole_layer_cuda_graphs_allowed_with_several_passes(settings):
+    assert tiny_config(coe_iterations=2, **settings).coe_iterations == 2

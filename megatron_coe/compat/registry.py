@@ -96,6 +96,11 @@ REGISTRY: Tuple[Entry, ...] = (
            "and apply_z_loss",),
           ALL, "during a CoE router's forward, router metrics are recorded as <name>_pass<t>; "
                "the losses themselves are upstream's"),
+    Entry("router.metrics_tracker", "router_losses", "adaptation",
+          ("transformer/moe/moe_logging.py: get_moe_metrics_tracker().metrics (>=0.18)",
+           "transformer/moe/moe_utils.py: get_moe_layer_wise_logging_tracker (<0.18; "
+           "deprecated from 0.18)"),
+          ALL, "read the per-layer router metrics through the installed release's tracker API"),
     # ---------------------------------------------------------------- transformer_config
     Entry("config.cuda_graph_field", "transformer_config", "adaptation",
           ("transformer/transformer_config.py: cuda_graph_scope (<0.18), cuda_graph_modules "

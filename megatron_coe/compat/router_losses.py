@@ -57,3 +57,28 @@ def metric_names_suffixed(suffix: str):
         yield
     finally:
         setattr(router_module, binding, original)
+
+
+def recorded_metrics() -> dict:
+    """``{name: per-layer values tensor}`` recorded by routers since the last clear
+    (registry ``router.metrics_tracker``: ``get_moe_metrics_tracker().metrics`` from 0.18,
+    ``moe_utils.get_moe_layer_wise_logging_tracker()`` before)."""
+    import megatron.core.transformer.moe.router as router_module
+
+    if hasattr(router_module, "get_moe_metrics_tracker"):
+        return {n: e.values for n, e in router_module.get_moe_metrics_tracker().metrics.items()}
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    return {n: e["values"] for n, e in get_moe_layer_wise_logging_tracker().items()}
+
+
+def clear_recorded_metrics() -> None:
+    """Forget what ``recorded_metrics`` returns."""
+    import megatron.core.transformer.moe.router as router_module
+
+    if hasattr(router_module, "get_moe_metrics_tracker"):
+        router_module.get_moe_metrics_tracker().clear()
+        return
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
