@@ -39,7 +39,10 @@ TRAIN = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 
          f"--seq-length {SEQ} --micro-batch-size 2 --global-batch-size 4 --train-iters 4 --lr 1e-2 "
          "--split 95,5,0 --eval-iters 0 --log-interval 1 --no-exit-signal-handler "
          "--make-vocab-size-divisible-by 128 --moe-router-pre-softmax --moe-aux-loss-coeff 1e-2 "
-         "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel").split()
+         "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --sequence-parallel "
+         # set explicitly (Megatron-LM's defaults differ: LayerNorm, tied embeddings, dropout 0.1)
+         "--normalization RMSNorm --untie-embeddings-and-output-weights --hidden-dropout 0 "
+         "--attention-dropout 0 --moe-token-dispatcher-type alltoall").split()
 MLA = ("--multi-latent-attention --q-lora-rank 16 --kv-lora-rank 16 --qk-head-dim 8 "
        "--qk-pos-emb-head-dim 4 --v-head-dim 8 --qk-layernorm").split()
 PROMPT = "Natalia sold 48 clips"

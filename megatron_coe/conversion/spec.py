@@ -423,7 +423,8 @@ class ArchSpec:
             num_attention_heads=get("num_attention_heads"), vocab_size=get("vocab_size"),
             max_position_embeddings=get("max_position_embeddings", 4096), attention=attention,
             qk_layernorm=True if stock else bool(get("qk_layernorm", True)),
-            latent_norm_eps=(DEEPSEEK_V2_LATENT_EPS if stock or model_type == MODEL_TYPE_MLA
+            latent_norm_eps=(None if attention != "mla"
+                             else DEEPSEEK_V2_LATENT_EPS if stock or model_type == MODEL_TYPE_MLA
                              else float(get("latent_norm_eps") or DEEPSEEK_V2_LATENT_EPS)),
             rope_theta=float(rope_theta), rope_scaling=None if stock else get("rope_scaling"),
             normalization="LayerNorm" if get("norm_type", "rmsnorm") == "layernorm" else "RMSNorm",
