@@ -75,7 +75,10 @@ def tool(name: str, *argv):
     t0 = time.time()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = _TOOLS[name].main([str(a) for a in argv])
+            try:
+                rc = _TOOLS[name].main([str(a) for a in argv])
+            except SystemExit as e:  # argparse
+                rc = e.code
     finally:
         os.umask(mask)
         signal.signal(signal.SIGTERM, handler)
@@ -426,3 +429,18 @@ def test_preprocess_bad_input_names_file_and_line(tmp_path, kind):
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("preprocess_data.py: error: ") and want in lines[0], lines[0]
     assert not list(out_prefix.parent.glob("data.*"))  # nothing that looks like a dataset
+
+
+@pytest.mark.parametrize("name,argv,want", [
+    ("convert_from_hf", ["--load", "x", "--save", "y", "--seq-length", "0"],
+     "argument --seq-length: must be a positive integer, got 0"),
+    ("convert_from_hf", ["--load", "x", "--save", "y", "--expert-model-parallel-size", "-2"],
+     "argument --expert-model-parallel-size: must be a positive integer, got -2"),
+    ("convert_to_hf", ["--load", "x", "--save", "y", "--dtype", "fp8"], "argument --dtype: invalid choice"),
+    ("preprocess_data", ["--input", "x.jsonl", "--output-prefix", "y", "--vocab-size", "abc"],
+     "argument --vocab-size: invalid int value: 'abc'"),
+])
+def test_cli_usage_errors_are_one_line(tmp_path, name, argv, want):
+    rc, _, err, seconds = tool(name, *argv)
+    assert rc == 2 and seconds < BOUND_S
+    assert want in one_error_line(err, "preprocess_data.py" if name == "preprocess_data" else name)

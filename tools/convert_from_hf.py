@@ -26,6 +26,23 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+PROG = "convert_from_hf"  # the prefix of every error line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): ``prog: error: ... (see --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def one_line(error) -> str:
     """A (possibly multi-line, bulleted) message as one line."""
     parts = [p.strip() for p in str(error).splitlines()]
@@ -34,21 +51,21 @@ def one_line(error) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True, help="Hugging Face model directory")
     parser.add_argument("--save", required=True,
                         help="checkpoint root (iter_0000000 and latest_checkpointed_iteration.txt go there)")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parser.add_argument("--expert-model-parallel-size", type=int, default=1)
-    parser.add_argument("--expert-tensor-parallel-size", type=int, default=None)
-    parser.add_argument("--seq-length", type=int, default=None,
+    parser.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--expert-model-parallel-size", type=positive_int, default=1)
+    parser.add_argument("--expert-tensor-parallel-size", type=positive_int, default=None)
+    parser.add_argument("--seq-length", type=positive_int, default=None,
                         help="sequence length recorded for the trainer (default: max_position_embeddings)")
     up = parser.add_argument_group("MoE -> CoE upcycling")
-    up.add_argument("--upcycle-iterations", type=int, default=None,
+    up.add_argument("--upcycle-iterations", type=positive_int, default=None,
                     help="C of the CoE model to build from a standard MoE (C=1) source")
-    up.add_argument("--upcycle-topk", type=int, default=None,
+    up.add_argument("--upcycle-topk", type=positive_int, default=None,
                     help="top-k per pass (default: source top-k / C, equal compute)")
     up.add_argument("--upcycle-inner-residual", action=argparse.BooleanOptionalAction, default=True,
                     help="inner residual of the CoE model (default: on, the paper's CoE)")

@@ -37,6 +37,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+PROG = "convert_to_hf"  # the prefix of every error line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block): ``prog: error: ... (see --help)``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def one_line(error) -> str:
     """A (possibly multi-line, bulleted) message as one line."""
     parts = [p.strip() for p in str(error).splitlines()]
@@ -45,7 +55,7 @@ def one_line(error) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", required=True,
                         help="checkpoint: a run's --save directory (newest iteration) or an iter_NNNNNNN directory")

@@ -463,8 +463,15 @@ def preprocess(
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="preprocess_data.py",
         description="Tokenize JSONL(.gz) / Parquet / text files into a Megatron indexed dataset "
         "(<prefix>.bin, <prefix>.idx) plus <prefix>.meta.json.",
