@@ -105,12 +105,18 @@ def with_latent_norm_eps(module):
     return type(name, (), {"__new__": build, "__doc__": f"{name}: see with_latent_norm_eps."})
 
 
-def _latent_eps(layer_submodules):
-    """MLA only: the latent norms (or the TE linears they are fused into) get their own eps."""
+def _latent_eps(layer_submodules, config):
+    """MLA only: the latent norms (or the TE linears they are fused into) get their own eps.
+    Without query compression (``q_lora_rank`` None) there is no q latent, so no q norm
+    (Megatron-Core 0.19 refuses a q norm it would not use)."""
     attention = layer_submodules.self_attention
     attn_sub = attention.submodules
     replace = {}
+    if config.q_lora_rank is None and getattr(attn_sub, "q_layernorm", IdentityOp) is not IdentityOp:
+        replace["q_layernorm"] = IdentityOp
     for name in ("q_layernorm", "kv_layernorm"):
+        if name in replace:
+            continue
         if getattr(attn_sub, name, IdentityOp) is not IdentityOp:
             replace[name] = with_latent_norm_eps(getattr(attn_sub, name))
     for name in ("linear_q_up_proj", "linear_kv_up_proj"):
@@ -159,7 +165,7 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
         )
         submodules = _localize(base.submodules, mla)
     if mla and config.qk_layernorm:
-        submodules = _latent_eps(submodules)
+        submodules = _latent_eps(submodules, config)
     mlp = _coe_mlp_spec(submodules.mlp, local=not use_transformer_engine)
     submodules = dataclasses.replace(submodules, mlp=mlp)
     return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),
