@@ -39,6 +39,8 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_coe.compat.registry import mark
+
 _CPU_INSTALLED = False
 
 
@@ -180,6 +182,9 @@ def install_cpu_compat() -> bool:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    for name in ("cuda.streams", "cuda.current_device", "cuda.rng", "cuda.alltoall_split_sizes",
+                 "cuda.uneven_all_gather", "cuda.causal_mask"):
+        mark(name)
     _CPU_INSTALLED = True
     return True
 
@@ -220,5 +225,6 @@ def cuda_device_redirect():
     if torch.cuda.is_available():
         yield
         return
+    mark("cuda.device_redirect")
     with _CudaToCpuMode():
         yield

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 
+from megatron_coe.compat.registry import mark
+
 
 def _filesystem_async():
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    mark("ckpt.write_results_queue")
     return filesystem_async
 
 

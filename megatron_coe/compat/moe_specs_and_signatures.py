@@ -35,11 +35,13 @@ import inspect
 import logging
 from typing import Any, Callable, Dict, Tuple
 
+from megatron_coe.compat.registry import mark
 from megatron_coe.compat.versions import mcore_in
 
 
 def spec_parts(spec) -> Tuple[Any, Any, Dict[str, Any]]:
     """``(module, submodules, params)`` of a ``ModuleSpec`` or ``functools.partial`` builder."""
+    mark("specs.moe_spec_form")
     if isinstance(spec, functools.partial):
         keywords = dict(spec.keywords)
         submodules = keywords.pop("submodules", None)
@@ -88,6 +90,7 @@ def supported_kwargs(func: Callable, kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
     Used for the keywords newer releases added (``is_mtp_layer``, ``name``): a CoE subclass
     takes them and forwards them only where the installed base class has them."""
+    mark("signatures.moe_layer_kwargs")
     names, var_kw = _accepted(func)
     if var_kw:
         return dict(kwargs)
@@ -122,6 +125,7 @@ def mlp_spec_with_process_groups(mlp_spec, pg_collection):
     if not (isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.module, type)
             and issubclass(mlp_spec.module, MoELayer) and mlp_spec.module is not MoELayer):
         return mlp_spec
+    mark("signatures.mlp_pg_collection")
     if not _FILTER_INSTALLED:
         logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
             _KnownCoEMLPFilter())

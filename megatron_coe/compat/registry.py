@@ -10,7 +10,10 @@ Kinds:
     patch       rebinds a name inside ``megatron.core`` (an upstream bug or a CPU limitation)
     adaptation  calls or builds what the installed version expects (no upstream change)
 
-``tests/test_compat_registry.py`` lists this registry and exercises every entry.
+Each workaround calls ``mark(name)`` when it is applied or its code path is taken, so
+``used()`` tells which entries this process exercised. ``tests/test_compat_registry.py`` lists
+the registry, runs a probe per entry and checks that exactly the entries that apply to the
+installed version (and machine: ``cuda.*`` only without CUDA) were exercised.
 """
 
 from __future__ import annotations
@@ -114,6 +117,20 @@ REGISTRY: Tuple[Entry, ...] = (
 )
 
 BY_NAME = {e.name: e for e in REGISTRY}
+
+_USED: set = set()
+
+
+def mark(name: str) -> None:
+    """Record that workaround ``name`` was applied / taken in this process."""
+    if name not in BY_NAME:
+        raise KeyError(f"{name!r} is not in megatron_coe.compat.registry.REGISTRY")
+    _USED.add(name)
+
+
+def used() -> frozenset:
+    """Names of the workarounds this process applied or took so far."""
+    return frozenset(_USED)
 
 
 def entry(name: str) -> Entry:

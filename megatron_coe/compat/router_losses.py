@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 
+from megatron_coe.compat.registry import mark
+
 
 class _SuffixedTracker:
     """Proxy of a >= 0.18 ``MoEMetricsTracker`` whose ``record`` appends a suffix to the name."""
@@ -44,6 +46,7 @@ def metric_names_suffixed(suffix: str):
     """Router metrics recorded inside this context are named ``<name><suffix>``."""
     import megatron.core.transformer.moe.router as router_module
 
+    mark("router.pass_metric_names")
     binding = _binding_name(router_module)
     original = getattr(router_module, binding)
     if binding == "get_moe_metrics_tracker":
@@ -65,6 +68,7 @@ def recorded_metrics() -> dict:
     ``moe_utils.get_moe_layer_wise_logging_tracker()`` before)."""
     import megatron.core.transformer.moe.router as router_module
 
+    mark("router.metrics_tracker")
     if hasattr(router_module, "get_moe_metrics_tracker"):
         return {n: e.values for n, e in router_module.get_moe_metrics_tracker().metrics.items()}
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_coe.compat.registry import mark
 from megatron_coe.compat.versions import mcore_in
 
 _FIXES_INSTALLED = False
@@ -62,8 +63,10 @@ def install_megatron_fixes() -> None:
 
         if not hasattr(moe_utils, "te_general_gemm"):
             moe_utils.te_general_gemm = None
+            mark("te.router_gemm_name")
         if not have_transformer_engine():
             import megatron.core.transformer.multi_latent_attention as mla
 
             mla.HAVE_TE = False
+            mark("te.mla_have_te")
     _FIXES_INSTALLED = True

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 from typing import List, Tuple
 
+from megatron_coe.compat.registry import mark
+
 
 @functools.lru_cache(maxsize=1)
 def cuda_graph_fields() -> Tuple[str, ...]:
@@ -46,6 +48,7 @@ def _names(value) -> List[str]:
 def cuda_graph_capture_modules(config) -> List[str]:
     """Names of the modules CUDA graphs capture, e.g. ``["moe_router"]``; ``[]`` for whole
     layers or none. ``"full"`` (>= 0.18's whole-layer default) is not a module."""
+    mark("config.cuda_graph_field")
     names: List[str] = []
     for field in cuda_graph_fields():
         names += [n for n in _names(getattr(config, field, None)) if n != "full"]

@@ -64,11 +64,11 @@ def mcore_in(spec: str) -> bool:
 _WARNED = False
 
 
-def warn_if_untested(stream=None) -> bool:
-    """Print one warning line (once per process) when the installed release is outside
-    ``TESTED_RANGE``. Returns True if it is outside."""
+def warn_if_untested(stream=None, version: Version | None = None) -> bool:
+    """Print one warning line (once per process) when the installed release (or ``version``) is
+    outside ``TESTED_RANGE``. Returns True if it is outside."""
     global _WARNED
-    version = megatron_core_version()
+    version = version or megatron_core_version()
     if in_range(version, TESTED_RANGE):
         return False
     if not _WARNED:
