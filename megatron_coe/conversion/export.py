@@ -77,7 +77,13 @@ def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None]
     problems = spec.stock_deepseek_v2_problems()
     inexact = stock_inexact(spec)
     if fmt == "auto":
-        return "deepseek_v2" if not problems and not inexact else "coe"
+        if not problems and not inexact:
+            return "deepseek_v2"
+        own = spec.published_problems()
+        if spec.attention == "mla" and own:
+            warn(f"note: exporting as this project's own model type {spec.hf_model_type()!r} "
+                 f"(remote code), not 'coe_deepseekv2': {own[0]}")
+        return "coe"
     if fmt == "deepseek_v2":
         if problems:
             raise ConversionError("this model cannot be exported as stock DeepSeek-V2 "
@@ -104,11 +110,12 @@ def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype:
         cfg["architectures"] = ["DeepseekV2ForCausalLM"]
         return cfg
     gpt = spec.attention == "mha"
-    cfg["architectures"] = ["CoeGPTForCausalLM" if gpt else "CoeForCausalLM"]
+    kind = "GPT" if gpt else ("Megatron" if cfg["model_type"] == "coe_megatron" else "")
+    cfg["architectures"] = [f"Coe{kind}ForCausalLM"]
     cfg["auto_map"] = {
-        "AutoConfig": "configuration_coe." + ("CoeGPTConfig" if gpt else "CoeConfig"),
-        "AutoModel": "modeling_coe." + ("CoeGPTModel" if gpt else "CoeModel"),
-        "AutoModelForCausalLM": "modeling_coe." + ("CoeGPTForCausalLM" if gpt else "CoeForCausalLM"),
+        "AutoConfig": f"configuration_coe.Coe{kind}Config",
+        "AutoModel": f"modeling_coe.Coe{kind}Model",
+        "AutoModelForCausalLM": f"modeling_coe.Coe{kind}ForCausalLM",
     }
     return cfg
 

@@ -177,5 +177,8 @@ class CoeMegatronConfig(CoeConfig):
 
     model_type = "coe_megatron"
 
+    def __init__(self, attention_type="mla", **kwargs):
+        super().__init__(attention_type=attention_type, **kwargs)
+
 
 __all__ = ["CoeConfig", "CoeGPTConfig", "CoeMegatronConfig"]
