@@ -35,17 +35,39 @@ import torch
 
 from megatron_coe import checkpointing
 from megatron_coe.checkpointing import (  # noqa: F401 - re-exported for the trainer's callers
-    SHARDING_METADATA, CheckpointError, find_checkpoint, read_meta)
+    SHARDING_METADATA, CheckpointError)
+from megatron_coe.training import megatron_lm
 from megatron_coe.training.options import OPTIONS, TrainArgs, flag_name
 
 BYTES_PER_PARAMETER = 16  # fp32 weights + optimizer main param, exp_avg, exp_avg_sq
 
 
+def find_checkpoint(load: str) -> Optional[str]:
+    """``checkpointing.find_checkpoint``, also finding a Megatron-LM checkpoint: ``load`` itself
+    if it is one of its iteration directories, or the one its tracker names."""
+    if os.path.isdir(load) and megatron_lm.is_checkpoint(load):
+        return load
+    iteration = checkpointing.read_tracker(load) if os.path.isdir(load) else None
+    if iteration is not None and megatron_lm.is_checkpoint(checkpointing.iteration_dir(load,
+                                                                                     iteration)):
+        return checkpointing.iteration_dir(load, iteration)
+    return checkpointing.find_checkpoint(load)
+
+
+def read_meta(path: str) -> dict:
+    """The checkpoint's metadata; for a Megatron-LM checkpoint built from its ``args``
+    (``megatron_lm.read_meta``, which refuses a model this trainer cannot build)."""
+    if megatron_lm.is_checkpoint(path):
+        return megatron_lm.read_meta(path)
+    return checkpointing.read_meta(path)
+
+
 def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) -> None:
     """Refuse a checkpoint whose model shape differs from this run's, naming every field."""
     saved = meta["args"]
+    mine = args.to_dict()
     diffs = [(name, saved.get(name), getattr(args, name)) for name, f in OPTIONS.items()
-             if f.metadata["shape"] and saved.get(name) != getattr(args, name)
+             if f.metadata["shape"] and _resolved(name, saved) != _resolved(name, mine)
              and _matters(name, saved, args)]
     if meta["vocab_size"] != vocab_size:
         diffs.append(("padded vocab size (tokenizer)", meta["vocab_size"], vocab_size))
@@ -54,6 +76,25 @@ def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) ->
                           f"checkpoint {a!r}, this run {b!r}" for name, a, b in diffs)
         raise CheckpointError(f"checkpoint {path} has a different model shape than this run:\n"
                               f"{lines}\nUse the checkpoint's values or a different --load.")
+
+
+def _resolved(name: str, values: dict):
+    """An option's value with an unset (None) size replaced by what it defaults to, so that a
+    checkpoint recording the resolved number (Megatron-LM's args do) equals a run leaving it
+    unset."""
+    value = values.get(name)
+    if value is not None:
+        return value
+    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    if name == "kv_channels" and hidden and heads and not values.get("multi_latent_attention"):
+        return hidden // heads
+    if name == "num_query_groups":
+        return heads
+    if name == "ffn_hidden_size" and hidden:
+        return 4 * hidden
+    if name == "moe_ffn_hidden_size":
+        return _resolved("ffn_hidden_size", values)
+    return value
 
 
 def _matters(name: str, saved: dict, args: TrainArgs) -> bool:
@@ -156,8 +197,12 @@ def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: list, optimizer,
-                    scheduler, args: TrainArgs, vocab_size: int, layout) -> str:
-    """Collective: write and publish ``root/iter_N`` (``checkpointing.save``)."""
+                    scheduler, args: TrainArgs, vocab_size: int, layout,
+                    flops_so_far: float = 0.0) -> str:
+    """Collective: write and publish ``root/iter_N`` (``checkpointing.save``).
+
+    The common state also carries Megatron-LM's keys (``megatron_lm.common_state``) and the
+    sharded ``rng_state`` object, so Megatron-LM's own loaders read the checkpoint."""
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
@@ -171,7 +216,11 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         with cuda_device_redirect(), signals.shielded(), checkpointing.sharded_writer():
             state = _sharded_state(model, optimizer, is_loading=False)
             state["scheduler"] = scheduler.state_dict()
-            dist_checkpointing.save(state, tmp)
+            state.update(megatron_lm.common_state(args, model, vocab_size, iteration,
+                                                  consumed_samples, layout, state["scheduler"],
+                                                  flops_so_far))
+            state["rng_state"] = megatron_lm.rng_sharded_object(_rng_state())
+            dist_checkpointing.save(state, tmp, content_metadata=SHARDING_METADATA)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         rng_file = os.path.join(tmp, "rng", f"rank_{rank:05d}.pt")
         torch.save(_rng_state(), rng_file)
@@ -236,10 +285,19 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
     from megatron_coe.training.setup import unwrap
 
     meta = read_meta(path)
-    checkpointing.verify(path, meta)  # sizes + CRC-32 of every file (each rank reads a share)
-    weights_only = bool(meta.get("weights_only"))
-    load_optim = not (args.no_load_optim or weights_only)
     rank = torch.distributed.get_rank()
+    foreign = bool(meta.get("megatron_lm"))
+    weights_only = bool(meta.get("weights_only"))
+    if foreign:  # Megatron-LM's: no checksums to verify, RNG in its own form (not restored)
+        why = megatron_lm.optimizer_layout_matches(
+            path, SHARDING_METADATA["distrib_optim_sharding_type"])
+        if why and not args.no_load_optim and rank == 0:
+            print(f"note: Megatron-LM checkpoint {path}: {why}; loading its weights only "
+                  "(iteration 0, new optimizer, LR schedule and data position).", flush=True)
+        weights_only = weights_only or why is not None
+    else:
+        checkpointing.verify(path, meta)  # sizes + CRC-32 of every file (each rank reads a share)
+    load_optim = not (args.no_load_optim or weights_only)
     with cuda_device_redirect():
         state = _sharded_state(model, optimizer if load_optim else None, is_loading=True)
         loaded = dist_checkpointing.load(state, path)
@@ -248,8 +306,12 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
             with _torch_adam_step_fix():
                 optimizer.load_state_dict(loaded["optimizer"])
             _unshare_steps(optimizer)
-            scheduler.load_state_dict(loaded["scheduler"])
-    if weights_only:
+            scheduler.load_state_dict(loaded["opt_param_scheduler" if foreign else "scheduler"])
+    if foreign:
+        if rank == 0:
+            print(f"note: loaded Megatron-LM checkpoint {path} (iteration {meta['iteration']}); "
+                  "its RNG states are not restored.", flush=True)
+    elif weights_only:
         if rank == 0:
             print(f"note: {path} holds model weights only (converted checkpoint): starting at "
                   "iteration 0 with a new optimizer, LR schedule and data position.", flush=True)

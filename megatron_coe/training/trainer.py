@@ -379,7 +379,8 @@ class Trainer:
                     "data)")
             path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed,
                                         self.model, self.optimizer, self.scheduler, self.args,
-                                        self.vocab_size, self.layout)
+                                        self.vocab_size, self.layout,
+                                        flops_so_far=self.flops_per_step * self.iteration)
         self.last_saved = self.iteration
         self.save_seconds = metrics.now() - t0
         self._log(f"saved checkpoint {path} ({self.save_seconds:.1f} s)")

@@ -1,0 +1,211 @@
+"""The Megatron-LM side of a checkpoint: the keys Megatron-LM writes into the common state, and
+reading a checkpoint that Megatron-LM wrote.
+
+Megatron-LM (``megatron.training.checkpointing``) keeps in a ``torch_dist`` checkpoint's common
+state (``common.pt``): ``args`` (its ``argparse.Namespace``, Megatron-LM option names),
+``checkpoint_version`` (3.0), ``iteration``, ``opt_param_scheduler``,
+``num_floating_point_operations_so_far`` and, as a sharded object, ``rng_state``.
+``common_state`` builds those for this trainer's checkpoints (next to this trainer's own records,
+which stay as they are), so Megatron-LM's ``load_args_from_checkpoint`` and its checkpoint
+loading read them. This trainer's options already carry Megatron-LM's names; the namespace adds
+what Megatron-LM derives or fixes elsewhere (``padded_vocab_size``, ``max_position_embeddings``,
+position embedding, bias, tying, ``ckpt_format``, ...), read from the built model.
+
+A directory with dist_checkpointing's ``metadata.json`` but without this
+trainer's ``coe_checkpoint.json`` is a Megatron-LM checkpoint: ``read_meta`` turns its ``args``
+into this trainer's metadata (options under this trainer's names; a Megatron MoE is C=1, inner
+residual off, outer residual on), and ``refuse_incompatible`` names every property of its model
+that this trainer cannot build (dense layers, biases, tied embeddings, GQA, MTP, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional
+
+from megatron_coe.checkpointing import CheckpointError
+from megatron_coe.training.options import OPTIONS, TrainArgs
+
+CHECKPOINT_VERSION = 3.0
+COMMON = "common.pt"
+# Megatron-LM's MoE layer = a CoE layer with one pass, no inner residual, the outer residual on
+STANDARD_MOE = dict(coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True,
+                    coe_shared_router=False)
+
+
+def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, consumed: int,
+              layout) -> argparse.Namespace:
+    """Megatron-LM's ``args`` for this run (``argparse.Namespace``, Megatron-LM names)."""
+    from megatron_coe.training.setup import unwrap
+
+    gpt = unwrap(model[0])
+    config = gpt.config
+    values = args.to_dict()
+    pe = getattr(gpt, "position_embedding_type", "rope")
+    values.update(
+        padded_vocab_size=vocab_size, max_position_embeddings=args.seq_length,
+        position_embedding_type=pe, use_rotary_position_embeddings=pe == "rope",
+        add_position_embedding=pe == "learned_absolute", rotary_base=10000, rotary_percent=1.0,
+        rotary_interleaved=False, add_bias_linear=bool(config.add_bias_linear),
+        add_qkv_bias=bool(getattr(config, "add_qkv_bias", False)),
+        untie_embeddings_and_output_weights=not getattr(
+            gpt, "share_embeddings_and_output_weights", False),
+        num_query_groups=config.num_query_groups,
+        group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
+        ffn_hidden_size=config.ffn_hidden_size, kv_channels=config.kv_channels,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size, moe_layer_freq=1,
+        moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
+        squared_relu=False, apply_layernorm_1p=False, apply_query_key_layer_scaling=False,
+        num_experts=args.num_experts, mtp_num_layers=None, spec=None,
+        ckpt_format="torch_dist", use_dist_ckpt=True, use_distributed_optimizer=True,
+        dist_ckpt_optim_fully_reshardable=True, iteration=iteration,
+        consumed_train_samples=consumed, consumed_valid_samples=0, train_samples=None,
+        world_size=layout.world_size, data_parallel_size=layout.dp,
+        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+        fp16=False, params_dtype=config.params_dtype, tokenizer_type="HuggingFaceTokenizer",
+        vocab_file=None, merge_file=None)
+    return argparse.Namespace(**values)
+
+
+def common_state(args: TrainArgs, model: list, vocab_size: int, iteration: int, consumed: int,
+                 layout, scheduler_state: dict, flops_so_far: float) -> dict:
+    """The Megatron-LM keys of the common state (``rng_state`` is added by the caller as a
+    sharded object, see ``rng_sharded_object``)."""
+    return {"args": namespace(args, model, vocab_size, iteration, consumed, layout),
+            "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+            "opt_param_scheduler": scheduler_state,
+            "num_floating_point_operations_so_far": float(flops_so_far)}
+
+
+def rng_sharded_object(rng: dict):
+    """Megatron-LM's ``rng_state``: one ``ShardedObject`` per (pipeline, tensor) rank, replicated
+    over data parallelism, holding ``[{random_rng_state, np_rng_state, torch_rng_state,
+    cuda_rng_state, rng_tracker_states}]``."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {"random_rng_state": rng["random"], "np_rng_state": rng["numpy"],
+             "torch_rng_state": rng["torch"],
+             "cuda_rng_state": rng.get("cuda", torch.zeros(0, dtype=torch.uint8)),
+             "rng_tracker_states": rng["tracker"]}
+    pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", [state], (pp, tp),
+                         (ps.get_pipeline_model_parallel_rank(),
+                          ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+# --------------------------------------------------------------------------- reading
+def is_checkpoint(path: str) -> bool:
+    """A Megatron-LM ``torch_dist`` iteration directory (not one of this trainer's)."""
+    from megatron_coe.checkpointing import META
+
+    # dist_checkpointing's metadata.json; the common state is common.pt (megatron-core 0.16) or
+    # inside the .distcp shards (0.19)
+    return (os.path.isfile(os.path.join(path, "metadata.json"))
+            and not os.path.exists(os.path.join(path, META)))
+
+
+def load_common(path: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable common state is one line
+        raise CheckpointError(f"{path}: the common state cannot be read as a Megatron-LM "
+                              f"checkpoint's: {type(e).__name__}: {e}") from None
+
+
+def options_from(ns) -> dict:
+    """This trainer's options (its names) from Megatron-LM's ``args``; a Megatron-LM MoE without
+    CoE fields is the standard MoE (C=1, outer residual)."""
+    values = {}
+    for name in OPTIONS:
+        if hasattr(ns, name):
+            values[name] = getattr(ns, name)
+    for name, value in STANDARD_MOE.items():
+        if getattr(ns, name, None) is None:
+            values[name] = value
+    return values
+
+
+def refuse_incompatible(ns, path: str) -> None:
+    """``CheckpointError`` naming every property of the checkpoint's model that this trainer
+    cannot build: properties that are not among this trainer's options (dense layers between
+    MoE layers, MTP, squared ReLU, ...; biases, tying, GQA and RoPE settings while the option
+    table has no such option)."""
+    reasons = []
+    if getattr(ns, "num_experts", None) in (None, 0):
+        reasons.append("dense GPT (no --num-experts): this trainer builds MoE/CoE layers only")
+    freq = getattr(ns, "moe_layer_freq", 1)
+    if freq != 1 and not (isinstance(freq, list) and all(f == 1 for f in freq)):
+        reasons.append(f"--moe-layer-freq {freq}: dense layers between MoE layers")
+    if "add_bias_linear" not in OPTIONS and getattr(ns, "add_bias_linear", False):
+        reasons.append("linear biases (Megatron-LM's default; trained without "
+                       "--disable-bias-linear)")
+    if "untie_embeddings_and_output_weights" not in OPTIONS and not getattr(
+            ns, "untie_embeddings_and_output_weights", False):
+        reasons.append("tied input/output embeddings (trained without "
+                       "--untie-embeddings-and-output-weights)")
+    if "position_embedding_type" not in OPTIONS and getattr(
+            ns, "position_embedding_type", "rope") != "rope":
+        reasons.append(f"--position-embedding-type {ns.position_embedding_type} (this trainer: "
+                       "rope)")
+    if "num_query_groups" not in OPTIONS and getattr(ns, "group_query_attention", False):
+        reasons.append(f"grouped-query attention (--num-query-groups {ns.num_query_groups})")
+    if getattr(ns, "mtp_num_layers", None):
+        reasons.append(f"multi-token prediction (--mtp-num-layers {ns.mtp_num_layers})")
+    if getattr(ns, "squared_relu", False) or getattr(ns, "apply_layernorm_1p", False):
+        reasons.append("--squared-relu / --apply-layernorm-1p")
+    if "rotary_base" not in OPTIONS and (getattr(ns, "rotary_base", 10000),
+                                         getattr(ns, "rotary_percent", 1.0)) != (10000, 1.0):
+        reasons.append(f"--rotary-base {ns.rotary_base} --rotary-percent {ns.rotary_percent} "
+                       "(this trainer: 10000, 1.0)")
+    if getattr(ns, "moe_router_topk_scaling_factor", None) is not None:
+        reasons.append("--moe-router-topk-scaling-factor")
+    if getattr(ns, "ckpt_format", "torch_dist") != "torch_dist":
+        reasons.append(f"--ckpt-format {ns.ckpt_format} (this trainer reads torch_dist)")
+    if reasons:
+        raise CheckpointError(f"Megatron-LM checkpoint {path} holds a model this trainer cannot "
+                              f"build: {'; '.join(reasons)}")
+
+
+def read_meta(path: str) -> dict:
+    """This trainer's metadata for a Megatron-LM checkpoint (``checkpointing.read_meta``'s
+    form): iteration, args (this trainer's names), padded vocab, layout, consumed samples."""
+    common = load_common(path)
+    ns = common.get("args")
+    if ns is None:
+        raise CheckpointError(f"{path} is a dist_checkpointing checkpoint without Megatron-LM's "
+                              "'args' in its common state: neither this trainer's nor "
+                              "Megatron-LM's; cannot tell its model")
+    refuse_incompatible(ns, path)
+    tp = getattr(ns, "tensor_model_parallel_size", 1)
+    pp = getattr(ns, "pipeline_model_parallel_size", 1)
+    ep = getattr(ns, "expert_model_parallel_size", 1)
+    world = getattr(ns, "world_size", None)
+    return dict(iteration=int(common.get("iteration", getattr(ns, "iteration", 0))),
+                args=options_from(ns), vocab_size=getattr(ns, "padded_vocab_size", None),
+                consumed_train_samples=int(getattr(ns, "consumed_train_samples", 0) or 0),
+                layout=dict(world_size=world, tp=tp, pp=pp, ep=ep,
+                            dp=getattr(ns, "data_parallel_size", None), num_microbatches=None),
+                megatron_lm=True,
+                num_floating_point_operations_so_far=common.get(
+                    "num_floating_point_operations_so_far", 0.0))
+
+
+def optimizer_layout_matches(path: str, sharding_type: str) -> Optional[str]:
+    """None when the checkpoint's distributed-optimizer layout is ``sharding_type``, else why."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        content = dist_checkpointing.load_content_metadata(path) or {}
+    except Exception:  # noqa: BLE001 - older checkpoints have no content metadata
+        content = {}
+    saved = content.get("distrib_optim_sharding_type")
+    if saved == sharding_type:
+        return None
+    return (f"its optimizer state is in the {saved or 'unrecorded'} layout, this trainer's is "
+            f"{sharding_type} (Megatron-LM: --dist-ckpt-optim-fully-reshardable)")

@@ -1,0 +1,163 @@
+"""Checkpoints shared with Megatron-LM (``megatron.training``).
+
+* This trainer's checkpoints carry Megatron-LM's common-state keys (``args`` as an
+  ``argparse.Namespace`` with Megatron-LM names, ``checkpoint_version``, ``iteration``,
+  ``opt_param_scheduler``, ``num_floating_point_operations_so_far``; ``rng_state`` sharded).
+* Megatron-LM's own ``load_args_from_checkpoint`` reads such a checkpoint (needs
+  ``megatron.training``: megatron-core >= 0.17, the 0.19 environment; skipped in the 0.16 one).
+* A checkpoint in Megatron-LM's layout (its files only: no ``coe_checkpoint.json``, no ``rng/``)
+  of a standard MoE (C=1, outer residual) is found by ``--load`` through its tracker, gives the
+  same validation loss it had, and resumes training with the optimizer state (layouts match)
+  bit-identically to the uninterrupted run.
+* A Megatron-LM checkpoint of a model this trainer cannot build (tied embeddings, biases, dense
+  layers, ...) is refused in one line naming why.
+
+Each run: 1 CPU process, --mock-data, 2 layers, hidden 32 (5-10 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_coe.checkpointing import CheckpointError
+from megatron_coe.training import megatron_lm
+
+PYTHON = sys.executable
+MOE = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 4 "
+       "--moe-router-topk 2 --moe-ffn-hidden-size 32 --ffn-hidden-size 64 --coe-iterations 1 "
+       "--no-coe-inner-residual --coe-outer-residual --normalization RMSNorm "
+       "--hidden-dropout 0 --attention-dropout 0 --moe-token-dispatcher-type alltoall "
+       "--seq-length 32 --micro-batch-size 2 --global-batch-size 8 --lr 3e-3 "
+       "--lr-decay-style cosine --lr-decay-iters 6 --eval-iters 2 --eval-interval 100 --log-interval 1 "
+       "--mock-data --vocab-size 256 --num-workers 0 --distributed-backend gloo "
+       "--transformer-impl local").split()
+HAVE_MEGATRON_LM = importlib.util.find_spec("megatron.training") is not None
+
+
+def _run(args: list, tmp: Path, expect_rc: int = 0) -> str:
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    for name in ("COE_JOB_END_TIME", "COE_EXIT_REASON_FILE", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    proc = subprocess.run([PYTHON, "-m", "megatron_coe.train", *MOE, *args], env=env, cwd=tmp,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect_rc, out[-3000:]
+    return out
+
+
+def _records(path: Path) -> list:
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 6-step run, and a 4-step run saved at 4 (same options)."""
+    root = tmp_path_factory.mktemp("mlm")
+    _run(["--train-iters", "6", "--metrics-file", "full.jsonl"], root)
+    _run(["--train-iters", "4", "--save", "ckpt"], root)
+    return root
+
+
+@pytest.mark.timeout(300)
+def test_common_state_carries_megatron_lm_keys(runs):
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(runs / "ckpt" / "iter_0000004"))
+    assert common["checkpoint_version"] == 3.0 and common["iteration"] == 4
+    ns = common["args"]
+    assert isinstance(ns, argparse.Namespace)
+    assert (ns.num_layers, ns.hidden_size, ns.num_experts, ns.moe_router_topk) == (2, 32, 4, 2)
+    assert ns.padded_vocab_size == 256 and ns.max_position_embeddings == 32
+    assert ns.add_bias_linear is False and ns.position_embedding_type == "rope"
+    assert ns.ckpt_format == "torch_dist" and ns.consumed_train_samples == 32
+    assert common["opt_param_scheduler"]["num_steps"] == common["scheduler"]["num_steps"]
+    assert common["num_floating_point_operations_so_far"] > 0
+
+
+@pytest.mark.skipif(not HAVE_MEGATRON_LM, reason="needs megatron.training (megatron-core >= "
+                    "0.17, the Python 3.12 environment .venv-mcore019); megatron-core "
+                    f"{importlib.util.find_spec('megatron.core') and 'here has none'}")
+@pytest.mark.timeout(300)
+def test_megatron_lm_load_args_from_checkpoint_reads_our_checkpoint(runs):
+    from megatron.training.arguments import add_megatron_arguments
+    from megatron.training.checkpointing import load_args_from_checkpoint
+
+    parser = add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False))
+    args = parser.parse_args(["--load", str(runs / "ckpt"), "--use-checkpoint-args"])
+    result = load_args_from_checkpoint(args)
+    assert isinstance(result, tuple), "Megatron-LM found no arguments in the checkpoint"
+    args, ckpt_args = result
+    assert args.iteration == 4
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (2, 32, 4)
+    assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size) == (4, 2, 32)
+    assert args.normalization == "RMSNorm" and args.swiglu is False
+    assert args.add_bias_linear is False and args.position_embedding_type == "rope"
+    assert args.padded_vocab_size == 256 and args.ckpt_format == "torch_dist"
+    assert ckpt_args.coe_iterations == 1
+
+
+def _as_megatron_lm(src: Path, dst: Path) -> Path:
+    """Keep only what Megatron-LM writes: the tracker and iter_N's dist_checkpointing files."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("coe_checkpoint.json", "rng",
+                                                            "coe_save.lock", "metrics.jsonl"))
+    assert not list(dst.rglob("coe_checkpoint.json")) and not (dst / "iter_0000004" / "rng").exists()
+    return dst
+
+
+@pytest.mark.timeout(300)
+def test_megatron_lm_format_standard_moe_resumes_with_same_validation_loss(runs):
+    mlm = _as_megatron_lm(runs / "ckpt", runs / "mlm_ckpt")
+    saved_valid = [r for r in _records(runs / "ckpt" / "metrics.jsonl") if r["type"] == "valid"]
+    out = _run(["--train-iters", "4", "--load", "mlm_ckpt", "--skip-train",
+                "--metrics-file", "eval.jsonl"], runs)
+    assert "loaded Megatron-LM checkpoint" in out
+    valid = _records(runs / "eval.jsonl")
+    assert [r["lm_loss"] for r in valid] == [saved_valid[-1]["lm_loss"]]
+    # resume from iteration 4 with its optimizer and LR schedule: steps 5..6 as uninterrupted
+    out = _run(["--train-iters", "6", "--load", "mlm_ckpt", "--metrics-file", "resumed.jsonl"],
+               runs)
+    assert "resumed from" in out and "at iteration 4" in out
+    full = {r["iteration"]: r["lm_loss"] for r in _records(runs / "full.jsonl")
+            if r["type"] == "train"}
+    resumed = {r["iteration"]: r["lm_loss"] for r in _records(runs / "resumed.jsonl")
+               if r["type"] == "train"}
+    assert resumed == {5: full[5], 6: full[6]}
+
+
+def test_incompatible_megatron_lm_model_is_refused_with_every_reason():
+    ns = argparse.Namespace(num_experts=4, moe_layer_freq=[0, 1], mtp_num_layers=1,
+                            squared_relu=True, ckpt_format="torch")
+    with pytest.raises(CheckpointError, match=r"cannot build: --moe-layer-freq \[0, 1\]: dense "
+                                              r"layers between MoE layers; multi-token prediction "
+                                              r"\(--mtp-num-layers 1\); --squared-relu.*; "
+                                              r"--ckpt-format torch"):
+        megatron_lm.refuse_incompatible(ns, "ckpt/iter_0000001")
+    with pytest.raises(CheckpointError, match=r"dense GPT \(no --num-experts\)"):
+        megatron_lm.refuse_incompatible(argparse.Namespace(num_experts=None), "x")
+    megatron_lm.refuse_incompatible(argparse.Namespace(num_experts=4, moe_layer_freq=1), "x")
+
+
+@pytest.mark.timeout(300)
+def test_incompatible_megatron_lm_checkpoint_is_refused_in_one_line(runs, tmp_path):
+    mlm = _as_megatron_lm(runs / "ckpt", tmp_path / "dense")
+    common_file = mlm / "iter_0000004" / "common.pt"
+    if not common_file.exists():
+        pytest.skip("this megatron-core keeps the common state inside the .distcp shards "
+                    "(no common.pt to edit); the reasons are checked by the test above")
+    common = torch.load(common_file, weights_only=False)
+    common["args"].moe_layer_freq = [0, 1]
+    torch.save(common, common_file)
+    out = _run(["--train-iters", "6", "--load", str(mlm)], tmp_path, expect_rc=2)
+    lines = [l for l in out.splitlines() if "cannot build" in l]
+    assert len(lines) == 1 and "--moe-layer-freq [0, 1]" in lines[0], out[-2000:]
+    assert "Traceback" not in out and not (mlm / "iter_0000006").exists()
