@@ -296,6 +296,115 @@ class ModelArch:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    @classmethod
+    def from_option_values(cls, values: dict, vocab_size: Optional[int] = None) -> "ModelArch":
+        """The record of a recorded ``args`` dict (trainer option names), for checkpoints written
+        before the record existed. An option the dict lacks was added since; it gets the value
+        the code of that time built (``LEGACY_VALUES``: untied embeddings, latent norms with the
+        main norms' eps), else its default."""
+        kw = {}
+        for f in option_fields():
+            name = arg_name(f)
+            if name in values:
+                kw[f.name] = values[name]
+            elif f.name in LEGACY_VALUES:
+                kw[f.name] = LEGACY_VALUES[f.name](values)
+        if kw.get("max_position_embeddings") is None and values.get("seq_length"):
+            kw["max_position_embeddings"] = values["seq_length"]
+        return cls(vocab_size=vocab_size, **kw)
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: dict) -> "ModelArch":
+        """The model of a checkpoint: its record (``meta[RECORD_KEY]``), or for checkpoints
+        without one, rebuilt from the recorded ``args`` (``from_option_values``)."""
+        if isinstance(meta.get(RECORD_KEY), dict):
+            return cls.from_dict(meta[RECORD_KEY])
+        return cls.from_option_values(meta.get("args") or {}, meta.get("vocab_size"))
+
+    # ------------------------------------------------------------------ shapes
+    def resolved(self, name: str):
+        """Field ``name`` with an unset size replaced by what it builds (``kv_channels`` hidden /
+        heads, ``ffn_hidden_size`` 4 x hidden, ...), so that a record holding the resolved number
+        (Megatron-LM's args do) equals one leaving it unset."""
+        value = getattr(self, name)
+        if name == "qk_layernorm":
+            return self.qk_layernorm_on
+        if value is not None:
+            return value
+        if name == "kv_channels" and not self.multi_latent_attention:
+            return self.hidden_size // self.num_attention_heads
+        if name == "num_query_groups":
+            return self.num_attention_heads
+        if name == "ffn_hidden_size":
+            return 4 * self.hidden_size
+        if name == "moe_ffn_hidden_size":
+            return self.resolved("ffn_hidden_size")
+        return value
+
+    def shape_differences(self, other: "ModelArch") -> list:
+        """``[(option name, flag, self's value, other's value)]`` of the fields that change
+        parameter shapes or state-dict keys (``shape`` in the field's metadata) and differ."""
+        mla_only = {"q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
+                    "v_head_dim"}
+        mla = self.multi_latent_attention or other.multi_latent_attention
+        out = []
+        for f in option_fields():
+            if not f.metadata["shape"]:
+                continue
+            if (f.name in mla_only and not mla) or (
+                    f.name in ("kv_channels", "num_query_groups") and mla):
+                continue
+            a, b = self.resolved(f.name), other.resolved(f.name)
+            if a != b:
+                out.append((arg_name(f), flag_of(f), getattr(self, f.name),
+                            getattr(other, f.name)))
+        return out
+
+    def num_parameters(self, vocab_size: Optional[int] = None) -> dict:
+        """Parameter counts of the built model (``GPTModel`` from ``build_coe_gpt_model``):
+        ``{"layer": one transformer layer, "final_norm", "embedding": input + output layer,
+        "total"}``. ``vocab_size`` defaults to the record's."""
+        h, n = self.hidden_size, self.num_attention_heads
+        norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (+ bias)
+        per = 2 if self.normalization == "LayerNorm" else 1
+        if self.multi_latent_attention:
+            dq, dr, dv = self.qk_head_dim, self.qk_pos_emb_head_dim, self.v_head_dim
+            r, rq = self.kv_lora_rank, self.q_lora_rank
+            attn = (h * rq + rq * n * (dq + dr) if rq else h * n * (dq + dr))
+            attn += h * (r + dr) + r * n * (dq + dv) + n * dv * h
+            if self.latent_norms:
+                attn += per * r + (per * rq if rq else 0)
+        else:
+            d = self.kv_channels or h // n
+            g = self.num_query_groups or n
+            attn = h * (n + 2 * g) * d + n * d * h
+            if self.qk_layernorm_on:
+                attn += 2 * per * d
+        mats = 3 if self.gated_linear_unit else 2
+        routed = self.resolved("moe_ffn_hidden_size")
+        shared = self.moe_shared_expert_intermediate_size or 0
+        routers = 1 if self.coe_shared_router else self.coe_iterations
+        mlp = (routers * h * self.num_moe_experts + self.num_moe_experts * mats * h * routed
+               + mats * h * shared)
+        layer = 2 * norm + attn + mlp
+        vocab = self.vocab_size if vocab_size is None else vocab_size
+        emb = (vocab or 0) * h * (2 if self.untie_embeddings_and_output_weights else 1)
+        return dict(layer=layer, final_norm=norm, embedding=emb,
+                    total=self.num_layers * layer + norm + emb)
+
+
+# The key of the record in a checkpoint's metadata (``coe_checkpoint.json``).
+RECORD_KEY = "arch"
+
+# Values of options added after the first checkpoints were written, as that code built the
+# model (for ``from_option_values`` of an args record that lacks the option).
+LEGACY_VALUES = {
+    # embeddings were untied (build_coe_gpt_model's default) before the option existed
+    "untie_embeddings_and_output_weights": lambda values: True,
+    # Megatron-Core's latent norms use the main norms' eps (1e-5 unless set)
+    "mla_latent_norm_epsilon": lambda values: values.get("layernorm_epsilon", 1e-5),
+}
+
 
 def option_fields() -> list:
     """The record's fields that are trainer options, in declaration order."""
@@ -305,6 +414,11 @@ def option_fields() -> list:
 def arg_name(f) -> str:
     """The trainer option / Megatron-LM ``args`` name of an architecture field."""
     return f.metadata["arg"] or f.name
+
+
+def flag_of(f) -> str:
+    """The command-line flag of an architecture field."""
+    return f.metadata["flag"] or "--" + arg_name(f).replace("_", "-")
 
 
 def option_rows(opt) -> list:

@@ -9,8 +9,10 @@ what goes into a checkpoint and restores it:
              rng/rank_00000.pt                per-rank RNG states (python, numpy, torch, CUDA,
                                               Megatron's tracker)
              coe_checkpoint.json              consumed samples, args, padded vocab, layout,
-                                              model_config (``ArchSpec``: what the HF exporter
-                                              reads), plus the format owner's fields
+                                              arch (the ``megatron_coe.arch.ModelArch`` record:
+                                              the model's one description, which ``--load``
+                                              checks and the HF exporter reads), plus the
+                                              format owner's fields
 
 Model tensors use Megatron's sharded state dicts and the distributed optimizer the
 ``fully_reshardable`` format (model-space tensors, one per parameter), so model and optimizer
@@ -34,10 +36,11 @@ import numpy as np
 import torch
 
 from megatron_coe import checkpointing
+from megatron_coe.arch import RECORD_KEY, ModelArch
 from megatron_coe.checkpointing import (  # noqa: F401 - re-exported for the trainer's callers
     SHARDING_METADATA, CheckpointError)
 from megatron_coe.training import megatron_lm
-from megatron_coe.training.options import OPTIONS, TrainArgs, flag_name
+from megatron_coe.training.options import TrainArgs
 
 BYTES_PER_PARAMETER = 16  # fp32 weights + optimizer main param, exp_avg, exp_avg_sq
 
@@ -63,45 +66,20 @@ def read_meta(path: str) -> dict:
 
 
 def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) -> None:
-    """Refuse a checkpoint whose model shape differs from this run's, naming every field."""
-    saved = meta["args"]
-    mine = args.to_dict()
-    diffs = [(name, saved.get(name), getattr(args, name)) for name, f in OPTIONS.items()
-             if f.metadata["shape"] and _resolved(name, saved) != _resolved(name, mine)
-             and _matters(name, saved, args)]
+    """Refuse a checkpoint whose model shape differs from this run's, naming every field.
+
+    The checkpoint's model is its architecture record (``ModelArch.from_checkpoint_meta``: the
+    recorded ``arch``, or for older and Megatron-LM checkpoints, their ``args``)."""
+    saved = ModelArch.from_checkpoint_meta(meta)
+    diffs = [(name, flag, a, b)
+             for name, flag, a, b in saved.shape_differences(ModelArch.from_args(args))]
     if meta["vocab_size"] != vocab_size:
-        diffs.append(("padded vocab size (tokenizer)", meta["vocab_size"], vocab_size))
+        diffs.append(("padded vocab size", "tokenizer", meta["vocab_size"], vocab_size))
     if diffs:
-        lines = "\n".join(f"  {name} ({flag_name(name) if name in OPTIONS else 'tokenizer'}): "
-                          f"checkpoint {a!r}, this run {b!r}" for name, a, b in diffs)
+        lines = "\n".join(f"  {name} ({flag}): checkpoint {a!r}, this run {b!r}"
+                          for name, flag, a, b in diffs)
         raise CheckpointError(f"checkpoint {path} has a different model shape than this run:\n"
                               f"{lines}\nUse the checkpoint's values or a different --load.")
-
-
-def _resolved(name: str, values: dict):
-    """An option's value with an unset (None) size replaced by what it defaults to, so that a
-    checkpoint recording the resolved number (Megatron-LM's args do) equals a run leaving it
-    unset."""
-    value = values.get(name)
-    if value is not None:
-        return value
-    hidden, heads = values.get("hidden_size"), values.get("num_attention_heads")
-    if name == "kv_channels" and hidden and heads and not values.get("multi_latent_attention"):
-        return hidden // heads
-    if name == "num_query_groups":
-        return heads
-    if name == "ffn_hidden_size" and hidden:
-        return 4 * hidden
-    if name == "moe_ffn_hidden_size":
-        return _resolved("ffn_hidden_size", values)
-    return value
-
-
-def _matters(name: str, saved: dict, args: TrainArgs) -> bool:
-    """MLA dims only matter when MLA is on (in both, as the flag itself is compared too)."""
-    mla_dims = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
-    return not (name in mla_dims and not args.multi_latent_attention
-                and not saved.get("multi_latent_attention"))
 
 
 def _rng_state() -> dict:
@@ -231,45 +209,14 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
     if rank == 0:
         meta = dict(consumed_train_samples=consumed_samples, vocab_size=vocab_size,
                     layout=vars(layout), args=args.to_dict())
-        model_config = _model_config(model, vocab_size, args)
-        if model_config is not None:
-            meta["model_config"] = model_config
+        meta[RECORD_KEY] = ModelArch.from_args(args, vocab_size).to_dict()
     return checkpointing.save(root, iteration, write, meta)
 
 
 def estimated_bytes(args: TrainArgs, model_config, vocab_size: int) -> int:
-    """About how many bytes one checkpoint of this run takes (0 if unknown)."""
-    from megatron_coe.conversion.megatron_ckpt import canonical_shapes
-    from megatron_coe.conversion.spec import ArchSpec
-
-    try:
-        spec = ArchSpec.from_megatron_config(model_config, vocab_size=vocab_size,
-                                             max_position_embeddings=args.seq_length)
-        shapes = canonical_shapes(spec)
-    except Exception:  # noqa: BLE001 - an estimate only; architectures without an HF form
-        return 0
-    per_layer = sum(int(np.prod(s)) for s in shapes["layer"].values())
-    other = sum(int(np.prod(s)) for s in shapes["non_layer"].values())
-    return (spec.num_layers * per_layer + other) * BYTES_PER_PARAMETER
-
-
-def _model_config(model: list, vocab_size: int, args: TrainArgs) -> Optional[dict]:
-    """The model's ``ArchSpec`` as a dict (the exporter's ``model_config``), or None.
-
-    None where the architecture has no Hugging Face form (``ArchSpec`` refuses it); the exporter
-    then rebuilds the config from ``args`` and reports the problem itself.
-    """
-    from megatron_coe.conversion.spec import ArchSpec, ConversionError
-    from megatron_coe.training.setup import unwrap
-
-    gpt = unwrap(model[0])
-    try:
-        spec = ArchSpec.from_megatron_config(
-            gpt.config, vocab_size=vocab_size, max_position_embeddings=args.seq_length,
-            tie_word_embeddings=bool(getattr(gpt, "share_embeddings_and_output_weights", False)))
-    except (ConversionError, AttributeError, TypeError):  # never fail a save over this field
-        return None
-    return spec.to_dict()
+    """About how many bytes one checkpoint of this run takes (parameters from the architecture
+    record, ``BYTES_PER_PARAMETER`` each); ``model_config`` is unused (kept for callers)."""
+    return ModelArch.from_args(args).num_parameters(vocab_size)["total"] * BYTES_PER_PARAMETER
 
 
 def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArgs,
