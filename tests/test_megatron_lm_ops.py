@@ -210,3 +210,37 @@ def test_profile_and_wandb_refusals_name_the_flag():
     with pytest.raises(SetupError, match=r"--wandb-project p: .*set --wandb-save-dir or --save"):
         metrics.check_wandb(parse_args(TINY + ["--wandb-project", "p"]))
     metrics.check_wandb(parse_args(TINY + ["--wandb-project", "p", "--save", "x"]))
+
+
+# --------------------------------------------------------------------------- LR styles, tokenizer
+@pytest.mark.parametrize("style", ["inverse-square-root", "WSD"])
+def test_megatron_lm_lr_decay_styles_follow_megatron_core(style):
+    """The LR of every step comes from Megatron-Core's scheduler with the new styles (and the
+    WSD decay phase): stable at the peak, then down to --min-lr over --lr-wsd-decay-iters."""
+    from megatron_coe.training.setup import build_scheduler
+
+    extra = ["--lr-wsd-decay-iters", "4", "--min-lr", "1e-4"] if style == "WSD" else []
+    args = parse_args(TINY + ["--lr-decay-style", style, "--lr-warmup-iters", "2",
+                              "--train-iters", "10"] + extra)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=args.lr)
+    sched = build_scheduler(args, opt)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        sched.step(increment=1)
+    assert lrs[:3] == pytest.approx([0.0, 1.5e-3, 3e-3])
+    if style == "WSD":
+        assert lrs[2:7] == pytest.approx([3e-3] * 5)  # stable until the last 4 decay steps
+        assert lrs[7] < 3e-3 and lrs[9] < lrs[8] < lrs[7] and lrs[9] >= 1e-4
+    else:  # lr * sqrt(warmup) / sqrt(step)
+        assert lrs[8] == pytest.approx(3e-3 * (2 ** 0.5) / (8 ** 0.5))
+    with pytest.raises(OptionError, match=r"--lr-wsd-decay-iters.*WSD; valid: 1\.\.10"):
+        parse_args(TINY + ["--lr-decay-style", "WSD", "--train-iters", "10"])
+
+
+def test_tokenizer_type_huggingface_is_accepted_and_others_named():
+    assert parse_args(TINY + ["--tokenizer-type", "HuggingFaceTokenizer"]).tokenizer_type == \
+        "HuggingFaceTokenizer"
+    with pytest.raises(SystemExit):
+        parse_args(TINY + ["--tokenizer-type", "GPT2BPETokenizer"])

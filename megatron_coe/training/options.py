@@ -165,8 +165,14 @@ class TrainArgs(_ArchOptions):
     train_iters: int = opt(100, "Optimizer steps to train for.", valid='>= 1')
     lr: float = opt(3e-4, "Peak learning rate.", valid='> 0')
     min_lr: float = opt(0.0, "Final learning rate of the decay.", valid='>= 0')
-    lr_decay_style: str = opt("cosine", "LR decay after warmup.",
-                              choices=["cosine", "constant", "linear"])
+    lr_decay_style: str = opt("cosine", "LR decay after warmup (WSD: warmup-stable-decay, the "
+                              "last --lr-wsd-decay-iters steps decay).",
+                              choices=["cosine", "constant", "linear", "inverse-square-root",
+                                       "WSD"])
+    lr_wsd_decay_style: str = opt("exponential", "Decay shape of the WSD decay phase.",
+                                  choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    lr_wsd_decay_iters: Optional[int] = opt(None, "Steps of the WSD decay phase (required with "
+                                            "--lr-decay-style WSD).", type=int, valid='>= 1')
     lr_warmup_iters: int = opt(0, "Linear warmup steps (from 0).", valid='>= 0')
     lr_warmup_fraction: Optional[float] = opt(None, "Warmup as a fraction of the decay steps "
                                               "(overrides --lr-warmup-iters).", type=float,
@@ -201,6 +207,10 @@ class TrainArgs(_ArchOptions):
                                 list_of=str, group=D)
     valid_data_path: list = opt(None, "Validation data prefixes (blend), used whole.",
                                 list_of=str, group=D)
+    tokenizer_type: Optional[str] = opt(None, "Megatron-LM's tokenizer class; this trainer reads "
+                                        "Hugging Face tokenizer files (tools/preprocess_data.py "
+                                        "writes them): HuggingFaceTokenizer, or unset.", type=str,
+                                        choices=["HuggingFaceTokenizer"], group=D)
     tokenizer_model: Optional[str] = opt(None, "Tokenizer file or directory (default: the one "
                                          "beside the first data prefix).", type=str, group=D)
     data_cache_path: Optional[str] = opt(None, "Where dataset index caches are written.",
@@ -422,6 +432,13 @@ def validate(args: TrainArgs) -> TrainArgs:
                           f"{args.profile_step_end} is not after --profile-step-start "
                           f"{args.profile_step_start}; valid: --profile-step-end > "
                           "--profile-step-start")
+    if args.lr_decay_style == "WSD":
+        decay = args.lr_decay_iters or args.train_iters
+        if args.lr_wsd_decay_iters is None or args.lr_wsd_decay_iters > decay:
+            raise OptionError(f"option lr_wsd_decay_iters (--lr-wsd-decay-iters): "
+                              f"{args.lr_wsd_decay_iters!r} with --lr-decay-style WSD; valid: "
+                              f"1..{decay} (the LR decay steps, --lr-decay-iters or "
+                              "--train-iters)")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise OptionError("option overlap_param_gather (--overlap-param-gather): needs "
                           "--overlap-grad-reduce (as in Megatron-LM); add it or drop "
