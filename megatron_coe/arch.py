@@ -50,9 +50,12 @@ def _f(default, help, *, arg=None, flag=None, type=None, choices=None, valid=Non
 @dataclass
 class ModelArch:
     # ------------------------------------------------------------------ transformer
-    num_layers: int = _f(2, "Number of transformer layers.", valid=">= 1", shape=True)
-    hidden_size: int = _f(64, "Transformer hidden size.", valid=">= 1", shape=True)
-    num_attention_heads: int = _f(4, "Number of attention heads.", valid=">= 1", shape=True)
+    num_layers: Optional[int] = _f(None, "Number of transformer layers (required).", type=int,
+                                   valid=">= 1", shape=True)
+    hidden_size: Optional[int] = _f(None, "Transformer hidden size (required).", type=int,
+                                    valid=">= 1", shape=True)
+    num_attention_heads: Optional[int] = _f(None, "Number of attention heads (required).",
+                                            type=int, valid=">= 1", shape=True)
     num_query_groups: Optional[int] = _f(
         None, "Key/value head groups of standard attention (grouped-query attention; default: "
         "one per head).", type=int, valid=">= 1", shape=True)
@@ -111,8 +114,9 @@ class ModelArch:
         False, "Separate input embedding and output layer weights (default: tied, as in "
         "Megatron-LM).", shape=True, config=False)
     # ------------------------------------------------------------------ experts and router
-    num_moe_experts: int = _f(8, "Routed experts per layer.", arg="num_experts", valid=">= 1",
-                              shape=True)
+    num_moe_experts: Optional[int] = _f(None, "Routed experts per layer (required: this trainer "
+                                         "builds MoE/CoE layers only).", arg="num_experts",
+                                         type=int, valid=">= 1", shape=True)
     moe_router_topk: int = _f(2, "Experts per token in each CoE pass.", valid=">= 1")
     moe_ffn_hidden_size: Optional[int] = _f(None, "Routed expert FFN size (default "
                                             "ffn_hidden_size).", type=int, valid=">= 1",
@@ -182,7 +186,12 @@ class ModelArch:
         kw = {f.name: getattr(args, arg_name(f)) for f in option_fields()}
         if kw["max_position_embeddings"] is None and hasattr(args, "seq_length"):
             kw["max_position_embeddings"] = args.seq_length
-        return cls(vocab_size=vocab_size, **kw)
+        return cls(vocab_size=vocab_size, **kw).resolve_defaults()
+
+    def resolve_defaults(self) -> "ModelArch":
+        """This record with the defaults that depend on other fields written out
+        (``qk_layernorm``: on with MLA), so that two records of one model are equal."""
+        return self.replace(qk_layernorm=self.qk_layernorm_on)
 
     def to_option_values(self) -> dict:
         """{trainer option name: value} of this record (the inverse of ``from_args``)."""
@@ -311,7 +320,7 @@ class ModelArch:
                 kw[f.name] = LEGACY_VALUES[f.name](values)
         if kw.get("max_position_embeddings") is None and values.get("seq_length"):
             kw["max_position_embeddings"] = values["seq_length"]
-        return cls(vocab_size=vocab_size, **kw)
+        return cls(vocab_size=vocab_size, **kw).resolve_defaults()
 
     @classmethod
     def from_checkpoint_meta(cls, meta: dict) -> "ModelArch":

@@ -210,7 +210,7 @@ def test_round_trip_hf_megatron_hf_is_bit_identical(exported):
     meta = json.loads((root / "back/iter_0000000/coe_checkpoint.json").read_text())
     assert (meta["layout"]["ep"], meta["layout"]["pp"]) == (2, pp) and meta["weights_only"]
     trained_meta = json.loads(next(Path(exported["ckpt"]).glob("iter_*/coe_checkpoint.json")).read_text())
-    assert meta["model_config"] == trained_meta["model_config"]  # the trainer records it too
+    assert meta["arch"] == trained_meta["arch"]  # the same architecture record as the trainer's
     from megatron_coe.conversion.export import export_checkpoint
 
     export_checkpoint(str(root / "back"), str(root / "hf2"), tokenizer=str(hf), show_progress=False)
@@ -355,24 +355,28 @@ def _copy_checkpoint(trained, dst: Path) -> Path:
 
 
 def test_checkpoint_config_mismatch_is_refused(trained, tmp_path):
-    """The recorded ``model_config`` is used; checkpoints without it fall back to ``args``."""
+    """The recorded architecture (``arch``) is used; checkpoints without it fall back to the older
+    ``model_config`` and then to ``args``; each is checked against the stored tensors."""
     from megatron_coe.conversion.export import export_checkpoint
     from megatron_coe.conversion.megatron_ckpt import spec_from_meta
+    from megatron_coe.conversion.spec import ArchSpec
 
     ckpt = _copy_checkpoint(trained, tmp_path / "ckpt")
     meta_path = next(ckpt.glob("iter_*/coe_checkpoint.json"))
     meta = json.loads(meta_path.read_text())
-    legacy = {k: v for k, v in meta.items() if k != "model_config"}  # older trainer checkpoints
+    assert "model_config" not in meta  # the trainer writes only the one record
+    legacy = {k: v for k, v in meta.items() if k != "arch"}  # older trainer checkpoints
     assert spec_from_meta(legacy) == spec_from_meta(meta)
+    older = dict(legacy, model_config=spec_from_meta(meta).to_dict())
+    assert spec_from_meta(older) == spec_from_meta(meta)
     refused = r"does not match its recorded configuration(.|\n)*mlp\.experts\.experts\.linear_fc1\.weight"
-    meta["model_config"]["num_experts"] = 16
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ConversionError, match=refused):
-        export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
-    legacy["args"]["num_experts"] = 16
-    meta_path.write_text(json.dumps(legacy))
-    with pytest.raises(ConversionError, match=refused):
-        export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
+    for bad in (dict(meta, arch=dict(meta["arch"], num_moe_experts=16)),
+                dict(older, model_config=dict(older["model_config"], num_experts=16)),
+                dict(legacy, args=dict(legacy["args"], num_experts=16))):
+        meta_path.write_text(json.dumps(bad))
+        with pytest.raises(ConversionError, match=refused):
+            export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
+    assert ArchSpec.from_dict(older["model_config"]).num_experts == 8
 
 
 def test_missing_shard_is_refused(trained, tmp_path):

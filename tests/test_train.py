@@ -320,14 +320,13 @@ def test_ep2_run_trains_and_reports(reference):
     ckpt_dir = reference["out"] / "ckpt"
     assert (ckpt_dir / fmt.TRACKER).read_text().strip() == "20"
     assert not list(ckpt_dir.glob("*.tmp"))
-    # the model architecture is recorded (what the HF exporter reads); it matches the args
-    from megatron_coe.conversion.megatron_ckpt import _spec_from_args
-    from megatron_coe.conversion.spec import ArchSpec
+    # the architecture record (what --load checks and the HF exporter reads); it matches the args
+    from megatron_coe.arch import RECORD_KEY, ModelArch
 
     meta = ckpt.read_meta(str(ckpt_dir / "iter_0000020"))
-    spec = ArchSpec.from_dict(meta["model_config"])
-    assert (spec.num_experts, spec.coe_iterations, spec.vocab_size) == (8, 2, 512)
-    assert spec == _spec_from_args(meta, str(ckpt_dir))
+    arch = ModelArch.from_dict(meta[RECORD_KEY])
+    assert (arch.num_moe_experts, arch.coe_iterations, arch.vocab_size) == (8, 2, 512)
+    assert arch == ModelArch.from_option_values(meta["args"], meta["vocab_size"])
 
 
 @pytest.mark.timeout(300)

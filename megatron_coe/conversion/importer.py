@@ -221,9 +221,9 @@ def _rank_main(rank, world, hf_dir, save_root, tp, pp, ep, etp, upcycle, seq_len
     n = fill_model(model, lambda i: source.non_layer() if i < 0 else source.layer(i))
     layout = dict(world_size=world, tp=tp, pp=pp, ep=ep, dp=world // (tp * pp), num_microbatches=None)
     try:
-        args = spec.to_train_args(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-                                  sequence_parallel=tp > 1).to_dict()
+        args = dict(spec.to_option_values(), tensor_model_parallel_size=tp,
+                    pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                    expert_tensor_parallel_size=etp, sequence_parallel=tp > 1)
         notes = spec.train_args_warnings()
     except ConversionError as e:
         args, notes = {}, [str(e)]

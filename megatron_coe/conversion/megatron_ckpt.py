@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from megatron_coe import checkpointing
+from megatron_coe.arch import RECORD_KEY, ModelArch
 from megatron_coe.checkpointing import META, SHARDING_METADATA, CheckpointError
 from megatron_coe.conversion import mapping
 from megatron_coe.conversion.spec import ArchSpec, ConversionError
@@ -167,7 +168,7 @@ class MegatronCheckpoint:
         if problems:
             raise ConversionError(
                 f"checkpoint {self.path} does not match its recorded configuration "
-                f"({META} args / model_config):\n  - " + "\n  - ".join(problems[:20])
+                f"({META} {RECORD_KEY} / model_config / args):\n  - " + "\n  - ".join(problems[:20])
                 + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
 
     # ------------------------------------------------------------------ reads
@@ -224,17 +225,19 @@ def read_meta(path: str) -> dict:
 
 
 def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ArchSpec:
-    """The ``ArchSpec`` of a checkpoint: ``model_config`` if recorded, else rebuilt from ``args``.
+    """The ``ArchSpec`` of a checkpoint, from the one architecture record it carries.
 
-    ``model_config`` (an ``ArchSpec`` dict) is written by the importer and by the trainer's
-    ``save_checkpoint``; older trainer checkpoints lack it. Then ``args`` (the trainer's options)
-    are used: the model config is rebuilt with the trainer's own ``build_model_config`` (fields
-    without an option keep Megatron's defaults, as in training).
+    Trainer checkpoints record ``arch`` (``megatron_coe.arch.ModelArch``); imports whose model the
+    trainer can express do too. Older checkpoints carry ``model_config`` (an ``ArchSpec`` dict,
+    also written by imports) or only the trainer's ``args``, from which the record is rebuilt
+    (``ModelArch.from_checkpoint_meta``: options added since get the values that code built).
+    The export's dtype is the stored weights' (``tensors``).
     """
-    if isinstance(meta.get("model_config"), dict):
+    dtype = _stored_dtype(tensors)
+    if not isinstance(meta.get(RECORD_KEY), dict) and isinstance(meta.get("model_config"), dict):
         spec = ArchSpec.from_dict(meta["model_config"])
     else:
-        spec = _spec_from_args(meta, path)
+        spec = _spec_from_record(meta, path, dtype or "float32")
     if tensors is not None:
         emb = tensors.get("embedding.word_embeddings.weight")
         if emb is not None and emb[0][0] != spec.vocab_size:
@@ -246,30 +249,33 @@ def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -
     return spec
 
 
-def _spec_from_args(meta: dict, path: str) -> ArchSpec:
-    from megatron_coe.config import CoEConfigError
-    from megatron_coe.training.options import OPTIONS, TrainArgs
-    from megatron_coe.training.setup import SetupError, build_model_config
+def _stored_dtype(tensors: Optional[dict]) -> Optional[str]:
+    if not tensors or "embedding.word_embeddings.weight" not in tensors:
+        return None
+    dtype = tensors["embedding.word_embeddings.weight"][1]
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
-    saved = meta.get("args")
-    if not isinstance(saved, dict):
-        raise ConversionError(f"{path}/{META} records no trainer args")
-    unknown = sorted(k for k in saved if k not in OPTIONS)
-    kw = {k: v for k, v in saved.items() if k in OPTIONS}
-    # Model shape only: a GPU run's parallel / precision options do not matter for conversion.
-    kw.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, expert_model_parallel_size=1,
-              expert_tensor_parallel_size=None, sequence_parallel=False, fp8_format=None,
-              moe_grouped_gemm=False, recompute_modules=[])
+
+def _spec_from_record(meta: dict, path: str, dtype: str) -> ArchSpec:
+    where = f"{path}/{META}" if path else META
+    if not isinstance(meta.get(RECORD_KEY), dict) and not isinstance(meta.get("args"), dict):
+        raise ConversionError(f"{where} records neither the model ({RECORD_KEY}) nor trainer args")
+    if meta.get("vocab_size") is None and not (meta.get(RECORD_KEY) or {}).get("vocab_size"):
+        raise ConversionError(f"{where} records no vocab_size")
+    args = meta.get("args") or {}
+    if args.get("moe_router_load_balancing_type") == "sinkhorn":
+        raise ConversionError(f"{where}: cannot convert this Megatron model: sinkhorn routing "
+                              "is not supported")
     try:
-        args = TrainArgs(**kw)
-        config = build_model_config(args)
-    except (CoEConfigError, SetupError, TypeError) as e:
-        raise ConversionError(f"{path}/{META}: cannot rebuild the model config from the recorded "
-                              f"args: {e}" + (f" (unknown args: {unknown})" if unknown else "")) from None
-    vocab = meta.get("vocab_size")
-    if vocab is None:
-        raise ConversionError(f"{path}/{META} records no vocab_size")
-    return ArchSpec.from_megatron_config(config, vocab_size=vocab, max_position_embeddings=args.seq_length)
+        arch = ModelArch.from_checkpoint_meta(meta)
+        if arch.vocab_size is None:
+            arch = arch.replace(vocab_size=meta.get("vocab_size"))
+        return ArchSpec.from_arch(arch, dtype=dtype)
+    except ConversionError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: cannot read the recorded model ({type(e).__name__}: "
+                              f"{e})") from None
 
 
 # --------------------------------------------------------------------------- shapes
@@ -390,8 +396,15 @@ def _copy_shard(sh, tensors: Dict[str, torch.Tensor], layer_idx: int) -> None:
 
 
 def import_meta(spec: ArchSpec, args_dict: dict, layout: dict, extra: Optional[dict] = None) -> dict:
-    """Metadata of an imported (weights-only) checkpoint; ``checkpointing.save`` adds the rest."""
+    """Metadata of an imported (weights-only) checkpoint; ``checkpointing.save`` adds the rest.
+
+    ``arch``: the architecture record (what ``--load`` checks), when the trainer can express the
+    model; ``model_config``: the Hugging Face side's spec (what a re-export reads)."""
     meta = dict(consumed_train_samples=0, vocab_size=spec.vocab_size, layout=layout,
                 args=args_dict, model_config=spec.to_dict(), weights_only=True)
+    try:
+        meta[RECORD_KEY] = spec.to_arch().to_dict()
+    except ConversionError:
+        pass
     meta.update(extra or {})
     return meta

@@ -2,8 +2,14 @@
 
 Both directions of the conversion go through it:
 
-    Megatron TransformerConfig --from_megatron_config--> ArchSpec --to_hf_config--> config.json
-    config.json --from_hf_config--> ArchSpec --to_train_args / to_megatron_config--> Megatron
+    checkpoint record (ModelArch) --from_arch--> ArchSpec --to_hf_config--> config.json
+    Megatron TransformerConfig --from_megatron_config--> ArchSpec   (in-memory models)
+    config.json --from_hf_config--> ArchSpec --to_arch / to_option_values / to_megatron_config-->
+        the trainer's record and options, Megatron
+
+``ArchSpec`` is the Hugging Face side's view of ``megatron_coe.arch.ModelArch`` (the one
+architecture record, which trainer checkpoints store): ``from_arch`` / ``to_arch`` translate, and
+this package never imports the trainer (``megatron_coe.training``).
 
 Everything a converter cannot express is refused here with a ``ConversionError`` that names the
 setting (biases, token dropping, sinkhorn routing, an activation without an HF name, ...).
@@ -29,7 +35,7 @@ from typing import Optional
 
 import torch.nn.functional as F
 
-from megatron_coe.arch import ModelArch
+from megatron_coe.arch import DEEPSEEK_V2_LATENT_EPS, ModelArch
 
 
 class ConversionError(ValueError):
@@ -41,8 +47,6 @@ MODEL_TYPE_GPT = "coe_gpt"
 MODEL_TYPE_STOCK = "deepseek_v2"
 MODEL_TYPE_OWN_MLA = "coe_megatron"
 COE_MODEL_TYPES = (MODEL_TYPE_MLA, MODEL_TYPE_GPT, MODEL_TYPE_OWN_MLA)
-# DeepSeek-V2's modeling code hard-codes the eps of the q/kv latent RMSNorms.
-DEEPSEEK_V2_LATENT_EPS = 1e-6
 
 _ACTIVATIONS = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
 
@@ -117,6 +121,57 @@ class ArchSpec:
 
     def is_standard_moe(self) -> bool:
         return self.coe_iterations == 1 and not self.inner_residual and self.outer_residual
+
+    # ------------------------------------------------------------------ the architecture record
+    @classmethod
+    def from_arch(cls, arch: ModelArch, dtype: str = "float32") -> "ArchSpec":
+        """The spec of a recorded model (``ModelArch``, e.g. a trainer checkpoint's ``arch``);
+        the same spec ``from_megatron_config`` gives for the model built from it. Refuses, as
+        ``from_megatron_config`` does, what Hugging Face cannot express."""
+        a = arch
+        problems = list(a.check())
+        mla = a.multi_latent_attention
+        if mla:
+            if a.kv_channels not in (None, a.v_head_dim):
+                problems.append("MLA with kv_channels != v_head_dim is not supported")
+            if (a.position_embedding_type == "rope" and a.mscale_all_dim
+                    and a.rotary_scaling_factor > 1):
+                problems.append("mscale_all_dim with rope_type='rope' (softmax scale mscale) is "
+                                "not supported")
+        if a.vocab_size is None:
+            problems.append("the record has no vocab_size")
+        if problems:
+            raise ConversionError("cannot convert this Megatron model:\n  - "
+                                  + "\n  - ".join(problems))
+        spec = cls(
+            num_layers=a.num_layers, hidden_size=a.hidden_size,
+            num_attention_heads=a.num_attention_heads, vocab_size=int(a.vocab_size),
+            max_position_embeddings=int(a.max_position_embeddings or 4096),
+            attention="mla" if mla else "mha", normalization=a.normalization,
+            norm_eps=float(a.layernorm_epsilon), activation=a.activation,
+            gated=bool(a.gated_linear_unit), ffn_hidden_size=a.resolved("ffn_hidden_size"),
+            qk_layernorm=a.qk_layernorm_on,
+            tie_word_embeddings=not a.untie_embeddings_and_output_weights,
+            num_experts=a.num_moe_experts, topk=a.moe_router_topk,
+            moe_ffn_hidden_size=a.resolved("moe_ffn_hidden_size"),
+            shared_expert_size=a.moe_shared_expert_intermediate_size or None,
+            score_function=a.moe_router_score_function,
+            pre_softmax=bool(a.moe_router_pre_softmax),
+            scaling_factor=a.moe_router_topk_scaling_factor, num_groups=a.moe_router_num_groups,
+            group_topk=a.moe_router_group_topk,
+            expert_bias=bool(a.moe_router_enable_expert_bias),
+            coe_iterations=a.coe_iterations, inner_residual=bool(a.coe_inner_residual),
+            outer_residual=bool(a.coe_outer_residual), shared_router=bool(a.coe_shared_router),
+            dtype=dtype)
+        if mla:
+            return spec.replace(q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+                                qk_nope_head_dim=a.qk_head_dim,
+                                qk_rope_head_dim=a.qk_pos_emb_head_dim, v_head_dim=a.v_head_dim,
+                                rope_theta=float(a.rotary_base), rope_scaling=a.yarn,
+                                latent_norm_eps=float(a.mla_latent_norm_epsilon))
+        return spec.replace(num_query_groups=a.resolved("num_query_groups"),
+                            head_dim=a.resolved("kv_channels"), rope_theta=float(a.rotary_base),
+                            rotary_percent=float(a.rotary_percent))
 
     # ------------------------------------------------------------------ Megatron
     @classmethod
@@ -517,15 +572,6 @@ class ArchSpec:
         values = self.to_arch().to_option_values()
         values["seq_length"] = self.max_position_embeddings
         return values
-
-    def to_train_args(self, **overrides):
-        """``TrainArgs`` of the trainer for this architecture (``to_option_values`` + overrides).
-        Kept for callers that need the trainer's object; imports the trainer's option table."""
-        from megatron_coe.training.options import TrainArgs  # noqa: PLC0415 - see to_option_values
-
-        values = self.to_option_values()
-        values.update(overrides)
-        return TrainArgs(**values)
 
     def train_args_warnings(self) -> list:
         """Settings the trainer's options cannot set (none left: every field has an option)."""

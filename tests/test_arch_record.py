@@ -1,0 +1,159 @@
+"""The architecture record (``megatron_coe.arch.ModelArch``) is the one description of a model.
+
+* its parameter count equals the built Megatron model's, for every shipped preset (tiny and
+  paper-size at 1 layer) and for standard attention;
+* a checkpoint's record (``coe_checkpoint.json`` ``arch``) is read back as the same record, and a
+  record of an older checkpoint (``args`` only, options missing that were added since) is read
+  as the model that code built;
+* shape comparison (``--load`` compatibility) treats an unset size and its resolved value alike;
+* ``training/`` and ``conversion/`` do not import each other (module imports, walked with ast).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from megatron_coe.arch import RECORD_KEY, ModelArch
+from megatron_coe.training.options import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "megatron_coe"
+TINY = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1",
+        "--train-iters", "1", "--lr", "1e-3"]
+CASES = {f"tiny/{p.stem}": ["--config", str(p)] for p in sorted((ROOT / "examples/tiny").glob("*.yaml"))}
+CASES.update({
+    "paper/coe2_4_64 (1 layer)": ["--config", str(ROOT / "examples/coe2_4_64.yaml"),
+                                  "--num-layers", "1"],
+    "mha_gqa_qk_norm": ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                        "--num-query-groups", "2", "--qk-layernorm", "--num-experts", "4",
+                        "--moe-ffn-hidden-size", "8", "--normalization", "LayerNorm"],
+    "mla_q_lora_shared_router": ["--config", str(ROOT / "examples/tiny/coe2_cpu.yaml"),
+                                 "--q-lora-rank", "16", "--coe-shared-router",
+                                 "--no-untie-embeddings-and-output-weights"],
+})
+
+
+def _count_worker(rank, world, cases):
+    import torch
+
+    from megatron_coe.compat import install_cpu_compat
+    from megatron_coe.models.gpt import build_coe_gpt_model
+    from megatron_coe.parallel import initialize_parallel
+    from megatron_coe.training.setup import build_model_config
+
+    install_cpu_compat()
+    pg = initialize_parallel()
+    out = {}
+    for name, argv in cases.items():
+        args = parse_args(argv + TINY)
+        torch.manual_seed(0)
+        config = build_model_config(args)
+        model = build_coe_gpt_model(config, pg_collection=pg, vocab_size=256,
+                                    max_sequence_length=64,
+                                    **ModelArch.from_args(args).gpt_model_kwargs())
+        out[name] = (sum(p.numel() for p in model.parameters()), config,
+                     model.share_embeddings_and_output_weights)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_parameter_count_is_the_built_models():
+    from megatron_coe.testing.distributed import run_distributed
+
+    built = run_distributed(_count_worker, 1, cases=CASES)[0]
+    for name, argv in CASES.items():
+        counted = ModelArch.from_args(parse_args(argv + TINY)).num_parameters(256)["total"]
+        assert counted == built[name][0], (name, counted, built[name][0])
+
+
+@pytest.mark.timeout(300)
+def test_exporter_reads_the_record_as_the_built_model():
+    """``ArchSpec.from_arch`` (what the exporter reads from a checkpoint's record) equals
+    ``ArchSpec.from_megatron_config`` of the model built from the same options."""
+    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.testing.distributed import run_distributed
+
+    built = run_distributed(_count_worker, 1, cases=CASES)[0]
+    for name, argv in CASES.items():
+        args = parse_args(argv + TINY)
+        _, config, tied = built[name]
+        want = ArchSpec.from_megatron_config(config, vocab_size=256,
+                                             max_position_embeddings=args.max_position_embeddings
+                                             or args.seq_length,
+                                             rotary_base=args.rotary_base,
+                                             rotary_percent=args.rotary_percent,
+                                             tie_word_embeddings=tied)
+        assert ArchSpec.from_arch(ModelArch.from_args(args, 256)) == want, name
+
+
+def test_record_round_trip_and_older_records():
+    args = parse_args(["--config", str(ROOT / "examples/tiny/coe2_cpu.yaml")] + TINY)
+    arch = ModelArch.from_args(args, vocab_size=1024)
+    meta = {RECORD_KEY: arch.to_dict(), "args": {}, "vocab_size": 1}
+    assert ModelArch.from_checkpoint_meta(meta) == arch  # the record wins over args
+    # a checkpoint from before the record: args only, the options added since are missing
+    old_args = {k: v for k, v in args.to_dict().items()
+                if k not in ("untie_embeddings_and_output_weights", "mla_latent_norm_epsilon")}
+    old_args.update(layernorm_epsilon=1e-5)
+    old = ModelArch.from_checkpoint_meta({"args": old_args, "vocab_size": 1024})
+    assert old.untie_embeddings_and_output_weights  # untied: build_coe_gpt_model's old default
+    assert old.mla_latent_norm_epsilon == 1e-5       # Megatron's latent eps = the main eps
+    assert old.max_position_embeddings == args.max_position_embeddings
+    assert old.vocab_size == 1024
+
+
+def test_shape_differences_resolve_unset_sizes():
+    base = ModelArch(num_layers=2, hidden_size=64, num_attention_heads=4, num_moe_experts=8)
+    resolved = base.replace(kv_channels=16, ffn_hidden_size=256, moe_ffn_hidden_size=256,
+                            num_query_groups=4)
+    assert base.shape_differences(resolved) == []
+    mla = base.replace(multi_latent_attention=True)
+    assert mla.shape_differences(mla.replace(qk_layernorm=True)) == []  # unset = on with MLA
+    assert [d[:2] for d in mla.shape_differences(mla.replace(qk_layernorm=False))] == [
+        ("qk_layernorm", "--qk-layernorm")]
+    assert base.shape_differences(base.replace(kv_lora_rank=7)) == []  # MLA dims without MLA
+    diffs = base.shape_differences(base.replace(num_moe_experts=16, moe_router_topk=4))
+    assert diffs == [("num_experts", "--num-experts", 8, 16)]  # top-k changes no shape
+
+
+def _imports(path: Path, text: str = None) -> set:
+    """Modules ``path`` imports (absolute names; relative imports resolved), anywhere in it."""
+    tree = ast.parse(path.read_text() if text is None else text, str(path))
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    package = parts[:-1] if parts[-1] != "__init__" else parts
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + (
+                    (base,) if base else ()))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+@pytest.mark.parametrize("src,dst", [("training", "conversion"), ("conversion", "training")])
+def test_training_and_conversion_do_not_import_each_other(src, dst):
+    files = sorted((PKG / src).rglob("*.py"))
+    assert files, src
+    bad = {str(f.relative_to(ROOT)): sorted(m for m in _imports(f)
+                                            if m == f"megatron_coe.{dst}"
+                                            or m.startswith(f"megatron_coe.{dst}."))
+           for f in files}
+    bad = {k: v for k, v in bad.items() if v}
+    assert not bad, f"megatron_coe/{src} imports megatron_coe/{dst}: {bad}"
+
+
+def test_import_walk_sees_function_level_and_relative_imports():
+    """The walker itself: an import inside a function and a relative import are both found."""
+    found = _imports(PKG / "training" / "probe.py",
+                     "def f():\n    from megatron_coe.conversion.spec import ArchSpec\n"
+                     "from ..conversion import mapping\nimport megatron_coe.conversion.export\n")
+    assert {"megatron_coe.conversion.spec", "megatron_coe.conversion.mapping",
+            "megatron_coe.conversion.export"} <= found
