@@ -158,7 +158,7 @@ def reference_forward(h, params, cfg, reuse_first_routing=False, aux_passes=None
 
 
 # ====================================================================== the layer (Megatron)
-def build_layer(overrides):
+def build_layer(overrides, pg_collection):
     """``CoETransformerLayer`` from ``get_coe_layer_spec``, attention replaced by identities."""
     from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
     from megatron.core.transformer.spec_utils import build_module
@@ -179,7 +179,7 @@ def build_layer(overrides):
             self_attn_bda=IdentityFuncOp,
         ),
     )
-    layer = build_module(spec, config=config, layer_number=1)
+    layer = build_module(spec, config=config, layer_number=1, pg_collection=pg_collection)
     assert isinstance(layer, CoETransformerLayer) and isinstance(layer.mlp, ChainOfExpertsLayer)
     layer.train()
     return config, layer
@@ -233,9 +233,9 @@ def _case(rank, world_size, overrides, seed, check_reuse_bug=False):
 
     from megatron_coe.parallel import initialize_parallel
 
-    initialize_parallel()
+    pg = initialize_parallel()
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))  # aux-loss gradient scale 1 (default)
-    config, layer = build_layer(overrides)
+    config, layer = build_layer(overrides, pg)
     cfg = _reference_config(config)
 
     # Weights and input: the first seed from ``seed`` on whose routing decisions are unambiguous

@@ -45,6 +45,11 @@ class ChainOfExpertsLayer(MoELayer):
                  pg_collection=None, **kwargs):
         # kwargs: keywords newer releases pass (is_mtp_layer >= 0.17, name >= 0.18), forwarded
         # where the installed MoELayer takes them (compat.moe_specs_and_signatures).
+        if pg_collection is None:  # no silent fallback to Megatron's global parallel_state
+            raise ValueError(
+                "ChainOfExpertsLayer needs pg_collection: build the model with build_coe_gpt_model("
+                "pg_collection=...) or pass the ProcessGroupCollection from "
+                "megatron_coe.parallel.initialize_parallel() to the layer spec.")
         base_kwargs = supported_kwargs(MoELayer.__init__, kwargs)
         super().__init__(config=config, submodules=submodules, layer_number=layer_number,
                          pg_collection=pg_collection, **base_kwargs)
