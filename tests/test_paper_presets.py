@@ -34,8 +34,11 @@ PAPER = dict(  # the paper's values (option names)
     moe_shared_expert_intermediate_size=704, moe_router_score_function="softmax",
     moe_router_pre_softmax=True, lr_decay_style="constant", lr_warmup_fraction=0.1,
 )
-# Paper vocabulary (DeepSeek tokenizer): the trainer takes it from the tokenizer, so it is used
-# only for the parameter count below.
+# Paper vocabulary: DeepSeek-V2's tokenizer (102400 tokens). The trainer takes the vocabulary from
+# the tokenizer it is given (--tokenizer-model, or the one preprocess_data.py trained for the
+# data), so the presets cannot hold it: trained with DeepSeek-V2's tokenizer they have exactly
+# the paper's 102400 (a multiple of 128: not padded); with the bundled GSM8K BPE tokenizer, its
+# size. The parameter counts below use 102400.
 PAPER_VOCAB = 102400
 PRESETS = {  # file: (routed experts, top-k per pass, C, inner residual, outer residual, shared router)
     "moe_8_64": (63, 8, 1, True, False, False),  # the paper's MoE baseline: C=1, inner on, outer off
@@ -127,3 +130,22 @@ def test_paper_size_parameter_count():
               f"{PAPER_VOCAB}-token untied embeddings")
         if name == "moe_8_64":
             assert abs(four / 1e6 - 570.9) < 0.5, four
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_paper_vocabulary_is_deepseek_v2s(name):
+    """With DeepSeek-V2's 102400-token tokenizer a preset's padded vocabulary is exactly 102400,
+    and the record counts the paper's untied embeddings (2 x 102400 x 1024) on top of the
+    non-embedding parameters."""
+    from megatron_coe.training.setup import padded_vocab_size
+
+    args = parse_args(["--config", str(ROOT / f"examples/{name}.yaml")])
+    assert padded_vocab_size(PAPER_VOCAB, args) == PAPER_VOCAB
+    counts = ModelArch.from_args(args).num_parameters(PAPER_VOCAB)
+    assert counts["embedding"] == 2 * PAPER_VOCAB * PAPER["hidden_size"]
+    non_embedding = counts["total"] - counts["embedding"]
+    print(f"{name}: {non_embedding / 1e6:.1f}M non-embedding ({non_embedding / 2**20:.1f} Mi), "
+          f"{counts['total'] / 1e6:.1f}M with the {PAPER_VOCAB}-token untied embeddings")
+    experts, _, c, _, _, shared_router = PRESETS[name]
+    if experts == 63 and (c == 1 or shared_router):  # the paper's count: one router per layer
+        assert abs(non_embedding / 1e6 - 570.9) < 0.5, non_embedding
