@@ -93,6 +93,34 @@ def _train_worker(rank, world, argv, tokens):
     return logits if rank == 0 else None
 
 
+def _reload_worker(rank, world, ckpt, tokens):
+    """The checkpoint loaded into a model built by the trainer's own code at EP=1
+    (``conversion.load_checkpoint_into``: any saved layout)."""
+    from megatron_coe import checkpointing
+    from megatron_coe.arch import ModelArch
+    from megatron_coe.compat import install_cpu_compat
+    from megatron_coe.conversion.importer import load_checkpoint_into
+    from megatron_coe.models.gpt import build_coe_gpt_model
+    from megatron_coe.parallel import initialize_parallel
+    from megatron_coe.training.options import OPTIONS, TrainArgs
+    from megatron_coe.training.setup import build_model_config
+
+    install_cpu_compat()
+    pg = initialize_parallel()
+    meta = checkpointing.read_meta(checkpointing.find_checkpoint(ckpt))
+    args = TrainArgs(**dict({k: v for k, v in meta["args"].items() if k in OPTIONS},
+                            expert_model_parallel_size=1))
+    model = build_coe_gpt_model(build_model_config(args), pg_collection=pg,
+                                vocab_size=meta["vocab_size"], max_sequence_length=args.seq_length,
+                                **ModelArch.from_args(args).gpt_model_kwargs())
+    load_checkpoint_into(model, ckpt)
+    model.eval()
+    s = tokens.shape[1]
+    with torch.no_grad():
+        return model(tokens, torch.arange(s)[None].expand(tokens.shape[0], -1),
+                     torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("gsm8k")
@@ -141,6 +169,9 @@ def test_trained_checkpoint_exports_its_function(case, data, tmp_path, capsys):
     ckpt, logits = _train(case, data, tmp_path)
     if case == "legacy":
         _as_legacy(ckpt)
+    if case == "quickstart":  # the EP=2 checkpoint reloads at EP=1 into the same function
+        reloaded = run_distributed(_reload_worker, 1, ckpt=str(ckpt), tokens=data[1])[0]
+        assert (reloaded - logits).abs().max().item() <= 1e-5
     capsys.readouterr()
     out = tmp_path / "hf"
     assert _tool("convert_to_hf").main(["--load", str(ckpt), "--save", str(out),

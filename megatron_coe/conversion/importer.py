@@ -313,7 +313,8 @@ def load_checkpoint_into(model, path: str) -> None:
 
     from megatron_coe.compat import cuda_device_redirect
     from megatron_coe import checkpointing
-    from megatron_coe.conversion.megatron_ckpt import SHARDING_METADATA, find_checkpoint_dir, read_meta
+    from megatron_coe.conversion.megatron_ckpt import (SHARDING_METADATA, as_conversion_errors,
+                                                       find_checkpoint_dir, read_meta)
 
     path = find_checkpoint_dir(path)
     with as_conversion_errors():
