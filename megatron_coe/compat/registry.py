@@ -68,7 +68,8 @@ REGISTRY: Tuple[Entry, ...] = (
     Entry("cuda.device_redirect", "cuda_on_cpu", "stand-in",
           ("optimizer/optimizer.py, optimizer/clip_grads.py: device='cuda'",
            "optimizer/distrib_optimizer.py: param.type() == 'torch.cuda.FloatTensor'",
-           "pipeline_parallel/schedules.py: device='cuda' counters"),
+           "pipeline_parallel/schedules.py: device='cuda' counters",
+           "models/common/language_module/language_module.py: tied embedding copy .cuda() at PP > 1"),
           ALL, "opt-in context mapping device='cuda' to the CPU for DDP/optimizer/schedules"),
     # ---------------------------------------------------------------- te_absent
     Entry("te.router_gemm_name", "te_absent", "patch",

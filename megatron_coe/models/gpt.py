@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 from megatron.core.models.gpt import GPTModel
@@ -12,6 +13,7 @@ from megatron.core.pipeline_parallel.utils import (
     is_vp_last_stage,
 )
 
+from megatron_coe.compat import cuda_device_redirect
 from megatron_coe.models.specs import get_coe_block_spec
 
 
@@ -46,19 +48,24 @@ def build_coe_gpt_model(
         pre_process = is_pp_first_stage(pg_collection.pp) and is_vp_first_stage(vp_stage, vp_size)
     if post_process is None:
         post_process = is_pp_last_stage(pg_collection.pp) and is_vp_last_stage(vp_stage, vp_size)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=get_coe_block_spec(
-            config, use_transformer_engine, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank(),
-        ),
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
-        position_embedding_type="rope",
-        rotary_base=rotary_base,
-        rotary_percent=rotary_percent,
-        pg_collection=pg_collection,
-        vp_stage=vp_stage,
-    )
+    # A tied output layer at PP > 1 keeps a copy of the embedding on the last stage that
+    # LanguageModule.setup_embeddings_and_output_layer moves with .cuda() before its all-reduce
+    # (registry cuda.device_redirect); nothing else in the construction needs the redirect.
+    tied_copy = share_embeddings_and_output_weights and config.pipeline_model_parallel_size > 1
+    with cuda_device_redirect() if tied_copy else contextlib.nullcontext():
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=get_coe_block_spec(
+                config, use_transformer_engine, vp_stage=vp_stage, pp_rank=pg_collection.pp.rank(),
+            ),
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            rotary_percent=rotary_percent,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
