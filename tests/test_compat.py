@@ -90,3 +90,20 @@ def test_default_causal_mask_is_built_on_cpu():
     mask = fused_softmax.get_default_causal_mask(3)
     assert mask.device.type == "cpu"
     assert mask.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+
+
+def test_version_read_without_distribution_metadata():
+    """A Megatron-LM source checkout on PYTHONPATH has no megatron-core metadata: the version
+    comes from megatron.core.package_info instead of failing the import."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.metadata as m; v = m.version\n"
+            "def version(n):\n"
+            "    if n == 'megatron-core': raise m.PackageNotFoundError(n)\n"
+            "    return v(n)\n"
+            "m.version = version\n"
+            "from megatron_coe.compat import versions\n"
+            "print(versions.megatron_core_version() == versions.parse_version(v('megatron-core')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]

@@ -1,8 +1,8 @@
 """The installed Megatron-Core version, the tested range, and version ranges of adaptations.
 
-Versions are read from the installed distribution's metadata (``megatron-core``), not from
-``megatron.core.__version__`` (which appends the git hash of the current directory when run
-inside a git checkout). Ranges are written like pip specifiers, restricted to ``>=`` and ``<``
+Versions are read from the installed distribution's metadata (``megatron-core``; for a source
+checkout without metadata, ``megatron.core.package_info``), not from ``megatron.core.__version__``
+(which appends the git hash of the current directory when run inside a git checkout). Ranges are written like pip specifiers, restricted to ``>=`` and ``<``
 clauses joined by commas (``">=0.16.1,<0.18"``); an empty string means every version.
 """
 
@@ -48,8 +48,14 @@ def in_range(version: Version, spec: str) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def megatron_core_version() -> Version:
-    """The installed ``megatron-core`` release, e.g. ``(0, 16, 1)``."""
-    return parse_version(importlib.metadata.version("megatron-core"))
+    """The installed ``megatron-core`` release, e.g. ``(0, 16, 1)``: the distribution's metadata,
+    or, for a source checkout on ``PYTHONPATH`` (no metadata), ``megatron.core.package_info``."""
+    try:
+        return parse_version(importlib.metadata.version("megatron-core"))
+    except importlib.metadata.PackageNotFoundError:
+        from megatron.core import package_info
+
+        return (int(package_info.MAJOR), int(package_info.MINOR), int(package_info.PATCH))
 
 
 def version_string(version: Version | None = None) -> str:
