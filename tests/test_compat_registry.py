@@ -128,9 +128,18 @@ def test_no_megatron_patch_outside_compat_except_pending_moves():
 
 
 def test_no_coe_module_reads_parallel_state():
+    """transformer/ and models/ neither import nor name Megatron's global ``parallel_state``."""
     for sub in ("transformer", "models"):
         for path in (ROOT / "megatron_coe" / sub).rglob("*.py"):
-            assert "parallel_state" not in path.read_text(), path
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                elif isinstance(node, ast.Name):
+                    names = [node.id]
+                elif isinstance(node, ast.Attribute):
+                    names = [node.attr]
+                assert not any("parallel_state" in n for n in names), (path, ast.unparse(node))
 
 
 def test_version_outside_tested_range_warns_once_naming_the_range(capsys):

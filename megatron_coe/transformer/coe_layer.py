@@ -45,7 +45,7 @@ class ChainOfExpertsLayer(MoELayer):
                  pg_collection=None, **kwargs):
         # kwargs: keywords newer releases pass (is_mtp_layer >= 0.17, name >= 0.18), forwarded
         # where the installed MoELayer takes them (compat.moe_specs_and_signatures).
-        if pg_collection is None:  # no silent fallback to Megatron's global parallel_state
+        if pg_collection is None:  # no silent fallback to Megatron's global process groups
             raise ValueError(
                 "ChainOfExpertsLayer needs pg_collection: build the model with build_coe_gpt_model("
                 "pg_collection=...) or pass the ProcessGroupCollection from "
