@@ -26,13 +26,14 @@ if [[ ! -f $PREFIX.idx || ! -f $PREFIX.tokenizer.json ]]; then
         --json-keys question answer --vocab-size 1024 --output-prefix "$PREFIX"
 fi
 
-# 2. Train: 2 processes, expert parallelism 2, checkpoint at the end (and every 100 steps).
+# 2. Train: 2 processes, expert parallelism 2, checkpoint at the end (and every 100 steps);
+#    SIGTERM saves at the next step boundary (--exit-signal-handler; off by default as in Megatron-LM).
 #    Rerunning resumes from the last checkpoint in $OUT (delete it to start over).
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "== training ($ITERS steps) -> $OUT"
 "$TORCHRUN" --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "$PORT" \
     -m megatron_coe.train --config examples/tiny/coe2_cpu.yaml \
-    --expert-model-parallel-size 2 \
+    --expert-model-parallel-size 2 --exit-signal-handler --num-workers 0 \
     --train-iters "$ITERS" --eval-interval 100 --log-interval 10 \
     --save "$OUT/checkpoints" --load "$OUT/checkpoints" --save-interval 100 \
     --tensorboard-dir "$OUT/tensorboard" "$@"

@@ -38,6 +38,7 @@ import psutil
 import pytest
 
 from megatron_coe import checkpointing as fmt
+from megatron_coe.testing.train_args import explicit
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts 8 "
@@ -55,6 +56,7 @@ def _env(tag: str = "") -> dict:
 
 
 def _command(args: list, patch: str = "") -> list:
+    args = explicit(args)  # the values these tests were written with (Megatron-LM's defaults)
     if not patch:
         return [sys.executable, "-m", "megatron_coe.train", *map(str, args)]
     code = textwrap.dedent(patch) + "\nimport sys\nfrom megatron_coe.train import main\n" \

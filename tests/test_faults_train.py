@@ -30,7 +30,9 @@ import torch
 
 from megatron_coe import train
 from megatron_coe.training import checkpoint as ckpt
-from megatron_coe.training.options import OPTIONS, OptionError, flag_name, parse_args
+from megatron_coe.testing.train_args import explicit
+from megatron_coe.training.options import OPTIONS, OptionError, flag_name
+from megatron_coe.training.options import parse_args as parse_args_as_given
 
 from test_train import PYTHON, ROOT, TINY, _env, _free_port, kill_tree, launch, metrics, run
 
@@ -38,6 +40,12 @@ MOCK = [*TINY, "--mock-data", "--eval-iters", "0", "--log-interval", "1"]
 
 
 # --------------------------------------------------------------------------- helpers
+def parse_args(argv: list):
+    """The options of ``argv`` plus the values these tests were written with (the trainer's
+    defaults are Megatron-LM's)."""
+    return parse_args_as_given(explicit(argv))
+
+
 def launch_ranks(args: list, nproc: int, logs: list) -> list:
     """``nproc`` rank processes without a launcher (as srun starts them); their exit codes are
     the trainer's own."""
@@ -46,7 +54,7 @@ def launch_ranks(args: list, nproc: int, logs: list) -> list:
         env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(
-            [PYTHON, "-m", "megatron_coe.train", *[str(a) for a in args]], cwd=ROOT, env=env,
+            [PYTHON, "-m", "megatron_coe.train", *explicit(args)], cwd=ROOT, env=env,
             stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT))
     return procs
 
@@ -141,6 +149,7 @@ def test_save_refuses_non_finite_parameters():
 
     class Args:
         save, check_for_nan_in_loss_and_grad = "/nonexistent/never-written", True
+        overlap_param_gather = async_save = False
 
     trainer = Trainer.__new__(Trainer)
     trainer.args, trainer.iteration, trainer.last_saved, trainer.rank = Args(), 7, None, 0
@@ -228,7 +237,7 @@ BAD_OPTIONS = [  # (flags, text of the one line); what an operator types by mist
 def test_bad_option_is_one_line_and_exit_2(flags, expected, capfd):
     """train.main in-process (the CLI minus the interpreter start): exit 2, one line on stderr
     naming the flag, the value and the valid range, before any process group."""
-    argv = [*MOCK, "--no-exit-signal-handler", *flags.split()]
+    argv = explicit([*MOCK, "--no-exit-signal-handler", *flags.split()])
     rc = train.main(argv)
     out, err = capfd.readouterr()
     assert rc == 2, out + err

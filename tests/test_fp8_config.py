@@ -23,13 +23,20 @@ import pytest
 import torch
 
 from megatron_coe.training import precision
-from megatron_coe.training.options import parse_args
+from megatron_coe.testing.train_args import explicit
+from megatron_coe.training.options import parse_args as parse_args_as_given
 from megatron_coe.training.precision import DeviceProbe, PrecisionError, plan_precision
 from megatron_coe.training.setup import SetupError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
          "--num-experts", "8", "--moe-router-topk", "2", "--train-iters", "5", "--eval-iters", "0"]
+
+
+def parse_args(argv: list):
+    """The options of ``argv`` plus the values these tests were written with (the trainer's
+    defaults are Megatron-LM's)."""
+    return parse_args_as_given(explicit(argv))
 
 
 # --------------------------------------------------------------------------- pure mapping
@@ -154,8 +161,8 @@ def test_preflight_refuses_fp8_on_this_cpu_machine():
 def test_cli_refuses_fp8_before_training(tmp_path):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_coe.train", *SMALL, "--fp8-format", "hybrid",
-         "--save", str(tmp_path / "ckpt")],
+        [sys.executable, "-m", "megatron_coe.train",
+         *explicit([*SMALL, "--fp8-format", "hybrid", "--save", str(tmp_path / "ckpt")])],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=120)
     assert proc.returncode == 2, proc.stdout

@@ -113,11 +113,12 @@ def gsm8k(tmp_path_factory) -> dict:
 
 
 def _train_worker(rank, world, argv, tokens, prompt):
+    from megatron_coe.testing.train_args import explicit
     from megatron_coe.training.options import parse_args
     from megatron_coe.training.setup import unwrap
     from megatron_coe.training.trainer import Trainer, preflight
 
-    args = parse_args(argv)
+    args = parse_args(explicit(argv))  # + the values this test was written with
     trainer = Trainer(args, preflight(args, world))
     trainer.train()
     model = unwrap(trainer.model[0])
@@ -321,7 +322,10 @@ def test_upcycled_coe_routes_like_source_and_trains(stock_moe, gsm8k):
     args = dict(meta["args"], data_path=[gsm8k["prefix"]], data_cache_path=str(root / "cache"),
                 seq_length=SEQ, micro_batch_size=4, global_batch_size=8, train_iters=8, lr=1e-2,
                 lr_warmup_iters=0, split="95,5,0", eval_iters=0, load=str(root / "up"),
-                exit_signal_handler=False, log_interval=1, metrics_file=str(root / "metrics.jsonl"))
+                exit_signal_handler=False, log_interval=1, metrics_file=str(root / "metrics.jsonl"),
+                # the values this test was written with (the trainer's defaults are Megatron-LM's)
+                hidden_dropout=0.0, attention_dropout=0.0, moe_token_dispatcher_type="alltoall",
+                lr_decay_style="cosine", num_workers=0)
     assert "no_load_optim" not in args or not args["no_load_optim"]
     out = run_distributed(_upcycled_worker, 2, args_dict=args, tokens=stock_moe["tokens"])[0]
     assert out["topk"] == 1

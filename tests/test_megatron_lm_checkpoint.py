@@ -161,3 +161,59 @@ def test_incompatible_megatron_lm_checkpoint_is_refused_in_one_line(runs, tmp_pa
     lines = [l for l in out.splitlines() if "cannot build" in l]
     assert len(lines) == 1 and "--moe-layer-freq [0, 1]" in lines[0], out[-2000:]
     assert "Traceback" not in out and not (mlm / "iter_0000006").exists()
+
+
+# --------------------------------------------------------------------------- --use-checkpoint-args
+RUN_ONLY = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
+            "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-decay-iters", "6",
+            "--eval-iters", "2", "--log-interval", "1", "--mock-data", "--vocab-size", "256",
+            "--num-workers", "0", "--distributed-backend", "gloo", "--transformer-impl", "local"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["coe", "megatron_lm"])
+def test_use_checkpoint_args_takes_the_model_from_the_checkpoint(runs, kind):
+    from megatron_coe.training.options import OptionError, parse_args
+
+    load = runs / "ckpt"
+    if kind == "megatron_lm":
+        load = runs / "mlm_args_ckpt"
+        if not load.exists():
+            _as_megatron_lm(runs / "ckpt", load)
+    # no model flags at all: every model option is the checkpoint's (sizes, MoE, residuals,
+    # dropout, dispatcher, sequence length), as Megatron-LM's load_args_from_checkpoint
+    args = parse_args([*RUN_ONLY, "--load", str(load), "--use-checkpoint-args"])
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.num_experts,
+            args.moe_ffn_hidden_size, args.ffn_hidden_size, args.seq_length) == (2, 32, 4, 4, 32,
+                                                                                 64, 32)
+    assert (args.coe_iterations, args.coe_inner_residual, args.coe_outer_residual) == (1, False,
+                                                                                       True)
+    assert args.normalization == "RMSNorm" and args.hidden_dropout == 0.0
+    assert args.moe_token_dispatcher_type == "alltoall"
+    # Megatron-LM's rule: sizes given here win; the rest of the model is the checkpoint's
+    args = parse_args([*RUN_ONLY, "--load", str(load), "--use-checkpoint-args",
+                       "--num-layers", "3", "--num-experts", "8", "--hidden-dropout", "0.2"])
+    assert (args.num_layers, args.num_experts, args.hidden_dropout) == (3, 4, 0.0)
+    with pytest.raises(OptionError, match=r"--use-checkpoint-args.*no .*checkpoint|"
+                                          r"--use-checkpoint-args.*nothing"):
+        parse_args([*RUN_ONLY, "--load", str(runs / "nothing_here"), "--use-checkpoint-args"])
+    with pytest.raises(OptionError, match=r"--use-checkpoint-args\): needs --load"):
+        parse_args([*RUN_ONLY, "--use-checkpoint-args"])
+
+
+@pytest.mark.timeout(300)
+def test_use_checkpoint_args_resumes_without_model_flags(runs, tmp_path):
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    for name in ("COE_JOB_END_TIME", "COE_EXIT_REASON_FILE", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    proc = subprocess.run([PYTHON, "-m", "megatron_coe.train", *RUN_ONLY, "--load",
+                           str(runs / "ckpt"), "--use-checkpoint-args", "--metrics-file",
+                           str(tmp_path / "resumed.jsonl")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "at iteration 4" in out, out[-3000:]
+    full = {r["iteration"]: r["lm_loss"] for r in _records(runs / "full.jsonl")
+            if r["type"] == "train"}
+    resumed = {r["iteration"]: r["lm_loss"] for r in _records(tmp_path / "resumed.jsonl")
+               if r["type"] == "train"}
+    assert resumed == {5: full[5], 6: full[6]}

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_coe.testing.train_args import explicit
 from megatron_coe.training import metrics, profiling
 from megatron_coe.training.errors import SetupError
 from megatron_coe.training.options import OptionError, parse_args
@@ -59,7 +60,7 @@ def _run(args: list, nproc: int, tmp: Path, timeout: float = 240, **env) -> str:
     full_env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1", **env)
     for name in ("COE_JOB_END_TIME", "COE_EXIT_REASON_FILE"):
         full_env.pop(name, None)
-    proc = subprocess.run(cmd + TINY + args, env=full_env, cwd=tmp, capture_output=True,
+    proc = subprocess.run(cmd + explicit(TINY + args), env=full_env, cwd=tmp, capture_output=True,
                           text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]

@@ -36,10 +36,18 @@ import torch
 
 from megatron_coe import checkpointing as fmt
 from megatron_coe.training import checkpoint as ckpt
-from megatron_coe.training.options import OptionError, parse_args
+from megatron_coe.training.options import OptionError
+from megatron_coe.training.options import parse_args as parse_args_as_given
 from megatron_coe.training.setup import SetupError, build_model_config, check_layout
 
 from megatron_coe.testing.data import gsm8k_subset  # noqa: E402
+from megatron_coe.testing.train_args import explicit  # noqa: E402
+
+
+def parse_args(argv: list):
+    """The options of ``argv`` plus the values these tests were written with (the trainer's
+    defaults are Megatron-LM's)."""
+    return parse_args_as_given(explicit(argv))
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -68,6 +76,7 @@ def _free_port() -> int:
 
 
 def _command(args: list, nproc: int) -> list:
+    args = explicit(args)  # the values these tests were written with (Megatron-LM's defaults)
     if nproc == 1:
         return [PYTHON, "-m", "megatron_coe.train", *args]
     return [TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
@@ -169,7 +178,7 @@ def test_unknown_config_key_names_it_and_suggests(tmp_path):
 @pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix()
                                         for p in ROOT.glob("examples/**/*.yaml")))
 def test_example_configs_parse_and_validate(path):
-    args = parse_args(["--config", str(ROOT / path)])
+    args = parse_args_as_given(["--config", str(ROOT / path)])  # the file sets all it needs
     config = build_model_config(args)
     assert config.num_moe_experts == args.num_experts and config.coe_iterations >= 1
 
@@ -478,7 +487,7 @@ def _launch_ranks(args: list, nproc: int, logs: list) -> list:
         env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         procs.append(subprocess.Popen(
-            [PYTHON, "-m", "megatron_coe.train", *[str(a) for a in args]], cwd=ROOT, env=env,
+            [PYTHON, "-m", "megatron_coe.train", *explicit(args)], cwd=ROOT, env=env,
             stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT,
             process_group=0 if rank == 0 else procs[0].pid))
     return procs

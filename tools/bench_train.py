@@ -87,6 +87,9 @@ def trainer_args(a: argparse.Namespace, config: str, metrics: Path) -> list:
         "--log-interval", a.steps, "--mock-data", "--vocab-size", "1024", "--seed", "1234",
         "--transformer-impl", "local", "--expert-model-parallel-size", a.nproc,
         "--no-exit-signal-handler", "--metrics-file", metrics,
+        # the values this benchmark was written with (the trainer's defaults are Megatron-LM's)
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--lr-decay-style", "cosine",
+        "--num-workers", "0",
     ]
     if a.shared_expert_size:
         common += ["--moe-shared-expert-intermediate-size", a.shared_expert_size]

@@ -70,6 +70,7 @@ MODEL=(
   --mock-data --vocab-size 32000
   --micro-batch-size 4 --global-batch-size 8 --train-iters "$STEPS" --lr 3e-4 --lr-warmup-iters 2
   --eval-iters 0 --log-interval 5
+  --hidden-dropout 0 --attention-dropout 0 --lr-decay-style cosine --num-workers 0
   --transformer-impl transformer_engine --bf16
 )
 

@@ -209,3 +209,39 @@ def optimizer_layout_matches(path: str, sharding_type: str) -> Optional[str]:
         return None
     return (f"its optimizer state is in the {saved or 'unrecorded'} layout, this trainer's is "
             f"{sharding_type} (Megatron-LM: --dist-ckpt-optim-fully-reshardable)")
+
+
+# --------------------------------------------------------------------------- --use-checkpoint-args
+# Megatron-LM's load_args_from_checkpoint takes these from the checkpoint only when they are unset;
+# every other model option is always the checkpoint's.
+CHECKPOINT_ARGS_UNFORCED = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length",
+                            "num_attention_heads", "kv_channels", "max_position_embeddings",
+                            "moe_token_dispatcher_type")
+# Options that are not architecture fields but that Megatron-LM takes from the checkpoint too.
+CHECKPOINT_ARGS_EXTRA = ("seq_length", "hidden_dropout", "attention_dropout",
+                         "moe_token_dispatcher_type")
+
+
+def checkpoint_model_options(load: str) -> dict:
+    """{option: value} of the model of the checkpoint ``--load`` names (this trainer's record, or
+    a Megatron-LM checkpoint's ``args``); ``OptionError`` when there is none or it is unreadable."""
+    from megatron_coe.arch import ModelArch
+    from megatron_coe.checkpointing import describe_missing
+    from megatron_coe.training import checkpoint as ckpt
+    from megatron_coe.training.options import OptionError
+
+    try:
+        path = ckpt.find_checkpoint(load)
+        if path is None:
+            raise OptionError(f"option use_checkpoint_args (--use-checkpoint-args): "
+                              f"{describe_missing(load)}; fix --load or give the model's "
+                              "options instead")
+        meta = ckpt.read_meta(path)
+    except CheckpointError as e:
+        raise OptionError(f"option use_checkpoint_args (--use-checkpoint-args): {e}") from None
+    recorded = meta.get("args") or {}
+    out = ModelArch.from_checkpoint_meta(meta).to_option_values()
+    for name in CHECKPOINT_ARGS_EXTRA:
+        if recorded.get(name) is not None:
+            out[name] = recorded[name]
+    return out

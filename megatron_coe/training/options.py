@@ -102,7 +102,7 @@ class TrainArgs(_ArchOptions):
                                     valid='>= 0')
     moe_z_loss_coeff: Optional[float] = opt(None, "Router z-loss coefficient.", type=float,
                                             model=True, group=M, valid='>= 0')
-    moe_token_dispatcher_type: str = opt("alltoall", "Token dispatcher.",
+    moe_token_dispatcher_type: str = opt("allgather", "Token dispatcher.",
                                          choices=["allgather", "alltoall", "flex"], model=True,
                                          group=M)
     moe_router_bias_update_rate: float = opt(1e-3, "Expert-bias update rate.", model=True,
@@ -111,11 +111,12 @@ class TrainArgs(_ArchOptions):
                                  model=True, group=M)
     init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M,
                                  valid='> 0')
-    hidden_dropout: float = opt(0.0, "Dropout on hidden states.", model=True, group=M,
+    hidden_dropout: float = opt(0.1, "Dropout on hidden states.", model=True, group=M,
                                 valid='[0, 1)')
-    attention_dropout: float = opt(0.0, "Dropout on attention probabilities.", model=True, group=M,
+    attention_dropout: float = opt(0.1, "Dropout on attention probabilities.", model=True, group=M,
                                    valid='[0, 1)')
-    seq_length: int = opt(128, "Sequence length (tokens per sample).", group=M, valid='>= 1')
+    seq_length: Optional[int] = opt(None, "Sequence length (tokens per sample; required).",
+                                    type=int, group=M, valid='>= 1')
     make_vocab_size_divisible_by: int = opt(128, "Pad the vocabulary to a multiple of this.",
                                             group=M, valid='>= 1')
     # ------------------------------------------------------------------ parallelism
@@ -131,10 +132,11 @@ class TrainArgs(_ArchOptions):
     sequence_parallel: bool = opt(False, "Sequence parallelism (required by MoE with TP > 1).",
                                   model=True, group=P)
     distributed_backend: Optional[str] = opt(None, "torch.distributed backend (default: nccl "
-                                             "with CUDA, else gloo).", type=str,
+                                             "with CUDA, else gloo; Megatron-LM: nccl).", type=str,
                                              choices=["gloo", "nccl"], group=P)
     transformer_impl: Optional[str] = opt(None, "Layer implementation (default: "
-                                          "transformer_engine on a GPU with TE, else local).",
+                                          "transformer_engine on a GPU with TE, else local; "
+                                          "Megatron-LM: transformer_engine).",
                                           type=str, choices=["local", "transformer_engine"],
                                           group=P)
     bf16: bool = opt(False, "bf16 mixed precision (GPU).", group=P)
@@ -159,13 +161,16 @@ class TrainArgs(_ArchOptions):
                                      "all-gather with the next forward pass (needs "
                                      "--overlap-grad-reduce).", group=P)
     # ------------------------------------------------------------------ training
-    micro_batch_size: int = opt(2, "Samples per micro-batch per data-parallel rank.", valid='>= 1')
-    global_batch_size: int = opt(8, "Samples per optimizer step (all ranks, all micro-batches).",
-                                 valid='>= 1')
-    train_iters: int = opt(100, "Optimizer steps to train for.", valid='>= 1')
-    lr: float = opt(3e-4, "Peak learning rate.", valid='> 0')
+    micro_batch_size: Optional[int] = opt(None, "Samples per micro-batch per data-parallel rank "
+                                          "(required).", type=int, valid='>= 1')
+    global_batch_size: Optional[int] = opt(None, "Samples per optimizer step (all ranks, all "
+                                           "micro-batches; default: --micro-batch-size x the "
+                                           "data-parallel size).", type=int, valid='>= 1')
+    train_iters: Optional[int] = opt(None, "Optimizer steps to train for (required).", type=int,
+                                     valid='>= 1')
+    lr: Optional[float] = opt(None, "Peak learning rate (required).", type=float, valid='> 0')
     min_lr: float = opt(0.0, "Final learning rate of the decay.", valid='>= 0')
-    lr_decay_style: str = opt("cosine", "LR decay after warmup (WSD: warmup-stable-decay, the "
+    lr_decay_style: str = opt("linear", "LR decay after warmup (WSD: warmup-stable-decay, the "
                               "last --lr-wsd-decay-iters steps decay).",
                               choices=["cosine", "constant", "linear", "inverse-square-root",
                                        "WSD"])
@@ -190,8 +195,9 @@ class TrainArgs(_ArchOptions):
         "Inf, without saving; a checkpoint is saved only when every parameter is finite.")
     exit_interval: Optional[int] = opt(None, "Save (if --save) and exit after an iteration "
                                        "divisible by this.", type=int, valid='>= 1')
-    exit_signal_handler: bool = opt(True, "On SIGTERM/SIGUSR1: save at the next step boundary "
-                                    "and exit 0.")
+    exit_signal_handler: bool = opt(False, "On SIGTERM/SIGUSR1: save at the next step boundary "
+                                    "and exit 0 (off: the signal ends the process at once, as "
+                                    "in Megatron-LM; slurm/pretrain.sbatch turns it on).")
     exit_duration_in_mins: Optional[float] = opt(
         None, "Save and exit 0 at the last step boundary before this many minutes of wall time "
         "since the trainer started.", type=float, valid='> 0')
@@ -201,7 +207,8 @@ class TrainArgs(_ArchOptions):
     # ------------------------------------------------------------------ data
     data_path: list = opt(None, "Data prefixes (optionally weighted: W1 P1 W2 P2).",
                           list_of=str, group=D)
-    split: str = opt("969,30,1", "Train,valid,test split weights.", group=D)
+    split: Optional[str] = opt(None, "Train,valid,test split weights of --data-path (default, "
+                               "as Megatron-LM's legacy value: 969,30,1).", type=str, group=D)
     train_data_path: list = opt(None, "Training data prefixes (blend), used whole; with "
                                 "--valid-data-path, instead of --data-path and --split.",
                                 list_of=str, group=D)
@@ -217,15 +224,18 @@ class TrainArgs(_ArchOptions):
                                          type=str, group=D)
     mock_data: bool = opt(False, "Synthetic learnable sequences instead of --data-path.",
                           group=D)
-    vocab_size: int = opt(256, "Vocabulary of --mock-data.", group=D, valid='>= 1')
-    num_workers: int = opt(0, "DataLoader worker processes.", group=D, valid='>= 0')
+    vocab_size: Optional[int] = opt(None, "Vocabulary of --mock-data (required with it).",
+                                    type=int, group=D, valid='>= 1')
+    num_workers: int = opt(2, "DataLoader worker processes per rank (0: load in the training "
+                           "process).", group=D, valid='>= 0')
     # ------------------------------------------------------------------ evaluation / logging
-    eval_interval: int = opt(1000, "Validate every this many steps (and at the end).", group=L,
-                             valid='>= 1')
-    eval_iters: int = opt(10, "Global batches per validation (the same ones each time).", group=L,
+    eval_interval: Optional[int] = opt(None, "Validate every this many steps (unset: only at "
+                                       "the end, as in Megatron-LM).", type=int, group=L,
+                                       valid='>= 1')
+    eval_iters: int = opt(100, "Global batches per validation (the same ones each time).", group=L,
                           valid='>= 0')
     skip_train: bool = opt(False, "Only evaluate (after --load) and exit.", group=L)
-    log_interval: int = opt(10, "Print a progress line every this many steps.", group=L,
+    log_interval: int = opt(100, "Print a progress line every this many steps.", group=L,
                             valid='>= 1')
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory.", type=str, group=L)
     metrics_file: Optional[str] = opt(None, "Per-step JSONL metrics (default: "
@@ -271,6 +281,18 @@ class TrainArgs(_ArchOptions):
                               "iteration 0); implied for weights-only checkpoints (those of "
                               "tools/convert_from_hf.py).", group=C)
     no_load_rng: bool = opt(False, "Do not restore RNG states.", group=C)
+    use_checkpoint_args: bool = opt(False, "Take the model's architecture from the --load "
+                                    "checkpoint's record (this trainer's or Megatron-LM's "
+                                    "args), as Megatron-LM: the layout of the layers always; "
+                                    "--num-layers, --hidden-size, --num-attention-heads, "
+                                    "--ffn-hidden-size, --kv-channels, --seq-length, "
+                                    "--max-position-embeddings and the dispatcher only when "
+                                    "not given.", group=C)
+    async_save: bool = opt(False, "Write checkpoints in the background (Megatron-Core's async "
+                           "dist_checkpointing): training goes on while the files are written; "
+                           "the checkpoint is published (iter_N.tmp renamed, tracker updated) "
+                           "at a later step boundary or at exit, once every rank has finished.",
+                           group=C)
     exit_on_missing_checkpoint: bool = opt(False, "With --load: exit (status 2) when it holds no "
                                            "checkpoint (e.g. a typo) instead of training from "
                                            "scratch with a warning.", group=C)
@@ -280,6 +302,27 @@ class TrainArgs(_ArchOptions):
 
 
 OPTIONS = {f.name: f for f in fields(TrainArgs)}
+
+# Options Megatron-LM leaves unset (default None) that a run cannot do without; unset is an
+# ``OptionError`` naming the flag (Megatron-LM asserts). --vocab-size only with --mock-data.
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "num_experts", "seq_length",
+            "micro_batch_size", "train_iters", "lr")
+
+# Shared flags whose default here differs from Megatron-LM's, and why (the only ones:
+# tests/test_megatron_lm_defaults.py compares every shared flag with megatron.training.arguments).
+MEGATRON_LM_DEFAULT_EXCEPTIONS = {
+    "distributed_backend": "unset = nccl on a CUDA machine, gloo otherwise (Megatron-LM: nccl, "
+                           "which every CPU run would have to override)",
+    "transformer_impl": "unset = transformer_engine on a GPU with Transformer Engine, local "
+                        "otherwise (Megatron-LM: transformer_engine, unavailable on CPU)",
+    "num_query_groups": "unset = one group per head; Megatron-LM's 1 applies only with its "
+                        "--group-query-attention, which this trainer does not have (setting "
+                        "--num-query-groups is grouped-query attention)",
+    "qk_layernorm": "unset = on with --multi-latent-attention (DeepSeek-V2's q/kv latent "
+                    "norms), off otherwise (Megatron-LM: off)",
+    "position_embedding_type": "rope (this trainer builds RoPE or YaRN only; Megatron-LM: "
+                               "learned_absolute)",
+}
 
 
 def flag_name(name: str) -> str:
@@ -400,6 +443,21 @@ def parse_split(split: str) -> list:
     return weights + [0.0] * (3 - len(weights))
 
 
+LEGACY_SPLIT = "969,30,1"
+
+
+def check_required(args: TrainArgs) -> None:
+    """``OptionError`` naming every required option (``REQUIRED``) that is unset."""
+    missing = [n for n in REQUIRED if getattr(args, n) is None]
+    if args.mock_data and args.vocab_size is None:
+        missing.append("vocab_size")
+    if missing:
+        flags = " ".join(flag_name(n) for n in missing)
+        raise OptionError(f"missing required option{'s' if len(missing) > 1 else ''}: {flags} "
+                          "(no default, as in Megatron-LM; give them as flags or in --config, "
+                          "or the model's with --load DIR --use-checkpoint-args)")
+
+
 def check_ranges(args: TrainArgs) -> None:
     """Every option against its ``valid=`` range; ``OptionError`` for the first one outside."""
     for f in fields(TrainArgs):
@@ -414,10 +472,14 @@ def check_ranges(args: TrainArgs) -> None:
 def validate(args: TrainArgs) -> TrainArgs:
     """Ranges, then the rules between options that need only the options (see the docstring)."""
     check_ranges(args)
+    check_required(args)
+    if args.split is None and args.data_path and not (args.train_data_path
+                                                      or args.valid_data_path):
+        args.split = LEGACY_SPLIT  # Megatron-LM's value for --data-path without --split
     if args.min_lr > args.lr:
         raise OptionError(f"option min_lr (--min-lr): {args.min_lr!r} is above --lr {args.lr!r}; "
                           f"valid: 0 <= --min-lr <= --lr")
-    train_w, valid_w, _ = parse_split(args.split)
+    train_w, valid_w, _ = parse_split(args.split or LEGACY_SPLIT)
     uses_split = bool(args.data_path) and not (args.train_data_path or args.valid_data_path)
     if uses_split and train_w == 0 and not args.skip_train:
         raise OptionError(f"option split (--split): {args.split!r} gives the training split "
@@ -462,4 +524,24 @@ def parse_args(argv: Optional[list] = None) -> TrainArgs:
     values = load_yaml(ns.pop("config")) if "config" in ns else {}
     for name, value in ns.items():
         values[name] = coerce(name, value)
+    if values.get("use_checkpoint_args"):
+        values = _with_checkpoint_args(values)
     return validate(TrainArgs(**values))
+
+
+def _with_checkpoint_args(values: dict) -> dict:
+    """``--use-checkpoint-args``: the model options of the ``--load`` checkpoint (Megatron-LM's
+    rule: the sizes given here win, everything else is the checkpoint's)."""
+    if not values.get("load"):
+        raise OptionError("option use_checkpoint_args (--use-checkpoint-args): needs --load DIR "
+                          "(the checkpoint whose model options to take); add --load or drop "
+                          "--use-checkpoint-args")
+    from megatron_coe.training import megatron_lm  # reads the checkpoint (torch for Megatron-LM's)
+
+    taken = megatron_lm.checkpoint_model_options(values["load"])
+    out = dict(values)
+    for name, value in taken.items():
+        if name in megatron_lm.CHECKPOINT_ARGS_UNFORCED and values.get(name) is not None:
+            continue
+        out[name] = coerce(name, value)
+    return out

@@ -100,6 +100,9 @@ def _model_outside_redirect():
     stack = _get_current_function_mode_stack()
     if stack and isinstance(stack[-1], _CudaToCpuMode):
         with _pop_mode_temporarily():
+    if args.global_batch_size is None:  # Megatron-LM: one micro-batch per data-parallel rank
+        model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        args.global_batch_size = args.micro_batch_size * max(1, world_size // model_parallel)
             yield
     else:
         yield
@@ -408,7 +411,7 @@ class Trainer:
                     self._write_exit_reason(reason)
                     break
             else:
-                if args.eval_iters > 0 and self.iteration % args.eval_interval:
+                if args.eval_iters > 0 and not self._eval_due(self.iteration):
                     self.evaluate()
                 self.save()
                 self._write_exit_reason("finished")
@@ -465,11 +468,17 @@ class Trainer:
         """Estimated seconds of validation / checkpointing due at this step boundary."""
         args, it = self.args, self.iteration
         extra = 0.0
-        if args.eval_iters > 0 and it % args.eval_interval == 0:
+        if args.eval_iters > 0 and self._eval_due(it):
             extra += self.eval_seconds
         if args.save and args.save_interval and it % args.save_interval == 0:
             extra += self.save_seconds
         return extra
+    def _eval_due(self, iteration: int) -> bool:
+        """Periodic validation at ``iteration`` (never with --eval-interval unset: only at the
+        end, as in Megatron-LM)."""
+        interval = self.args.eval_interval
+        return bool(interval) and iteration % interval == 0
+
 
     def _one_step(self, iterator) -> Optional[str]:
         """One optimizer step plus what is due after it; the reason when the run should stop."""
@@ -504,7 +513,7 @@ class Trainer:
         if check:
             self._stop_if_non_finite(loss, grad_norm, aux, bool(grad_seen), bool(aux_seen))
 
-        if args.eval_iters > 0 and self.iteration % args.eval_interval == 0:
+        if args.eval_iters > 0 and self._eval_due(self.iteration):
             self.evaluate()
         if args.save_interval and self.iteration % args.save_interval == 0:
             self.save()
