@@ -16,7 +16,9 @@ swaps in the CoE pieces:
 Attention is standard multi-head attention or DeepSeek-V2 multi-latent attention, chosen by the
 config class (``CoEMLATransformerConfig`` sets ``multi_latent_attention``). With MLA and
 ``qk_layernorm`` the q/kv latent norms use ``config.mla_latent_norm_epsilon`` (DeepSeek-V2: 1e-6)
-instead of ``layernorm_epsilon`` (``with_latent_norm_eps``).
+instead of ``layernorm_epsilon`` (``with_latent_norm_eps``), and without query compression there
+is no q norm on any Megatron-Core release (``DeepSeekV2MLASelfAttention``, ``compat.mla_q_norm``):
+the attention is DeepSeek-V2's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_coe.compat import TransformerEngineUnavailable, require_transformer_engine  # noqa: F401
+from megatron_coe.compat.mla_q_norm import DeepSeekV2MLASelfAttention, MLASelfAttention
 from megatron_coe.compat.moe_specs_and_signatures import as_module_spec, spec_module, spec_submodules
 from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 from megatron_coe.transformer.coe_router import CoETopKRouter
@@ -105,6 +108,17 @@ def with_latent_norm_eps(module):
     return type(name, (), {"__new__": build, "__doc__": f"{name}: see with_latent_norm_eps."})
 
 
+def _deepseek_v2_attention(layer_submodules):
+    """MLA only: ``DeepSeekV2MLASelfAttention`` (``compat.mla_q_norm``) in place of
+    ``MLASelfAttention``, so that latent norms without query compression never add a q norm
+    (Megatron-Core >= 0.19 would fuse one into ``linear_q_proj``; DeepSeek-V2 has none)."""
+    attention = layer_submodules.self_attention
+    if attention.module is not MLASelfAttention:
+        return layer_submodules
+    return dataclasses.replace(layer_submodules, self_attention=dataclasses.replace(
+        attention, module=DeepSeekV2MLASelfAttention))
+
+
 def _latent_eps(layer_submodules, config):
     """MLA only: the latent norms (or the TE linears they are fused into) get their own eps.
     Without query compression (``q_lora_rank`` None) there is no q latent, so no q norm
@@ -164,6 +178,8 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
             normalization=config.normalization,
         )
         submodules = _localize(base.submodules, mla)
+    if mla:
+        submodules = _deepseek_v2_attention(submodules)
     if mla and config.qk_layernorm:
         submodules = _latent_eps(submodules, config)
     mlp = _coe_mlp_spec(submodules.mlp, local=not use_transformer_engine)

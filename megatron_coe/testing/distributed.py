@@ -1,7 +1,9 @@
 """Run a function on N gloo processes on this machine, without torchrun.
 
 Workers are forked after Megatron-Core is imported (no per-rank import cost) and meet through a
-``file://`` rendezvous. Each worker returns a picklable value; an exception in any worker is
+``file://`` rendezvous. Each worker returns a picklable value, sent by value (plain ``pickle``:
+tensors are copied, not shared through file descriptors that vanish when the worker exits before
+the caller reads them); an exception in any worker is
 re-raised in the caller with that worker's traceback. Every wait has a timeout so a hung
 collective fails the test instead of hanging CI.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -28,7 +31,7 @@ def _worker(rank, world_size, init_file, fn, kwargs, results):
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
         )
-        results.put((rank, True, fn(rank, world_size, **kwargs)))
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, **kwargs))))
     except BaseException:  # report everything, including assertion failures
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -57,7 +60,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, timeout: float = 30
         for _ in procs:
             rank, ok, value = results.get(timeout=timeout)
             if ok:
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
                 break
