@@ -93,6 +93,13 @@ REGISTRY: Tuple[Entry, ...] = (
            "itself",),
           ">=0.16.1,<0.18", "CoETransformerLayer puts its pg_collection into the CoE MLP spec's "
                             "params (and silences the 'Unknown MLP type' warning)"),
+    # ---------------------------------------------------------------- mla_q_norm
+    Entry("mla.no_q_norm_without_q_lora", "mla_q_norm", "adaptation",
+          ("transformer/mla_qk_norm_config.py: QKNormConfigResolver (qk_layernorm without "
+           "q_lora_rank = a q norm fused into linear_q_proj)",
+           "transformer/multi_latent_attention.py: MLASelfAttention._resolve_qk_norm_config"),
+          ">=0.19", "MLA with latent norms and no query compression builds no q norm "
+                    "(DeepSeek-V2; 0.16's behaviour) instead of a TE-fused one"),
     # ---------------------------------------------------------------- router_losses
     Entry("router.pass_metric_names", "router_losses", "patch",
           ("transformer/moe/router.py: save_to_aux_losses_tracker (<0.18) / "
