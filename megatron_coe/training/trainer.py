@@ -100,9 +100,6 @@ def _model_outside_redirect():
     stack = _get_current_function_mode_stack()
     if stack and isinstance(stack[-1], _CudaToCpuMode):
         with _pop_mode_temporarily():
-    if args.global_batch_size is None:  # Megatron-LM: one micro-batch per data-parallel rank
-        model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-        args.global_batch_size = args.micro_batch_size * max(1, world_size // model_parallel)
             yield
     else:
         yield
@@ -123,6 +120,9 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     """Layout and batch arithmetic, model config, tokenizer + data files, --load compatibility."""
     setup.check_runtime(args)
     timelimit.check(args)
+    if args.global_batch_size is None:  # Megatron-LM: one micro-batch per data-parallel rank
+        model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        args.global_batch_size = args.micro_batch_size * max(1, world_size // model_parallel)
     layout = setup.check_layout(args, world_size)
     metrics.check_wandb(args)
     profiling.check(args, world_size)
@@ -464,6 +464,12 @@ class Trainer:
                 f"saving; {self._last_published()} (lower --lr or check --init-method-std and the "
                 "data; --no-check-for-nan-in-loss-and-grad trains on)")
 
+    def _eval_due(self, iteration: int) -> bool:
+        """Periodic validation at ``iteration`` (never with --eval-interval unset: only at the
+        end, as in Megatron-LM)."""
+        interval = self.args.eval_interval
+        return bool(interval) and iteration % interval == 0
+
     def _boundary_work(self) -> float:
         """Estimated seconds of validation / checkpointing due at this step boundary."""
         args, it = self.args, self.iteration
@@ -473,12 +479,6 @@ class Trainer:
         if args.save and args.save_interval and it % args.save_interval == 0:
             extra += self.save_seconds
         return extra
-    def _eval_due(self, iteration: int) -> bool:
-        """Periodic validation at ``iteration`` (never with --eval-interval unset: only at the
-        end, as in Megatron-LM)."""
-        interval = self.args.eval_interval
-        return bool(interval) and iteration % interval == 0
-
 
     def _one_step(self, iterator) -> Optional[str]:
         """One optimizer step plus what is due after it; the reason when the run should stop."""
