@@ -1,6 +1,7 @@
 """The CPU compatibility layer is active only without CUDA, and each stand-in behaves as documented."""
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_coe import compat
@@ -107,3 +108,51 @@ def test_version_read_without_distribution_metadata():
             "print(versions.megatron_core_version() == versions.parse_version(v('megatron-core')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+
+
+def test_model_forward_runs_outside_the_redirect_and_the_redirect_resumes():
+    with compat.cuda_device_redirect():
+        with compat.outside_cuda_device_redirect():
+            assert torch.zeros(1).type() == "torch.FloatTensor"  # no mode: plain CPU type
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"  # redirect active again
+    with compat.outside_cuda_device_redirect():  # no redirect to suspend: nothing happens
+        assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def test_blended_dataset_get_rank_answers_zero_only_without_a_process_group():
+    from megatron.core.datasets import blended_dataset
+
+    from megatron_coe.compat import registry
+    from megatron_coe.compat.datasets import rank_zero_without_process_group
+
+    assert not torch.distributed.is_initialized()
+    original = blended_dataset.torch
+    with pytest.raises(RuntimeError, match="boom"):
+        with rank_zero_without_process_group():
+            if registry.entry("data.blended_get_rank").applies():
+                assert blended_dataset.torch is not original
+                assert blended_dataset.torch.distributed.get_rank() == 0
+                assert blended_dataset.torch.zeros is torch.zeros  # the rest is torch
+            else:  # the release guards get_rank() itself: nothing is patched
+                assert blended_dataset.torch is original
+            raise RuntimeError("boom")
+    assert blended_dataset.torch is original  # restored, also on an exception
+
+
+def test_missing_dataset_helpers_is_one_error_naming_the_release(monkeypatch):
+    import sys
+
+    from megatron_coe.compat.datasets import check_helpers
+    from megatron_coe.compat.versions import version_string
+    from megatron_coe.data.datasets import DataError
+
+    check_helpers(DataError)  # the wheel ships the compiled extension
+    import megatron.core.datasets as datasets_package
+
+    monkeypatch.setitem(sys.modules, "megatron.core.datasets.helpers", None)  # import fails
+    monkeypatch.delattr(datasets_package, "helpers", raising=False)
+    with pytest.raises(DataError) as err:
+        check_helpers(DataError)
+    message = str(err.value)
+    assert "\n" not in message and f"megatron-core=={version_string()}" in message
+    assert "helpers_cpp" in message

@@ -5,12 +5,16 @@ with the versions it applies to; ``python -m megatron_coe.compat`` prints the ta
 
     versions                  installed megatron-core, tested range (one warning line outside it)
     registry                  the list of workarounds
-    cuda_on_cpu               CUDA stand-ins for CPU machines (install_cpu_compat, cuda_device_redirect)
+    cuda_on_cpu               CUDA stand-ins for CPU machines (install_cpu_compat, cuda_device_redirect,
+                              outside_cuda_device_redirect)
     te_absent                 Transformer Engine detection/refusal; 0.16 bugs without TE
     moe_specs_and_signatures  MoE spec forms and constructor keywords across releases
     router_losses             upstream router losses recorded under per-pass names
     transformer_config        config fields renamed across releases (CUDA-graph capture)
     dist_checkpointing        the async writer's results queue
+    optimizer_state           torch AdamW state under DistributedOptimizer without Apex/TE
+    datasets                  BlendedDataset without a process group; compiled helpers check
+    internals                 upstream internals CoE modules use unchanged (verify_internals)
 
 Tested range: megatron-core >=0.16.1,<0.20 (CI runs 0.16.1 on Python 3.11 and 0.19.2 on 3.12).
 The names below are re-exported so that ``from megatron_coe.compat import X`` keeps working.
@@ -23,10 +27,10 @@ from megatron_coe.compat.te_absent import (
     install_megatron_fixes,
     require_transformer_engine,
 )
-from megatron_coe.compat.cuda_on_cpu import (  # noqa: F401  (_CudaToCpuMode: trainer.py)
-    _CudaToCpuMode,
+from megatron_coe.compat.cuda_on_cpu import (
     cuda_device_redirect,
     install_cpu_compat,
+    outside_cuda_device_redirect,
 )
 
 warn_if_untested()
@@ -39,6 +43,7 @@ __all__ = [
     "install_cpu_compat",
     "install_megatron_fixes",
     "megatron_core_version",
+    "outside_cuda_device_redirect",
     "require_transformer_engine",
     "warn_if_untested",
 ]

@@ -26,7 +26,8 @@ no-op on GPU machines; it also applies ``te_absent.install_megatron_fixes()``). 
 ``cuda_device_redirect()`` is a separate, opt-in context for the training loop
 (``cuda.device_redirect``): Megatron's DDP, optimizers and schedules create tensors with a
 literal ``device='cuda'`` and compare ``param.type()`` against ``'torch.cuda.FloatTensor'``.
-Models alone never need it.
+Models alone never need it: ``outside_cuda_device_redirect()`` suspends it around the model's
+forward inside the schedule (torch's private function-mode stack API).
 
 Nothing here changes numerics; ``tests/test_compat.py`` checks each stand-in.
 """
@@ -227,4 +228,22 @@ def cuda_device_redirect():
         return
     mark("cuda.device_redirect")
     with _CudaToCpuMode():
+        yield
+
+
+@contextlib.contextmanager
+def outside_cuda_device_redirect():
+    """Suspend an enclosing ``cuda_device_redirect()`` (the innermost torch function mode) for
+    the body, e.g. the model's forward inside Megatron's schedule: the model needs none of the
+    redirect on CPU, and the mode costs every torch call of the forward (10-20% of a tiny CPU
+    step). Uses torch's private mode-stack API (``torch.overrides._get_current_function_mode_stack``,
+    ``_pop_mode_temporarily``); outside the redirect (or with CUDA) it does nothing."""
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    stack = _get_current_function_mode_stack()
+    if stack and isinstance(stack[-1], _CudaToCpuMode):
+        mark("cuda.device_redirect")
+        with _pop_mode_temporarily():
+            yield
+    else:
         yield

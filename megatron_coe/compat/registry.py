@@ -9,6 +9,9 @@ Kinds:
     stand-in    replaces a CUDA API that Megatron-Core calls unconditionally (CPU only)
     patch       rebinds a name inside ``megatron.core`` (an upstream bug or a CPU limitation)
     adaptation  calls or builds what the installed version expects (no upstream change)
+    internal    an upstream internal (``@internal_api``, a private name, a signature) that CoE
+                code outside this package calls or substitutes into Megatron's specs, unchanged
+                (``internals.verify_internals`` checks it against the installed release)
 
 Each workaround calls ``mark(name)`` when it is applied or its code path is taken, so
 ``used()`` tells which entries this process exercised. ``tests/test_compat_registry.py`` lists
@@ -28,7 +31,7 @@ from megatron_coe.compat.versions import megatron_core_version, in_range
 class Entry:
     name: str
     area: str  # module of megatron_coe.compat that implements it
-    kind: str  # "stand-in" | "patch" | "adaptation"
+    kind: str  # "stand-in" | "patch" | "adaptation" | "internal"
     upstream: Tuple[str, ...]  # call sites / names inside megatron/core
     versions: str  # ">=A,<B" (see versions.in_range)
     summary: str
@@ -70,7 +73,8 @@ REGISTRY: Tuple[Entry, ...] = (
            "optimizer/distrib_optimizer.py: param.type() == 'torch.cuda.FloatTensor'",
            "pipeline_parallel/schedules.py: device='cuda' counters",
            "models/common/language_module/language_module.py: tied embedding copy .cuda() at PP > 1"),
-          ALL, "opt-in context mapping device='cuda' to the CPU for DDP/optimizer/schedules"),
+          ALL, "opt-in context mapping device='cuda' to the CPU for DDP/optimizer/schedules; "
+               "suspended around the model forward (torch's private function-mode stack API)"),
     # ---------------------------------------------------------------- te_absent
     Entry("te.router_gemm_name", "te_absent", "patch",
           ("transformer/moe/moe_utils.py: RouterGatingLinearFunction reads te_general_gemm",),
@@ -109,9 +113,13 @@ REGISTRY: Tuple[Entry, ...] = (
                "the losses themselves are upstream's"),
     Entry("router.metrics_tracker", "router_losses", "adaptation",
           ("transformer/moe/moe_logging.py: get_moe_metrics_tracker().metrics (>=0.18)",
-           "transformer/moe/moe_utils.py: get_moe_layer_wise_logging_tracker (<0.18; "
-           "deprecated from 0.18)"),
-          ALL, "read the per-layer router metrics through the installed release's tracker API"),
+           "transformer/moe/moe_logging.py: MoEMetricsTracker._sync_metrics (>=0.18, private; "
+           "what the deprecated reduce_aux_losses_tracker_across_ranks calls)",
+           "transformer/moe/moe_utils.py: get_moe_layer_wise_logging_tracker, "
+           "reduce_aux_losses_tracker_across_ranks, clear_aux_losses_tracker (<0.18; "
+           "deprecated from 0.16 in 0.19.2's code)"),
+          ALL, "read, reduce across ranks and clear the per-layer router metrics through the "
+               "installed release's tracker API"),
     # ---------------------------------------------------------------- transformer_config
     Entry("config.cuda_graph_field", "transformer_config", "adaptation",
           ("transformer/transformer_config.py: cuda_graph_scope (<0.18), cuda_graph_modules "
@@ -122,6 +130,42 @@ REGISTRY: Tuple[Entry, ...] = (
           ("dist_checkpointing/strategies/filesystem_async.py: _get_write_results_queue (<0.17), "
            "get_write_results_queue (>=0.17), module global _results_queue",),
           ALL, "get / install dist_checkpointing's write-results queue"),
+    # ---------------------------------------------------------------- optimizer_state
+    Entry("optim.fresh_adam_state", "optimizer_state", "adaptation",
+          ("optimizer/distrib_optimizer.py: DistributedOptimizer.state_dict reads state['step'] "
+           "of every parameter (non-Apex/TE torch AdamW, whose state is created lazily)",),
+          ALL, "a fresh torch AdamW gets the zero state of its first step before a save / load"),
+    Entry("optim.load_missing_step", "optimizer_state", "patch",
+          ("optimizer/distrib_optimizer.py: DistributedOptimizer.load_state_dict (one shared "
+           "'step' tensor) -> _set_main_param_and_optimizer_states (KeyError 'step' on "
+           "fully_reshardable tensors)",),
+          ALL, "during an optimizer load the missing 'step' is copied onto itself; steps unshared "
+               "afterwards"),
+    # ---------------------------------------------------------------- datasets
+    Entry("data.blended_get_rank", "datasets", "patch",
+          ("datasets/blended_dataset.py: BlendedDataset._build_indices calls "
+           "torch.distributed.get_rank() unguarded on a cache miss (guarded in 0.19.2)",),
+          ">=0.16.1,<0.19", "while building datasets without a process group, "
+                            "blended_dataset's torch.distributed.get_rank() answers 0"),
+    Entry("data.helpers_cpp", "datasets", "adaptation",
+          ("datasets/helpers.py: the compiled helpers_cpp extension (shipped in the wheels; "
+           "datasets/utils.py compile_helpers needs a Makefile the wheels lack)",),
+          ALL, "a missing compiled extension is one error naming the installed release"),
+    # ---------------------------------------------------------------- internals (unchanged)
+    Entry("internal.moe_layer_stages", "internals", "internal",
+          ("transformer/moe/moe_layer.py: MoELayer.route, preprocess, dispatch, "
+           "shared_experts_compute, routed_experts_compute (@internal_api), combine, "
+           "postprocess (called per pass by transformer/coe_layer.py)",),
+          ALL, "the CoE layer runs MoELayer's stages once per pass"),
+    Entry("internal.local_norm", "internals", "internal",
+          ("transformer/torch_norm.py: WrappedTorchNorm (local spec; no sequence parallelism) "
+           "replaced by transformer/local_modules.py TorchNorm",),
+          ALL, "local-spec norms that accept sequence parallelism (WrappedTorchNorm's keywords)"),
+    Entry("internal.local_mla_attention", "internals", "internal",
+          ("transformer/multi_latent_attention.py: core_attention(k_channels=, v_channels=)",
+           "transformer/dot_product_attention.py: DotProductAttention.__init__ (takes neither) "
+           "-> transformer/local_modules.py MLADotProductAttention"),
+          ALL, "local core attention for MLA (kv_channels == v_head_dim)"),
 )
 
 BY_NAME = {e.name: e for e in REGISTRY}

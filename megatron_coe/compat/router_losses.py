@@ -86,3 +86,20 @@ def clear_recorded_metrics() -> None:
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
     clear_aux_losses_tracker()
+
+
+def reduce_recorded_metrics(names, pg_collection) -> None:
+    """All-reduce the recorded metrics ``names`` across ranks the way the installed release's own
+    logging does (pipeline sum, the router's reduce / average groups, data-parallel average):
+    ``get_moe_metrics_tracker()._sync_metrics`` from 0.18 (the replacement the deprecated
+    ``reduce_aux_losses_tracker_across_ranks`` names), ``moe_utils.reduce_aux_losses_tracker_
+    across_ranks`` before (registry ``router.metrics_tracker``)."""
+    import megatron.core.transformer.moe.router as router_module
+
+    mark("router.metrics_tracker")
+    if hasattr(router_module, "get_moe_metrics_tracker"):
+        router_module.get_moe_metrics_tracker()._sync_metrics(list(names), pg_collection)
+        return
+    from megatron.core.transformer.moe.moe_utils import reduce_aux_losses_tracker_across_ranks
+
+    reduce_aux_losses_tracker_across_ranks(list(names), pg_collection=pg_collection)

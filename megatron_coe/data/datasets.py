@@ -5,7 +5,7 @@
 several prefixes), after ``validate_data_prefix`` has checked every prefix and split, so that bad
 data fails with a ``DataError`` naming the file and the fix instead of deep inside Megatron.
 
-Distributed use (Megatron-Core 0.16.1 behaviour, relied upon here):
+Distributed use (Megatron-Core behaviour in 0.16.1 and 0.19.2, relied upon here):
 
 * Every rank gets the datasets (``is_built_on_rank`` is ``lambda: True``). When
   ``torch.distributed`` is initialized, rank 0 builds the index caches first and the other ranks
@@ -15,17 +15,11 @@ Distributed use (Megatron-Core 0.16.1 behaviour, relied upon here):
 * ``data_cache_path=None`` keeps Megatron's default: GPTDataset index caches go to
   ``<prefix>/cache/GPTDataset_indices/`` (a directory named like the prefix), BlendedDataset
   indices are not cached but recomputed (deterministically) on each rank.
-* In a single process without ``torch.distributed``, ``BlendedDataset`` with a cache path calls
-  ``torch.distributed.get_rank()`` unguarded on a cache miss (``blended_dataset.py:153``) and
-  fails; while building we let ``get_rank()`` answer 0 for that module only when no process
-  group exists (``_rank_zero_without_process_group``).
-
-Megatron's C++ helpers (``megatron.core.datasets.helpers_cpp``: sample-index and blending
-builders) come compiled inside the ``megatron-core`` 0.16.1 manylinux wheel (checked: the cp311
-x86_64 wheel's RECORD lists ``helpers_cpp.cpython-311-x86_64-linux-gnu.so``), so nothing is
-compiled at run time. ``megatron.core.datasets.utils.compile_helpers`` would run ``make`` in the
-package directory, but the wheel ships no Makefile, so it is no fallback; ``_check_helpers`` turns
-a missing extension into a ``DataError`` that says what to install.
+* Building runs inside ``compat.datasets.rank_zero_without_process_group()`` (before 0.19,
+  ``BlendedDataset`` calls ``get_rank()`` unguarded in a process without ``torch.distributed``),
+  and ``compat.datasets.check_helpers`` turns missing compiled helpers (``helpers_cpp``, shipped
+  in the wheels) into a ``DataError`` that says what to install. Both are registry entries
+  (``megatron_coe/compat/registry.py``).
 
 ``build_data_loader`` wraps a dataset in a ``torch.utils.data.DataLoader`` driven by
 ``MegatronPretrainingSampler`` (Megatron-LM ``megatron/training/datasets/data_samplers.py``):
@@ -37,7 +31,6 @@ exact data position.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -48,6 +41,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from megatron_coe.compat.datasets import check_helpers, rank_zero_without_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -282,57 +277,9 @@ def validate_data_prefix(
     )
 
 
-def _check_helpers() -> None:
-    try:
-        from megatron.core.datasets import helpers  # noqa: F401
-    except ImportError as err:  # pragma: no cover - the wheels ship the extension
-        raise DataError(
-            "Megatron-Core's compiled dataset helpers (megatron.core.datasets.helpers_cpp) "
-            f"cannot be imported ({err}). Install a megatron-core wheel for this platform, or "
-            "build it from source (pip install --no-binary megatron-core megatron-core==0.16.1, "
-            "needs g++ and pybind11)."
-        ) from err
-
-
 # ---------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------
-class _DistributedRankZero:
-    """``torch.distributed`` whose ``get_rank()`` answers 0 when no process group exists."""
-
-    def __getattr__(self, name):
-        return getattr(torch.distributed, name)
-
-    @staticmethod
-    def get_rank(group=None):
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(group)
-        return 0
-
-
-class _TorchView:
-    distributed = _DistributedRankZero()
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def _rank_zero_without_process_group():
-    """Work around ``blended_dataset.py:153`` (unguarded ``get_rank()``) in single processes."""
-    from megatron.core.datasets import blended_dataset
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    original = blended_dataset.torch
-    blended_dataset.torch = _TorchView()
-    try:
-        yield
-    finally:
-        blended_dataset.torch = original
-
-
 def parse_blend(data_path: Union[str, Sequence[str]]) -> Tuple[List[str], Optional[List[float]]]:
     """Megatron blend list -> (prefixes, weights or None); ``["p"]`` or ``["w1", "p1", ...]``."""
     from megatron.core.datasets.utils import get_blend_from_list
@@ -452,7 +399,7 @@ def build_train_valid_test_datasets(
                  for p in blend_prefixes(data_path, blend_per_split)]
         if blend is not None:
             _check_splits(infos, split, num_samples)
-    _check_helpers()
+    check_helpers(DataError)
 
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -469,7 +416,7 @@ def build_train_valid_test_datasets(
         mid_level_dataset_surplus=mid_level_dataset_surplus,
     )
     sizes = [None if n is None else int(n) for n in num_samples]
-    with _rank_zero_without_process_group():
+    with rank_zero_without_process_group():
         train, valid, test = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, lambda: True, config
         ).build()

@@ -27,7 +27,6 @@ optimizer, schedule and data position, as ``--no-load-optim`` would.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 from typing import Optional
@@ -39,6 +38,7 @@ from megatron_coe import checkpointing
 from megatron_coe.arch import RECORD_KEY, ModelArch
 from megatron_coe.checkpointing import (  # noqa: F401 - re-exported for the trainer's callers
     SHARDING_METADATA, CheckpointError)
+from megatron_coe.compat.optimizer_state import adam_step_tolerant_load, ensure_optimizer_state
 from megatron_coe.training import megatron_lm
 from megatron_coe.training.options import TrainArgs
 
@@ -103,72 +103,13 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh torch AdamW the per-parameter state that Megatron's loading expects.
-
-    Without Apex/TE, ``DistributedOptimizer.state_dict()`` reads ``step`` from every parameter's
-    state (``distrib_optimizer.py:640``, 0.16.1), which torch creates lazily at the first step;
-    loading into (or saving) a fresh optimizer would fail. Zero moments at step 0 are exactly
-    what AdamW's first step would create; a load overwrites them. No step is taken.
-    """
-    for dist_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = dist_opt.optimizer
-        if not isinstance(inner, (torch.optim.AdamW, torch.optim.Adam)):
-            continue
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if not inner.state[p]:
-                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                      "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
-
-
-@contextlib.contextmanager
-def _torch_adam_step_fix():
-    """Load ``fully_reshardable`` optimizer state into torch AdamW (Megatron 0.16.1 w/o Apex/TE).
-
-    ``DistributedOptimizer.load_state_dict`` gives every torch-AdamW state a ``step`` (taken from
-    the saved param groups, ``distrib_optimizer.py:818-826``) and then copies each saved tensor
-    onto *every* state key (``_set_main_param_and_optimizer_states``, ``:938-940``), but the
-    saved per-parameter tensors hold no ``step``: KeyError. Inside this context the missing
-    ``step`` is copied onto itself (a no-op). Afterwards ``_unshare_steps`` gives each parameter
-    its own ``step`` tensor (the load assigns one shared tensor, which AdamW would increment once
-    per parameter).
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
-            if step is not None:
-                tensors = {**tensors, "step": step}
-        return original(self, model_param, tensors)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        DistributedOptimizer._set_main_param_and_optimizer_states = original
-
-
-def _unshare_steps(optimizer) -> None:
-    for dist_opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in dist_opt.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].detach().clone()
-
-
 def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
     from megatron_coe.training.setup import unwrap
 
     model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
     state = {"model": model_sd}
     if optimizer is not None:
-        _ensure_optimizer_state(optimizer)
+        ensure_optimizer_state(optimizer)  # torch AdamW without Apex/TE (compat)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=SHARDING_METADATA)
     return state
@@ -250,9 +191,8 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
         loaded = dist_checkpointing.load(state, path)
         unwrap(model[0]).load_state_dict(loaded["model"])
         if load_optim:
-            with _torch_adam_step_fix():
+            with adam_step_tolerant_load(optimizer):
                 optimizer.load_state_dict(loaded["optimizer"])
-            _unshare_steps(optimizer)
             scheduler.load_state_dict(loaded["opt_param_scheduler" if foreign else "scheduler"])
     if foreign:
         if rank == 0:

@@ -78,20 +78,21 @@ def reduce_lm_loss(reports: list, extra=0.0):
 
 
 def reduce_aux_losses(num_microbatches: int, pg_collection) -> dict:
-    """{tracker name: [value per layer]} for this step, then clears the tracker."""
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-        reduce_aux_losses_tracker_across_ranks,
+    """{tracker name: [value per layer]} for this step, then clears the tracker (through
+    ``compat.router_losses``: the installed Megatron-Core's metrics tracker API)."""
+    from megatron_coe.compat.router_losses import (
+        clear_recorded_metrics,
+        recorded_metrics,
+        reduce_recorded_metrics,
     )
 
-    tracker = get_moe_layer_wise_logging_tracker()
-    names = sorted(tracker)
+    names = sorted(recorded_metrics())
     if not names:
         return {}
-    reduce_aux_losses_tracker_across_ranks(names, pg_collection=pg_collection)
-    out = {n: (tracker[n]["values"].float() / num_microbatches).tolist() for n in names}
-    clear_aux_losses_tracker()
+    reduce_recorded_metrics(names, pg_collection)
+    values = recorded_metrics()
+    out = {n: (values[n].float() / num_microbatches).tolist() for n in names}
+    clear_recorded_metrics()
     return out
 
 

@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 
 from megatron_coe import checkpointing
-from megatron_coe.compat import cuda_device_redirect
+from megatron_coe.compat import cuda_device_redirect, outside_cuda_device_redirect
 from megatron_coe.training import checkpoint as ckpt
 from megatron_coe.training import data, metrics, profiling, setup, signals, timelimit
 from megatron_coe.training.options import TrainArgs
@@ -83,26 +83,6 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss.detach().clone(), mask.sum().detach()])
     return loss, num_tokens, {"lm loss": report}
-
-
-@contextlib.contextmanager
-def _model_outside_redirect():
-    """Run the model's forward without ``cuda_device_redirect``.
-
-    The redirect must wrap Megatron's schedule (it allocates ``device="cuda"`` counters) and the
-    DDP/optimizer calls, but the model needs none of it on CPU, and the mode costs every torch
-    call of the forward (10-20% of a tiny CPU step).
-    """
-    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
-
-    from megatron_coe.compat import _CudaToCpuMode
-
-    stack = _get_current_function_mode_stack()
-    if stack and isinstance(stack[-1], _CudaToCpuMode):
-        with _pop_mode_temporarily():
-            yield
-    else:
-        yield
 
 
 @dataclass
@@ -306,7 +286,7 @@ class Trainer:
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        with _model_outside_redirect():
+        with outside_cuda_device_redirect():  # the schedule needs the redirect, the model not
             output = model(batch["tokens"], batch["position_ids"], self.attention_mask,
                            labels=batch["labels"])
         return output, partial(loss_func, batch["loss_mask"])
