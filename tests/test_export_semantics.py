@@ -37,6 +37,10 @@ CASES = {  # name: (config overrides, expected model type)
     "layernorm": (dict(coe_iterations=2, normalization="LayerNorm"), "coe_megatron"),
     "megatron_moe": (dict(coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True),
                      "deepseek_v2"),
+    # main norms' eps 1e-5 (rms_norm_eps), latent norms DeepSeek-V2's 1e-6: still exact
+    "megatron_moe_norm_eps_1e-5": (dict(coe_iterations=1, coe_inner_residual=False,
+                                        coe_outer_residual=True, layernorm_epsilon=1e-5),
+                                   "deepseek_v2"),
 }
 
 

@@ -72,33 +72,23 @@ def progress(iterable, total: int, desc: str, enabled: bool = True):
 
 
 def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None] = print) -> str:
+    """``deepseek_v2`` (auto: when stock DeepSeek-V2 computes this model exactly) or ``coe``;
+    an auto export under this project's own model type prints one line saying why."""
     if fmt not in FORMATS:
         raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
     problems = spec.stock_deepseek_v2_problems()
-    inexact = stock_inexact(spec)
     if fmt == "auto":
-        if not problems and not inexact:
+        if not problems:
             return "deepseek_v2"
         own = spec.published_problems()
         if spec.attention == "mla" and own:
             warn(f"note: exporting as this project's own model type {spec.hf_model_type()!r} "
                  f"(remote code), not 'coe_deepseekv2': {own[0]}")
         return "coe"
-    if fmt == "deepseek_v2":
-        if problems:
-            raise ConversionError("this model cannot be exported as stock DeepSeek-V2 "
-                                  "(use --format coe):\n  - " + "\n  - ".join(problems))
-        for note in inexact:
-            warn(f"warning: {note}")
+    if fmt == "deepseek_v2" and problems:
+        raise ConversionError("this model cannot be exported as stock DeepSeek-V2 "
+                              "(use --format coe):\n  - " + "\n  - ".join(problems))
     return fmt
-
-
-def stock_inexact(spec: ArchSpec) -> list:
-    """Small numeric differences of stock DeepSeek-V2 (they do not stop an explicit export)."""
-    if spec.attention == "mla" and spec.qk_layernorm and spec.norm_eps != 1e-6:
-        return [f"stock DeepSeek-V2 normalises the q/kv latents with eps 1e-6 (hard-coded) while this "
-                f"model uses {spec.norm_eps:g}: logits will differ slightly"]
-    return []
 
 
 def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype: Optional[str] = None) -> dict:
