@@ -178,6 +178,17 @@ def test_trained_checkpoint_exports_its_function(case, data, tmp_path, capsys):
                                         "--no-progress"]) == 0
     printed = capsys.readouterr().out.splitlines()
     cfg, model = _load_declared(out)
+    if case == "quickstart":  # the tokenizer, loaded as the exporter's last line says
+        from transformers import AutoTokenizer
+
+        assert "AutoTokenizer.from_pretrained" in printed[-1] and "trust_remote_code=True" in \
+            printed[-1], printed[-1]
+        tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+        from megatron_coe.data.tokenizer import load_tokenizer
+
+        ours = load_tokenizer(data[0] + ".tokenizer.json")
+        text = "Natalia sold 48 clips in April."
+        assert tok(text)["input_ids"] == ours.tokenize(text)
     notes = [line for line in printed if "own model type" in line]
     if case == "legacy":
         assert cfg["model_type"] == "coe_megatron" and not cfg["qk_layernorm"]

@@ -9,7 +9,9 @@ Examples:
 
     # then, in Python:
     #   model = AutoModelForCausalLM.from_pretrained("hf/coe2", trust_remote_code=True)
-    #   tok = AutoTokenizer.from_pretrained("hf/coe2")
+    #   tok = AutoTokenizer.from_pretrained("hf/coe2", trust_remote_code=True)
+    # (trust_remote_code for the tokenizer too: without it transformers reads config.json with
+    # its generic config class, which cannot parse a YaRN rope_scaling)
 
     # a standard MoE (C=1, MLA, inner residual off, outer on, pre-softmax routing) for stock
     # transformers DeepseekV2ForCausalLM (no remote code):
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
     load_hint = "" if result.format == "deepseek_v2" else ", trust_remote_code=True"
     print(f"wrote {result.path} (format {result.format}, {result.num_tensors} tensors, "
           f"{result.total_bytes / 1e6:.1f} MB, {result.seconds:.1f} s); load with "
-          f"AutoModelForCausalLM.from_pretrained({result.path!r}{load_hint})")
+          f"AutoModelForCausalLM.from_pretrained({result.path!r}{load_hint}) (and "
+          f"AutoTokenizer.from_pretrained({result.path!r}{load_hint}))")
     return 0
 
 
