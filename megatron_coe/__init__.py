@@ -2,7 +2,9 @@
 
 Package layout:
     config.py                         CoE fields on Megatron's TransformerConfig, validated once
-    compat.py                         narrow CPU / missing-TE compatibility layer
+    compat/                           the Megatron-Core boundary: every patch, stand-in, version
+                                      adaptation and internal relied upon, one module per
+                                      upstream area, listed in compat/registry.py
     transformer/coe_layer.py          ChainOfExpertsLayer (C chained expert-parallel passes)
     transformer/coe_router.py         per-pass router (aux losses logged per layer and pass)
     transformer/coe_transformer_layer.py  outer residual in the transformer layer
