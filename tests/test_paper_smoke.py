@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -187,3 +188,142 @@ def test_benchmark_model_variants_differ_only_in_routing_fields():
             {k: v for k, v in parsed["moe_8_16"].items() if k not in routing_fields}
     for _, cfg in rb.GPU_MODELS.values():
         assert cfg.exists()
+
+
+# --------------------------------------------------------------------------- protocol 2
+def _protocol2():
+    sys.path.insert(0, str(BENCH.parent))
+    import protocol2
+
+    return protocol2
+
+
+def test_protocol2_arms_differ_only_in_their_fields():
+    """Protocol 2: every trainer option is set by BASE (none left to the trainer's defaults);
+    the committed configs are the generated ones; parsed by the trainer, each arm differs from
+    BASE (= CoE-2(4/32)) exactly in the fields it declares, all of them routing fields (plus
+    num_layers for the depth control), with the paper's ratios."""
+    import dataclasses
+
+    from megatron_coe.training.options import TrainArgs, parse_args
+
+    p2 = _protocol2()
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    missing = names - set(p2.BASE) - p2.RUNTIME_OPTIONS
+    assert not missing, (f"trainer option(s) {sorted(missing)} are not set by protocol 2: add "
+                         "them to BASE in examples/paper/protocol2.py, then run it with "
+                         "--write-configs")
+    assert set(p2.BASE) <= names
+    parsed = {}
+    for arm in p2.ARMS:
+        path = p2.CONFIG_DIR / f"{arm}.yaml"
+        assert path.read_text() == p2.config_yaml(arm), f"{path} is stale: run --write-configs"
+        parsed[arm] = parse_args(["--config", str(path)]).to_dict()
+    base = parsed[p2.COE]
+    want = {  # (N, k, C, inner, outer, shared, layers)
+        "coe2_4_32": (32, 4, 2, True, False, False, 2),
+        "moe_8_32": (32, 8, 1, True, False, False, 2),
+        "megatron_moe_8_32": (32, 8, 1, False, True, False, 2),
+        "coe2_4_24": (24, 4, 2, True, False, False, 2),
+        "coe2_4_32_shared_router": (32, 4, 2, True, False, True, 2),
+        "coe2_4_32_outer_residual": (32, 4, 2, False, True, False, 2),
+        "moe_8_32_4layers": (32, 8, 1, True, False, False, 4),
+    }
+    assert list(parsed) == list(want)
+    for arm, d in parsed.items():
+        got = tuple(d[k] for k in p2.ROUTING_FIELDS[:6]) + (d["num_layers"],)
+        assert got == want[arm], arm
+        differ = {k for k in d if d[k] != base[k]}
+        declared = {k for k, v in p2.ARMS[arm].fields.items() if p2.BASE[k] != v}
+        assert differ == declared, (arm, differ, declared)
+        allowed = set(p2.ROUTING_FIELDS) | ({"num_layers"} if arm == p2.DEPTH else set())
+        assert differ <= allowed, (arm, differ - allowed)
+    # the schedule the protocol relies on, as the trainer reads it
+    assert (base["lr_decay_style"], base["lr_warmup_fraction"], base["train_iters"],
+            base["eval_interval"], base["hidden_dropout"]) == ("constant", 0.1, 500, 25, 0.0)
+    # equal routed compute: MoE top-8 = CoE 2 x top-4; memory-matched 3N/4
+    assert parsed["moe_8_32"]["moe_router_topk"] == 2 * base["moe_router_topk"]
+    assert parsed["coe2_4_24"]["num_experts"] * 4 == base["num_experts"] * 3
+
+
+def test_protocol2_statistics_by_hand():
+    """Paired interval, crossing step, step efficiency and the pre-written decision rules."""
+    from megatron_coe.analysis import paired
+
+    st = paired.paired_interval([-0.02, -0.04, -0.03, -0.05, -0.01])
+    half = 2.776 * statistics.stdev([-0.02, -0.04, -0.03, -0.05, -0.01]) / 5 ** 0.5
+    assert st["mean"] == pytest.approx(-0.03) and st["hi"] == pytest.approx(-0.03 + half)
+    assert st["below_zero"] == 5
+    assert paired.last_k_mean([[25, 9.0], [50, 3.0], [75, 2.0], [100, 1.0]], 3) == 2.0
+    base = [[0, 5.0], [100, 4.0], [200, 3.0]]
+    assert paired.crossing_step(base, 3.5) == pytest.approx(150.0)
+    assert paired.crossing_step(base, 2.0) is None
+    e = paired.step_efficiency([[100, 3.5]], base, 100)
+    assert e["value"] == pytest.approx(1.5)
+    e = paired.step_efficiency([[100, 2.0]], base, 100)
+    assert e["value"] is None and e["lower_bound"] == pytest.approx(2.0)
+
+    assert paired.decide([-0.02, -0.04, -0.03, -0.05, -0.01], 0.1, True)["verdict"] == "REPRODUCED"
+    # one seed above 0: not reproduced-by-rule even with the mean below 0
+    assert paired.decide([-0.02, -0.04, 0.001, -0.05, -0.01], 0.1, True)["verdict"] != "REPRODUCED"
+    flat = [0.01, -0.005, 0.002, 0.004, -0.001]
+    assert paired.decide(flat, 0.08, True)["verdict"] == "NOT REPRODUCED"
+    d = paired.decide(flat, 0.01, True)  # depth does not help here: cannot say "not reproduced"
+    assert d["verdict"] == "INCONCLUSIVE" and "depth" in d["reason"]
+    d = paired.decide([-0.05, 0.02, -0.04, 0.01, -0.03], 0.1, True)
+    assert d["verdict"] == "INCONCLUSIVE" and d["seeds_to_decide"] > 5
+    assert str(d["seeds_to_decide"]) in d["reason"]
+    assert paired.decide([-0.1, -0.1], 0.1, False)["verdict"] == "IN PROGRESS"
+    assert paired.decide([-0.1], None, True)["verdict"] == "NO VERDICT"
+
+
+@pytest.mark.timeout(240)
+def test_protocol2_smoke(gsm8k_small, tmp_path):
+    """Protocol 2 end to end on a GSM8K slice (2 arms, 1 rate, 1 seed, 4 steps, 1 process):
+    stage 0 prints a planned wall time, the report and tables are written; a second invocation
+    skips every finished run; --report-only after a run's summary is gone says IN PROGRESS and
+    gives no verdict."""
+    p2 = _protocol2()
+    sizes = p2.split_sizes(gsm8k_small["train"], gsm8k_small["test"], 128, "98,2,0")
+    gbs = 4
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--protocol", "2", "--arms", "coe2_4_32", "moe_8_32", "--lrs", "3e-3",
+            "--seeds-main", "1", "--probe-iters", "2", "--test-samples", "8", "--nproc", "1",
+            "--train-data", gsm8k_small["train"], "--test-data", gsm8k_small["test"],
+            "--out", out, "--work-dir", work, "--set", "train_iters=4", "eval_interval=1",
+            "save_interval=4", "micro_batch_size=2", f"global_batch_size={gbs}",
+            f"eval_iters={sizes['valid_sequences'] // gbs}", "expert_model_parallel_size=1",
+            "log_interval=1"]
+    proc = _bench(args, timeout=200)
+    assert "stage 0: PLANNED WALL TIME" in proc.stdout
+    text = (out / "results.md").read_text()
+    assert text in proc.stdout and "COMPLETE" in text.splitlines()[0]
+    assert "NO VERDICT" in text  # 1 seed planned: the rules need 5
+    rows = {r["arm"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"coe2_4_32", "moe_8_32"}
+    for r in rows.values():
+        assert r["seeds_done"] == "1" and 0 < float(r["test_mean"]) < 10
+        assert int(r["params_total"]) > 0
+    assert rows["coe2_4_32"]["routed_expert_params_total"] == rows["moe_8_32"]["routed_expert_params_total"]
+    assert len(list(csv.DictReader(open(out / "runs.csv")))) == 2
+    for png in ("paired_difference.png", "valid_loss.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each run's config: the arm's config + seed / lr / paths, every option explicit
+    cfg = (work / "runs/coe2_4_32_lr3e-3_seed1/config.yaml").read_text()
+    assert "lr_decay_style: constant" in cfg and "seed: 1" in cfg
+
+    # a partial report: one run's summary gone (as if it had been interrupted)
+    (work / "summaries/moe_8_32_lr3e-3_seed1.json").unlink()
+    part = _bench(args + ["--report-only"], timeout=120)
+    text = (out / "results.md").read_text()
+    assert "IN PROGRESS" in text.splitlines()[0] and "Verdict: IN PROGRESS" in text
+    assert "training (" not in part.stdout
+    # resuming: the finished run is skipped, the other continues from its checkpoint (which
+    # is at the last step: nothing to train) and the report is complete again
+    again = _bench(args, timeout=120)
+    assert "coe2_4_32_lr3e-3_seed1: finished before, skipped" in again.stdout
+    assert "coe2_4_32_lr3e-3_seed1: training" not in again.stdout
+    assert "moe_8_32_lr3e-3_seed1: training" in again.stdout
+    assert "stage 0: coe2_4_32" not in again.stdout  # stage 0 is not measured twice
+    assert "nothing to train" in (work / "runs/moe_8_32_lr3e-3_seed1/train.log").read_text()
+    assert "COMPLETE" in (out / "results.md").read_text().splitlines()[0]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The paper benchmark in one command (see examples/paper/run_benchmark.py and RESULTS.md):
 #   bash examples/paper/run.sh                   # auto: paper-size configs on a GPU, CPU scale otherwise
-#   bash examples/paper/run.sh --scale cpu --seeds 1 2 3 --train-iters 300
+#   bash examples/paper/run.sh --scale cpu --seeds 1 2 3 --train-iters 300   # protocol 1
+#   bash examples/paper/run.sh --protocol 2                 # protocol 2 (resumes; see protocol2.py)
+#   bash examples/paper/run.sh --protocol 2 --report-only   # its (partial) report, no training
 # Creates ./.venv if missing and installs matplotlib (plots) if it is not there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The Chain-of-Experts paper benchmark in one command: MoE vs CoE vs ablations, several seeds.
 
+    .venv/bin/python examples/paper/run_benchmark.py --protocol 2   # protocol 2 (protocol2.py)
     .venv/bin/python examples/paper/run_benchmark.py            # auto: GPU -> paper size, else CPU
     .venv/bin/python examples/paper/run_benchmark.py --scale cpu --train-iters 200 --seeds 1 2 3
     .venv/bin/python examples/paper/run_benchmark.py --scale gpu  # examples/*.yaml, 1 GPU per run
@@ -560,7 +561,30 @@ def parse(argv=None):
     return opts, cfg
 
 
+def split_protocol(argv: list) -> tuple:
+    """``--protocol N`` (1: this module's benchmark, the default; 2: ``protocol2.py``) and the
+    remaining arguments."""
+    rest, protocol, it = [], "1", iter(argv)
+    for a in it:
+        if a == "--protocol":
+            protocol = next(it, "")
+        elif a.startswith("--protocol="):
+            protocol = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if protocol not in ("1", "2"):
+        sys.exit(f"run_benchmark.py: error: --protocol {protocol!r}: choose 1 (the first CPU/GPU "
+                 "benchmark, the default) or 2 (examples/paper/protocol2.py)")
+    return int(protocol), rest
+
+
 def main(argv=None) -> int:
+    protocol, argv = split_protocol(list(sys.argv[1:] if argv is None else argv))
+    if protocol == 2:
+        sys.path.insert(0, str(HERE))
+        import protocol2
+
+        return protocol2.main(argv)
     opts, cfg = parse(argv)
     models = opts.models_cfg
     out = Path(opts.out)

@@ -54,8 +54,8 @@ def main(argv: list) -> int:
     record = {"rank": rank, "rss_baseline_bytes": _rss()}
     original = setup.build_model
 
-    def build_model(args, config, vocab_size):
-        model = original(args, config, vocab_size)
+    def build_model(args, *rest, **kwargs):  # whatever else setup.build_model takes
+        model = original(args, *rest, **kwargs)
         counts = setup.count_parameters(model)
         record.update(params_local=counts["local"], ep_size=args.expert_model_parallel_size,
                       params_total=counts["total"],
