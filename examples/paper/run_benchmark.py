@@ -578,6 +578,27 @@ def split_protocol(argv: list) -> tuple:
     return int(protocol), rest
 
 
+def epochs_note(opts, models: dict) -> None:
+    """One line: the token budget of a run over the tokens of its training data (the paper-size
+    configs train 1000 x 64 x 512 = 32.8 M tokens; GSM8K train is about 1.55 M: > 20 epochs)."""
+    import yaml
+
+    meta = Path(opts.train_prefix + ".meta.json")
+    if not meta.exists():
+        return
+    data_tokens = json.loads(meta.read_text()).get("num_tokens")
+    cfg = yaml.safe_load(Path(next(iter(models.values()))[1]).read_text())
+    iters = opts.train_iters or cfg.get("train_iters")
+    if not (data_tokens and iters and cfg.get("global_batch_size") and cfg.get("seq_length")):
+        return
+    budget = iters * cfg["global_batch_size"] * cfg["seq_length"]
+    log(f"token budget {budget / 1e6:.1f} M tokens per run = {budget / data_tokens:.1f} epochs of "
+        f"{opts.train_prefix} ({data_tokens / 1e6:.2f} M tokens)"
+        + ("; more than a few epochs is a memorisation regime: pass --train-data/--test-data "
+           "(e.g. MetaMathQA, as the paper, via tools/preprocess_data.py) or fewer "
+           "--train-iters" if budget > 4 * data_tokens else ""))
+
+
 def main(argv=None) -> int:
     protocol, argv = split_protocol(list(sys.argv[1:] if argv is None else argv))
     if protocol == 2:
@@ -593,6 +614,7 @@ def main(argv=None) -> int:
         f"process(es)/run, EP={opts.ep}, train iters {opts.train_iters or 'from config'} -> {out}")
     if not (opts.train_data and opts.test_data):
         ensure_data(opts.python, opts.train_prefix, opts.test_prefix, cfg["vocab"])
+    epochs_note(opts, models)
     runs, failed = [], []
     t0 = time.time()
     total = len(models) * len(opts.seeds)
