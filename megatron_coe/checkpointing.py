@@ -408,6 +408,7 @@ def _install_fork_hook() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _DEATHSIG
     for fd in list(_LOCK_FDS):
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -417,6 +418,8 @@ def _after_fork_in_child() -> None:
         set_parent_death_signal()
         if os.getppid() != target[1]:  # the parent died before the signal was armed
             os._exit(1)
+        # this child's own forks (the file writers of an --async-save writer) die with it
+        _DEATHSIG = (target[0], os.getpid())
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
@@ -498,15 +501,17 @@ def lock_collective(root: Optional[str], flag: str = "--save") -> Optional[SaveL
 
 # --------------------------------------------------------------------------- writing
 @contextlib.contextmanager
-def sharded_writer():
-    """Context for ``dist_checkpointing.save``: in-process results queue, writers die with us."""
+def sharded_writer(results_queue=None):
+    """Context for ``dist_checkpointing.save``: in-process results queue (``results_queue``: one
+    that crosses processes, for an async save's forked writer), writers die with us."""
     global _DEATHSIG
     from megatron_coe.compat.dist_checkpointing import write_results_queue_swapped
 
     _install_fork_hook()
     _DEATHSIG = (threading.get_ident(), os.getpid())
     try:
-        with write_results_queue_swapped(queue.Queue()):
+        with write_results_queue_swapped(queue.Queue() if results_queue is None
+                                         else results_queue):
             yield
     finally:
         _DEATHSIG = None
@@ -608,9 +613,21 @@ def save(root: str, iteration: int, write: Callable[[str], None], meta: Optional
     ``meta`` (rank 0's; other ranks may pass None) becomes ``coe_checkpoint.json`` with
     ``format_version``, ``iteration`` and ``files`` added.
     """
-    rank, _, dist = _dist()
-    final = iteration_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp = begin(root, iteration)
+    error = None
+    try:
+        write(tmp)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException;
+        error = e               # every rank must learn about any failure (see _agree)
+    return finish(root, iteration, tmp, meta, error)
+
+
+def begin(root: str, iteration: int) -> str:
+    """Collective: the empty ``iter_N.tmp`` every rank writes into (an older one removed)."""
+    rank, _, _ = _dist()
+    tmp = iteration_dir(root, iteration) + ".tmp"
     error = None
     if rank == 0:
         try:
@@ -620,13 +637,34 @@ def save(root: str, iteration: int, write: Callable[[str], None], meta: Optional
         except OSError as e:
             error = e
     _agree(error, tmp, f"checkpoint iteration {iteration}", None)
-    try:
-        write(tmp)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException;
-        error = e               # every rank must learn about any failure (see _agree)
+    return tmp
+
+
+def agree(error: Optional[BaseException], root: str, iteration: int) -> None:
+    """Collective: raise on every rank when any rank's part of saving ``iter_N.tmp`` failed
+    (the partial write removed); for the steps of an async save between ``begin`` and
+    ``finish``."""
+    tmp = iteration_dir(root, iteration) + ".tmp"
     _agree(error, tmp, f"checkpoint iteration {iteration}", tmp)
+
+
+def async_results_queue():
+    """The write-results queue of an async save: its writer is a forked process."""
+    import multiprocessing
+
+    return multiprocessing.get_context("fork").Queue()
+
+
+def finish(root: str, iteration: int, tmp: str, meta: Optional[dict],
+           error: Optional[BaseException] = None) -> str:
+    """Collective: once every rank has written its part of ``tmp`` (``error``: this rank's
+    failure), checksums, then rank 0 publishes ``iter_N`` (``publish``) and the tracker. An async
+    save calls it when its writers are done, at a later step boundary: until then ``tmp`` is
+    not published and a kill leaves the published checkpoint as it was."""
+    rank, _, dist = _dist()
+    final = iteration_dir(root, iteration)
+    _agree(error, tmp, f"checkpoint iteration {iteration}", tmp)
+    error = None
     files = checksum_files(tmp)
     if rank == 0:
         try:

@@ -117,41 +117,85 @@ def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: list, optimizer,
                     scheduler, args: TrainArgs, vocab_size: int, layout,
-                    flops_so_far: float = 0.0) -> str:
+                    flops_so_far: float = 0.0, async_queue=None) -> str:
     """Collective: write and publish ``root/iter_N`` (``checkpointing.save``).
 
     The common state also carries Megatron-LM's keys (``megatron_lm.common_state``) and the
-    sharded ``rng_state`` object, so Megatron-LM's own loaders read the checkpoint."""
+    sharded ``rng_state`` object, so Megatron-LM's own loaders read the checkpoint.
+
+    ``async_queue`` (``--async-save``, an ``AsyncCallsQueue``): the common state and the RNG
+    files are written now and the shard files by a forked writer per rank (Megatron-Core's async
+    dist_checkpointing); ``iter_N`` is published by the request's finalization, which runs on
+    every rank at a later ``async_queue.maybe_finalize_async_calls`` (``checkpointing.finish``).
+    Returns the path ``iter_N`` has (or will have once published)."""
     from megatron.core import dist_checkpointing
 
     from megatron_coe.compat import cuda_device_redirect
+    from megatron_coe.compat.async_checkpoint import async_save_kwargs, request_with_finalize
     from megatron_coe.training import signals
 
     rank = torch.distributed.get_rank()
 
-    def write(tmp: str) -> None:
-        # shielded: the writer processes dist_checkpointing forks ignore SIGTERM/SIGUSR1 (the
-        # trainer still sees them afterwards); sharded_writer: they die with this rank.
-        with cuda_device_redirect(), signals.shielded(), checkpointing.sharded_writer():
-            state = _sharded_state(model, optimizer, is_loading=False)
-            state["scheduler"] = scheduler.state_dict()
-            state.update(megatron_lm.common_state(args, model, vocab_size, iteration,
-                                                  consumed_samples, layout, state["scheduler"],
-                                                  flops_so_far))
-            state["rng_state"] = megatron_lm.rng_sharded_object(_rng_state())
-            dist_checkpointing.save(state, tmp, content_metadata=SHARDING_METADATA)
+    def state() -> dict:
+        sd = _sharded_state(model, optimizer, is_loading=False)
+        sd["scheduler"] = scheduler.state_dict()
+        sd.update(megatron_lm.common_state(args, model, vocab_size, iteration, consumed_samples,
+                                           layout, sd["scheduler"], flops_so_far))
+        sd["rng_state"] = megatron_lm.rng_sharded_object(_rng_state())
+        return sd
+
+    def write_rng(tmp: str) -> None:
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
         rng_file = os.path.join(tmp, "rng", f"rank_{rank:05d}.pt")
         torch.save(_rng_state(), rng_file)
         with open(rng_file, "rb+") as f:
             os.fsync(f.fileno())
 
+    def write(tmp: str) -> None:
+        # shielded: the writer processes dist_checkpointing forks ignore SIGTERM/SIGUSR1 (the
+        # trainer still sees them afterwards); sharded_writer: they die with this rank.
+        with cuda_device_redirect(), signals.shielded(), checkpointing.sharded_writer():
+            dist_checkpointing.save(state(), tmp, content_metadata=SHARDING_METADATA)
+        write_rng(tmp)
+
     meta = None
     if rank == 0:
         meta = dict(consumed_train_samples=consumed_samples, vocab_size=vocab_size,
                     layout=vars(layout), args=args.to_dict())
         meta[RECORD_KEY] = ModelArch.from_args(args, vocab_size).to_dict()
-    return checkpointing.save(root, iteration, write, meta)
+    if async_queue is None:
+        return checkpointing.save(root, iteration, write, meta)
+
+    tmp = checkpointing.begin(root, iteration)
+    request, error = None, None
+    # the forked writer (and its file writers) block the stop signals and die with this rank;
+    # its results cross processes (async_results_queue)
+    with cuda_device_redirect(), signals.shielded(), \
+            checkpointing.sharded_writer(checkpointing.async_results_queue()):
+        try:
+            request = dist_checkpointing.save(state(), tmp, content_metadata=SHARDING_METADATA,
+                                              **async_save_kwargs())
+            write_rng(tmp)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - every rank must learn of any failure
+            error = e
+        checkpointing.agree(error, root, iteration)
+
+        def finalize(own: list) -> None:  # every rank, when every rank's writer is done
+            failure = None
+            try:
+                with cuda_device_redirect():
+                    for fn in own:  # Megatron's: write results, metadata
+                        fn()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # noqa: BLE001
+                failure = e
+            checkpointing.finish(root, iteration, tmp, meta, failure)
+
+        async_queue.schedule_async_request(request_with_finalize(request, finalize))
+    return checkpointing.iteration_dir(root, iteration)
 
 
 def estimated_bytes(args: TrainArgs, model_config, vocab_size: int) -> int:

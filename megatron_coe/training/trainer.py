@@ -202,6 +202,13 @@ class Trainer:
                     self.layout)
             self._log(f"resumed from {self.resume_from} at iteration {self.iteration}")
         self.last_saved = self.iteration if self.resume_from else None
+        # --async-save: Megatron-Core's queue of background checkpoint writes, and
+        # {call index: (iteration, path, start time)} of the unpublished ones
+        self.async_queue, self.async_pending = None, {}
+        if args.async_save:
+            from megatron_coe.compat.async_checkpoint import calls_queue
+
+            self.async_queue = calls_queue()
 
         s = args.seq_length
         mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
@@ -360,13 +367,33 @@ class Trainer:
                     f"non-finite parameters at iteration {self.iteration}: checkpoint not saved; "
                     f"{self._last_published()} (lower --lr or check --init-method-std and the "
                     "data)")
+            if self.async_queue is not None:  # at most one background save at a time
+                self.finalize_async_saves(blocking=True)
             path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed,
                                         self.model, self.optimizer, self.scheduler, self.args,
                                         self.vocab_size, self.layout,
-                                        flops_so_far=self.flops_per_step * self.iteration)
+                                        flops_so_far=self.flops_per_step * self.iteration,
+                                        async_queue=self.async_queue)
         self.last_saved = self.iteration
         self.save_seconds = metrics.now() - t0
-        self._log(f"saved checkpoint {path} ({self.save_seconds:.1f} s)")
+        if self.async_queue is None:
+            self._log(f"saved checkpoint {path} ({self.save_seconds:.1f} s)")
+            return
+        self.async_pending[self.async_queue.call_idx] = (self.iteration, path, t0)
+        self._log(f"checkpoint {path}: writing in the background ({self.save_seconds:.1f} s "
+                  "blocked; published once every rank has finished)")
+
+    def finalize_async_saves(self, blocking: bool) -> None:
+        """--async-save: publish the background saves every rank has finished writing
+        (``blocking``: wait for them). Collective; every rank has the same pending saves."""
+        if self.async_queue is None or not self.async_pending:
+            return
+        with self.doing(f"publishing an async checkpoint (iteration {self.iteration})"):
+            done = self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        for idx in done:
+            iteration, path, t0 = self.async_pending.pop(idx)
+            self._log(f"saved checkpoint {path} (async, published at iteration "
+                      f"{self.iteration}; {metrics.now() - t0:.1f} s after it started)")
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -388,12 +415,14 @@ class Trainer:
             while self.iteration < args.train_iters:
                 reason = self._one_step(iterator)
                 if reason:
+                    self.finalize_async_saves(blocking=True)
                     self._write_exit_reason(reason)
                     break
             else:
                 if args.eval_iters > 0 and not self._eval_due(self.iteration):
                     self.evaluate()
                 self.save()
+                self.finalize_async_saves(blocking=True)
                 self._write_exit_reason("finished")
         except NonFiniteError:
             self._write_exit_reason("non_finite")
@@ -489,6 +518,7 @@ class Trainer:
             if log_now:
                 self.straggler.report(self.flops_per_step * args.log_interval)
         step_time = metrics.now() - t0
+        self.finalize_async_saves(blocking=False)  # publish background saves that are done
         self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance)
         if check:
             self._stop_if_non_finite(loss, grad_norm, aux, bool(grad_seen), bool(aux_seen))
