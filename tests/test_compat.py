@@ -156,3 +156,22 @@ def test_missing_dataset_helpers_is_one_error_naming_the_release(monkeypatch):
     message = str(err.value)
     assert "\n" not in message and f"megatron-core=={version_string()}" in message
     assert "helpers_cpp" in message
+
+
+def test_checkpoint_without_common_pt_is_refused_only_where_unreadable(tmp_path):
+    """0.19.2 keeps the common state inside the torch_dist shards; 0.16.1 can read only common.pt."""
+    from megatron_coe.compat.dist_checkpointing import (
+        common_state_unreadable,
+        reads_embedded_common_state,
+    )
+    from megatron_coe.compat.versions import megatron_core_version
+
+    assert reads_embedded_common_state() == (megatron_core_version() >= (0, 19))
+    (tmp_path / "common.pt").write_bytes(b"")
+    assert common_state_unreadable(str(tmp_path)) is None
+    (tmp_path / "common.pt").unlink()
+    why = common_state_unreadable(str(tmp_path))
+    if megatron_core_version() >= (0, 19):
+        assert why is None
+    else:
+        assert "no common.pt" in why and "megatron-core>=0.19" in why and "\n" not in why

@@ -130,12 +130,12 @@ REGISTRY: Tuple[Entry, ...] = (
           ("dist_checkpointing/strategies/filesystem_async.py: _get_write_results_queue (<0.17), "
            "get_write_results_queue (>=0.17), module global _results_queue",),
           ALL, "get / install dist_checkpointing's write-results queue"),
-    # ---------------------------------------------------------------- async_checkpoint
-    Entry("ckpt.async_strategy", "async_checkpoint", "adaptation",
-          ("dist_checkpointing/serialization.py: save(async_sharded_save=True) takes "
-           "async_strategy (>=0.17, default 'nvrx' = nvidia-resiliency-ext); Megatron-Core's own "
-           "async writer is 'mcore' (the only one before 0.17)",),
-          ALL, "--async-save requests Megatron-Core's own async writer in every release"),
+    Entry("ckpt.common_state_location", "dist_checkpointing", "adaptation",
+          ("dist_checkpointing/serialization.py: save stores the common state in common.pt "
+           "(0.16.1) or as the 'common_state' ShardedObject in the torch_dist shards (0.19.2); "
+           "load_common_state_dict / _legacy_common_state_exists (0.19.2 reads both)",),
+          ALL, "--load of a checkpoint the installed release cannot read (0.19.2's saved under "
+               "0.16.1) is refused in one line before loading"),
     # ---------------------------------------------------------------- optimizer_state
     Entry("optim.fresh_adam_state", "optimizer_state", "adaptation",
           ("optimizer/distrib_optimizer.py: DistributedOptimizer.state_dict reads state['step'] "

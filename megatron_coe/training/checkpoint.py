@@ -38,6 +38,7 @@ from megatron_coe import checkpointing
 from megatron_coe.arch import RECORD_KEY, ModelArch
 from megatron_coe.checkpointing import (  # noqa: F401 - re-exported for the trainer's callers
     SHARDING_METADATA, CheckpointError)
+from megatron_coe.compat.dist_checkpointing import common_state_unreadable
 from megatron_coe.compat.optimizer_state import adam_step_tolerant_load, ensure_optimizer_state
 from megatron_coe.training import megatron_lm
 from megatron_coe.training.options import TrainArgs
@@ -69,7 +70,11 @@ def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) ->
     """Refuse a checkpoint whose model shape differs from this run's, naming every field.
 
     The checkpoint's model is its architecture record (``ModelArch.from_checkpoint_meta``: the
-    recorded ``arch``, or for older and Megatron-LM checkpoints, their ``args``)."""
+    recorded ``arch``, or for older and Megatron-LM checkpoints, their ``args``). First, a
+    checkpoint in a format the installed Megatron-Core cannot read is refused (compat)."""
+    unreadable = common_state_unreadable(path)
+    if unreadable:
+        raise CheckpointError(f"--load: checkpoint {path} cannot be loaded: {unreadable}.")
     saved = ModelArch.from_checkpoint_meta(meta)
     diffs = [(name, flag, a, b)
              for name, flag, a, b in saved.shape_differences(ModelArch.from_args(args))]
