@@ -102,6 +102,9 @@ def _exercise(rank, world_size, directory):
     assert tiny_config(cuda_graph_impl="transformer_engine").coe_iterations == 2  # whole layers
     with write_results_queue_swapped(queue.Queue()), cuda_device_redirect():
         assert torch.zeros(1, device="cuda").device.type == "cpu"
+    from megatron_coe.compat.async_checkpoint import async_save_kwargs
+
+    assert async_save_kwargs()["async_sharded_save"]  # --async-save's writer choice
     from megatron_coe.compat.internals import verify_internals
     from megatron_coe.training.metrics import reduce_aux_losses
 

@@ -136,6 +136,12 @@ REGISTRY: Tuple[Entry, ...] = (
            "load_common_state_dict / _legacy_common_state_exists (0.19.2 reads both)",),
           ALL, "--load of a checkpoint the installed release cannot read (0.19.2's saved under "
                "0.16.1) is refused in one line before loading"),
+    # ---------------------------------------------------------------- async_checkpoint
+    Entry("ckpt.async_strategy", "async_checkpoint", "adaptation",
+          ("dist_checkpointing/serialization.py: save(async_sharded_save=True) takes "
+           "async_strategy (>=0.17, default 'nvrx' = nvidia-resiliency-ext); Megatron-Core's own "
+           "async writer is 'mcore' (the only one before 0.17)",),
+          ALL, "--async-save requests Megatron-Core's own async writer in every release"),
     # ---------------------------------------------------------------- optimizer_state
     Entry("optim.fresh_adam_state", "optimizer_state", "adaptation",
           ("optimizer/distrib_optimizer.py: DistributedOptimizer.state_dict reads state['step'] "
