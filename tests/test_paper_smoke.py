@@ -277,7 +277,7 @@ def test_protocol2_statistics_by_hand():
     assert paired.decide([-0.1], None, True)["verdict"] == "NO VERDICT"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(600)
 def test_protocol2_smoke(gsm8k_small, tmp_path):
     """Protocol 2 end to end on a GSM8K slice (2 arms, 1 rate, 1 seed, 4 steps, 1 process):
     stage 0 prints a planned wall time, the report and tables are written; a second invocation
@@ -294,7 +294,7 @@ def test_protocol2_smoke(gsm8k_small, tmp_path):
             "save_interval=4", "micro_batch_size=2", f"global_batch_size={gbs}",
             f"eval_iters={sizes['valid_sequences'] // gbs}", "expert_model_parallel_size=1",
             "log_interval=1"]
-    proc = _bench(args, timeout=200)
+    proc = _bench(args, timeout=400)  # ~50 s on an idle 2-core machine
     assert "stage 0: PLANNED WALL TIME" in proc.stdout
     text = (out / "results.md").read_text()
     assert text in proc.stdout and "COMPLETE" in text.splitlines()[0]
@@ -314,13 +314,14 @@ def test_protocol2_smoke(gsm8k_small, tmp_path):
 
     # a partial report: one run's summary gone (as if it had been interrupted)
     (work / "summaries/moe_8_32_lr3e-3_seed1.json").unlink()
-    part = _bench(args + ["--report-only"], timeout=120)
+    assert p2.main([str(a) for a in args[2:]] + ["--report-only"]) == 0  # in this process
     text = (out / "results.md").read_text()
     assert "IN PROGRESS" in text.splitlines()[0] and "Verdict: IN PROGRESS" in text
-    assert "training (" not in part.stdout
+    assert "1 of 2 planned runs finished" in text
+    assert "| paper MoE(8/32) | - | 0/1 | in progress |" in text  # its rate: not chosen yet
     # resuming: the finished run is skipped, the other continues from its checkpoint (which
     # is at the last step: nothing to train) and the report is complete again
-    again = _bench(args, timeout=120)
+    again = _bench(args, timeout=180)
     assert "coe2_4_32_lr3e-3_seed1: finished before, skipped" in again.stdout
     assert "coe2_4_32_lr3e-3_seed1: training" not in again.stdout
     assert "moe_8_32_lr3e-3_seed1: training" in again.stdout

@@ -256,13 +256,16 @@ class Plan:
         top = max([self.seeds[a] for a in main + depth] or [0])
         for seed in range(1, top + 1):
             for a in main + depth:
-                if seed <= self.seeds[a]:
-                    order.append((a, self.lr_of(a, best), seed))
+                lr = self.lr_of(a, best)
+                if seed <= self.seeds[a] and not (lr is None and seed == 1 and ARMS[a].sweep):
+                    order.append((a, lr, seed))  # (a main arm's seed 1 is a stage-1 run)
         for a in self.arms:
             if a in main or a in depth:
                 continue
             for seed in range(1, self.seeds[a] + 1):
-                order.append((a, self.lr_of(a, best), seed))
+                lr = self.lr_of(a, best)
+                if not (lr is None and seed == 1 and ARMS[a].sweep):
+                    order.append((a, lr, seed))
         return order
 
 
@@ -901,8 +904,6 @@ def main(argv=None) -> int:
             print(pth.relative_to(ROOT))
         return 0
     t_start = time.time()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     work = Path(opts.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if not (opts.train_data and opts.test_data):
@@ -956,6 +957,8 @@ def main(argv=None) -> int:
         print(report(), flush=True)
         rb.log(f"wrote {opts.out}/results.md (report only)")
         return 0
+    for sig in (signal.SIGTERM, signal.SIGINT):  # the current run saves and stops
+        signal.signal(sig, _on_signal)
 
     rb.log(f"protocol 2: arms {', '.join(plan.arms)}; lrs {plan.lrs}; work {work}; report "
            f"{opts.out}; validation = {whole} batches (whole split of "
