@@ -157,3 +157,20 @@ def test_import_walk_sees_function_level_and_relative_imports():
                      "from ..conversion import mapping\nimport megatron_coe.conversion.export\n")
     assert {"megatron_coe.conversion.spec", "megatron_coe.conversion.mapping",
             "megatron_coe.conversion.export"} <= found
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_importer_builds_the_trainers_model_config(name):
+    """An import (``ArchSpec.to_megatron_config``) builds every architecture field of the
+    Megatron config exactly as the trainer does (``build_model_config``) for the same record."""
+    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.training.setup import build_model_config
+
+    args = parse_args(CASES[name] + TINY)
+    arch = ModelArch.from_args(args, 256)
+    trainer = build_model_config(args)
+    imported = ArchSpec.from_arch(arch).to_megatron_config()
+    assert type(imported) is type(trainer)
+    differ = {k: (getattr(imported, k), getattr(trainer, k)) for k in arch.to_config_kwargs()
+              if getattr(imported, k) != getattr(trainer, k)}
+    assert not differ, differ

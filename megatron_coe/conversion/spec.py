@@ -578,11 +578,30 @@ class ArchSpec:
         return []
 
     def to_megatron_config(self, **overrides):
-        """The CoE ``TransformerConfig`` of this spec (CPU-safe settings; ``overrides`` win)."""
+        """The CoE ``TransformerConfig`` of this spec (CPU-safe settings; ``overrides`` win).
+
+        Built from the architecture record (``to_arch().to_config_kwargs()``: the fields the
+        trainer builds its model from), so an import is the model the trainer builds; only a
+        model the record cannot express (``to_arch`` refuses it) is built field by field here."""
         import torch
 
         from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
 
+        runtime = dict(
+            moe_token_dispatcher_type="alltoall", add_bias_linear=False,
+            params_dtype=getattr(torch, self.dtype), use_cpu_initialization=True,
+            gradient_accumulation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+            apply_rope_fusion=False, persist_layer_norm=False, bias_activation_fusion=False,
+            hidden_dropout=0.0, attention_dropout=0.0)
+        try:
+            arch = self.to_arch()
+        except ConversionError:
+            arch = None
+        if arch is not None:
+            kw = dict(arch.to_config_kwargs(), **runtime)
+            kw.update(overrides)
+            cls = CoEMLATransformerConfig if arch.multi_latent_attention else CoETransformerConfig
+            return cls(**kw)
         kw = dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,
