@@ -395,6 +395,10 @@ class Runner:
         run_dir = self.work / "runs" / name
         rb.log(f"{name}: training ({ARMS[arm].label}, lr {lr:g}, seed {seed})")
         rc, t0 = self.train(name, arm, lr, seed, run_dir)
+        if rc != 0 and STOP["signal"]:
+            rb.log(f"{name}: interrupted after {time.time() - t0:.0f} s (the trainer saves a "
+                   "checkpoint on SIGTERM); the next invocation resumes it")
+            return None
         if rc != 0:
             tail = "".join((run_dir / "train.log").read_text().splitlines(True)[-12:])
             rb.log(f"{name}: FAILED (rc {rc}) after {time.time() - t0:.0f} s; "
@@ -822,7 +826,8 @@ class Report:
         ax.set_ylabel("validation loss minus paper MoE(8/32), same seed")
         ax.set_ylim(-0.25, 0.25)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.set_title("paired difference vs the paper MoE (thin: CoE-2(4/32) per seed)", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / "paired_difference.png", dpi=110)
@@ -840,7 +845,8 @@ class Report:
         ax.set_xlabel("iteration")
         ax.set_ylabel("validation LM loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "valid_loss.png", dpi=110)
         plt.close(fig)
@@ -975,7 +981,7 @@ def main(argv=None) -> int:
     planned_s = sum(per_run[a] for a, _, _ in todo1 + todo2) + \
         probe.get("analysis_s", 0) * (len(todo1) + len(todo2))
     probe.update(planned_total_s=planned_s + sum(s.get("wall_s", 0) for s in summaries.values()),
-                 planned_runs=len(plan.stage1()) + len(stage2_all), planned_remaining_s=planned_s)
+                 planned_runs=len(set(plan.stage1() + stage2_all)), planned_remaining_s=planned_s)
     _write_json(work / "stage0.json", probe)
     rb.log("stage 0: planned wall time per run: " + ", ".join(
         f"{a} {per_run[a] / 60:.1f} min" for a in plan.arms))
