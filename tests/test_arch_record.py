@@ -174,3 +174,12 @@ def test_importer_builds_the_trainers_model_config(name):
     differ = {k: (getattr(imported, k), getattr(trainer, k)) for k in arch.to_config_kwargs()
               if getattr(imported, k) != getattr(trainer, k)}
     assert not differ, differ
+
+
+def test_import_options_of_a_yarn_model_train_at_its_original_context():
+    from megatron_coe.conversion.spec import ArchSpec
+
+    args = parse_args(["--config", str(ROOT / "examples/coe2_4_64.yaml")])
+    values = ArchSpec.from_arch(ModelArch.from_args(args, 102400)).to_option_values()
+    assert values["max_position_embeddings"] == 163840 and values["seq_length"] == 4096
+    assert ModelArch.from_option_values(values, 102400) == ModelArch.from_args(args, 102400)

@@ -567,10 +567,13 @@ class ArchSpec:
         return ModelArch(**kw)
 
     def to_option_values(self) -> dict:
-        """{trainer option: value} that build exactly this model (``megatron_coe.train``);
-        ``seq_length`` is the declared context length."""
+        """{trainer option: value} that build exactly this model (``megatron_coe.train``), and
+        ``seq_length``: the context the model was trained at (YaRN: its original context, e.g.
+        4096 for the paper's model declared for 163840 positions; else the declared length)."""
         values = self.to_arch().to_option_values()
-        values["seq_length"] = self.max_position_embeddings
+        rs = self.rope_scaling or {}
+        values["seq_length"] = int(rs.get("original_max_position_embeddings")
+                                   or self.max_position_embeddings)
         return values
 
     def train_args_warnings(self) -> list:
