@@ -5,7 +5,7 @@ Layout of a checkpoint root (the trainer's ``--save``, the importer's ``--save``
     ROOT/latest_checkpointed_iteration.txt   the ONLY record of "latest" (an iteration number)
     ROOT/iter_0000020/                       a published checkpoint
         coe_checkpoint.json                  metadata, written last: iteration, args, layout,
-                                             model_config, ..., and ``files``: size + CRC-32 of
+                                             arch (the ModelArch record), ..., and ``files``: size + CRC-32 of
                                              every other file of the directory
         metadata.json, .metadata, common.pt, *.distcp   dist_checkpointing (torch_dist)
         rng/rank_00000.pt                    per-rank RNG states (trainer only)
