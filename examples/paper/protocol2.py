@@ -98,7 +98,7 @@ BASE = {
     "init_method_std": 0.02, "hidden_dropout": 0.0, "attention_dropout": 0.0,
     "seq_length": 128, "make_vocab_size_divisible_by": 128,
     # experts and router (N = 32 routed + 1 shared)
-    "num_experts": 32, "moe_router_topk": 4, "moe_ffn_hidden_size": 64,
+    "num_experts": 32, "moe_layer_freq": 1, "moe_router_topk": 4, "moe_ffn_hidden_size": 64,
     "moe_shared_expert_intermediate_size": 64, "moe_router_score_function": "softmax",
     "moe_router_pre_softmax": True, "moe_router_topk_scaling_factor": None,
     "moe_router_num_groups": None, "moe_router_group_topk": None,
@@ -348,7 +348,10 @@ class Runner:
                    tensorboard_dir=str(run_dir / "tensorboard"))
         path = run_dir / "config.yaml"
         text = yaml.safe_dump(cfg, sort_keys=False)
-        if path.exists() and path.read_text() != text:
+        old = yaml.safe_load(path.read_text()) if path.exists() else {}
+        # an option added to BASE since the run started (it ran with the trainer's value of it)
+        # does not stop the resume; a changed value does
+        if any(old[k] != cfg[k] for k in old.keys() & cfg.keys()):
             raise SystemExit(f"error: {path} holds another configuration than this invocation "
                              f"would train ({arm}, lr {lr}, seed {seed}); give another "
                              "--work-dir or remove that run directory")
