@@ -217,3 +217,32 @@ def test_use_checkpoint_args_resumes_without_model_flags(runs, tmp_path):
     resumed = {r["iteration"]: r["lm_loss"] for r in _records(tmp_path / "resumed.jsonl")
                if r["type"] == "train"}
     assert resumed == {5: full[5], 6: full[6]}
+
+
+# --------------------------------------------------------------------------- Megatron-LM's own save
+@pytest.mark.skipif(not HAVE_MEGATRON_LM, reason="needs megatron.training (Megatron-LM's "
+                    "save_checkpoint; megatron-core >= 0.17, the Python 3.12 environment "
+                    ".venv-mcore019)")
+@pytest.mark.timeout(400)
+def test_checkpoint_written_by_megatron_lm_save_checkpoint_loads_with_its_validation_loss(tmp_path):
+    """megatron.training.checkpointing.save_checkpoint of Megatron-LM's standard MoE GPT (local
+    spec, CPU): --load --use-checkpoint-args takes its model and weights (the router under
+    Megatron-LM's key), and validates to the loss that model had, bit for bit."""
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(name, None)
+    save = tmp_path / "mlm"
+    p = subprocess.run([PYTHON, "-m", "megatron_coe.testing.megatron_lm_save", str(save)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert (save / "iter_0000003").is_dir() and not (save / "iter_0000003" / "coe_checkpoint.json").exists()
+    reference = json.loads((save / "reference.json").read_text())
+    proc = subprocess.run([PYTHON, "-m", "megatron_coe.train", *RUN_ONLY, "--load", str(save),
+                           "--use-checkpoint-args", "--skip-train", "--eval-iters", "1",
+                           "--metrics-file", "valid.jsonl"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "loaded Megatron-LM checkpoint" in out and "weights only" in out, out[-3000:]
+    valid = [r for r in _records(tmp_path / "valid.jsonl") if r["type"] == "valid"]
+    assert [r["lm_loss"] for r in valid] == [reference["valid_loss"]]

@@ -108,10 +108,15 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model: list, optimizer, is_loading: bool) -> dict:
+def _sharded_state(model: list, optimizer, is_loading: bool,
+                   megatron_lm_keys: Optional[str] = None) -> dict:
+    """``megatron_lm_keys``: a checkpoint Megatron-LM wrote, whose keys the model's tensors take
+    where Megatron-LM's own model names them differently (``megatron_lm.use_megatron_lm_keys``)."""
     from megatron_coe.training.setup import unwrap
 
     model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
+    if megatron_lm_keys:
+        megatron_lm.use_megatron_lm_keys(model_sd, megatron_lm_keys)
     state = {"model": model_sd}
     if optimizer is not None:
         ensure_optimizer_state(optimizer)  # torch AdamW without Apex/TE (compat)
@@ -236,9 +241,18 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
         checkpointing.verify(path, meta)  # sizes + CRC-32 of every file (each rank reads a share)
     load_optim = not (args.no_load_optim or weights_only)
     with cuda_device_redirect():
-        state = _sharded_state(model, optimizer if load_optim else None, is_loading=True)
+        state = _sharded_state(model, optimizer if load_optim else None, is_loading=True,
+                               megatron_lm_keys=path if foreign else None)
         loaded = dist_checkpointing.load(state, path)
         unwrap(model[0]).load_state_dict(loaded["model"])
+        if load_optim and foreign:
+            why = megatron_lm.optimizer_structure_differs(optimizer, loaded["optimizer"])
+            if why:  # e.g. experts in their own optimizer here, in the dense one there
+                if rank == 0:
+                    print(f"note: Megatron-LM checkpoint {path}: {why}; loading its weights only "
+                          "(iteration 0, new optimizer, LR schedule and data position).",
+                          flush=True)
+                load_optim = False
         if load_optim:
             with adam_step_tolerant_load(optimizer):
                 optimizer.load_state_dict(loaded["optimizer"])

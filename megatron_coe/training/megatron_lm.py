@@ -128,6 +128,10 @@ def options_from(ns) -> dict:
     for name, value in STANDARD_MOE.items():
         if getattr(ns, name, None) is None:
             values[name] = value
+    if not getattr(ns, "group_query_attention", False):
+        # Megatron-LM keeps --num-query-groups (default 1) but uses one group per head unless
+        # --group-query-attention; here unset means one group per head
+        values["num_query_groups"] = None
     return values
 
 
@@ -194,6 +198,39 @@ def read_meta(path: str) -> dict:
                 megatron_lm=True,
                 num_floating_point_operations_so_far=common.get(
                     "num_floating_point_operations_so_far", 0.0))
+
+
+def use_megatron_lm_keys(model_sharded_state: dict, path: str) -> None:
+    """Rename, in this trainer's model sharded state dict, the tensors whose key differs in
+    Megatron-LM's own MoE GPT when checkpoint ``path`` uses Megatron-LM's keys: a one-pass CoE
+    layer's router is ``mlp.routers.0`` here and ``mlp.router`` there (the only difference:
+    norms, attention, experts and embeddings share Megatron-Core's keys). Only for loading a
+    checkpoint Megatron-LM wrote; this trainer's checkpoints keep their own keys."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    if not any(".mlp.router." in key for key in saved):
+        return
+    for sharded in nested_values(model_sharded_state):
+        key = getattr(sharded, "key", None)
+        if isinstance(key, str) and ".mlp.routers.0." in key:
+            sharded.key = key.replace(".mlp.routers.0.", ".mlp.router.")
+
+
+def optimizer_structure_differs(optimizer, loaded: dict) -> Optional[str]:
+    """Why a Megatron-LM checkpoint's optimizer state cannot go into ``optimizer`` (None: it
+    can): a different number of chained optimizers (this trainer keeps the routed experts'
+    parameters in their own distributed optimizer; Megatron-LM at expert-parallel size 1 keeps
+    them with the dense ones)."""
+    ours = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    # Megatron-Core's ChainedOptimizer: one state dict per optimizer (keys 0..n-1) when n > 1,
+    # else the single optimizer's own state dict
+    theirs = len(loaded) if loaded and all(isinstance(k, int) for k in loaded) else 1
+    if ours == theirs:
+        return None
+    return (f"its optimizer state is for {theirs} chained optimizer(s), this trainer has {ours} "
+            "(routed experts in their own optimizer)")
 
 
 def optimizer_layout_matches(path: str, sharding_type: str) -> Optional[str]:
