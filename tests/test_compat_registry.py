@@ -225,6 +225,33 @@ def _megatron_internals_outside_compat():
     return found
 
 
+# private attributes of megatron_coe's own objects (not Megatron-Core's) used across its modules
+_OWN_PRIVATE = {("megatron_coe/conversion/hf_io.py", "_pad"),  # data/tokenizer.py's tokenizer
+                ("megatron_coe/conversion/megatron_ckpt.py", "_EXPERT_RE")}  # conversion/mapping.py
+
+
+def test_private_attributes_outside_compat_are_registered_internals():
+    """``obj._name`` (obj not self/cls) outside compat: a registered internal or our own."""
+    from megatron_coe.compat.internals import PRIVATE_USES_OUTSIDE_COMPAT
+
+    allowed = {(f, n) for f, names in PRIVATE_USES_OUTSIDE_COMPAT.items() for n in names}
+    found = set()
+    for path in sorted((ROOT / "megatron_coe").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("megatron_coe/compat/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name)
+                             and node.value.id in ("self", "cls", "os", "sys"))):
+                found.add((rel, node.attr))
+    assert found - allowed - _OWN_PRIVATE == set(), (
+        "private attributes used outside megatron_coe/compat: move the use into compat, or "
+        "register the Megatron-Core internal (compat/internals.py)")
+    assert allowed <= found, f"registered but no longer used: {sorted(allowed - found)}"
+
+
 def test_no_megatron_patch_outside_compat():
     found = _megatron_internals_outside_compat()
     assert found == set(), (f"Megatron-Core workarounds outside megatron_coe/compat: {sorted(found)}; "

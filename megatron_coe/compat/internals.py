@@ -18,6 +18,13 @@ with the entry's name instead of deep inside a forward.
   is the local core attention of ``MLASelfAttention`` (``transformer/multi_latent_attention.py``
   passes ``k_channels=`` / ``v_channels=``, which ``transformer/dot_product_attention.py``
   ``DotProductAttention.__init__`` does not take); it forwards every other keyword unchanged.
+* ``internal.ddp_forward_pre_hook``: ``training/setup.py`` (``wait_for_params_of_grouped_experts``,
+  ``--overlap-param-gather``) runs ``DistributedDataParallel._make_forward_pre_hook()``'s hook
+  for the experts ``GroupedSequentialMLP`` reads without calling them, while
+  ``remove_forward_pre_hook_handles`` is non-empty (``distributed/distributed_data_parallel.py``).
+
+``PRIVATE_USES_OUTSIDE_COMPAT`` lists the private Megatron-Core names those files use; the
+registry test refuses any other private attribute use outside this package.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ MOE_LAYER_STAGES = {
     "routed_experts_compute": ("hidden_states", "probs"),
     "combine": ("output",),
     "postprocess": ("output", "shared_expert_output"),
+}
+
+
+# file -> private Megatron-Core attribute names it uses (each covered by an internal.* entry)
+PRIVATE_USES_OUTSIDE_COMPAT = {
+    "megatron_coe/training/setup.py": ("_make_forward_pre_hook",),
 }
 
 
@@ -79,3 +92,12 @@ def verify_internals() -> None:
         raise InternalChanged("internal.local_mla_attention: MLADotProductAttention must take "
                               "k_channels, v_channels and forward *args/**kwargs")
     mark("internal.local_mla_attention")
+
+    from megatron.core.distributed import DistributedDataParallel
+
+    make_hook = getattr(DistributedDataParallel, "_make_forward_pre_hook", None)
+    if make_hook is None or _params(make_hook) or "remove_forward_pre_hook_handles" not in \
+            inspect.getsource(DistributedDataParallel):
+        raise InternalChanged("internal.ddp_forward_pre_hook: DistributedDataParallel no longer "
+                              "has _make_forward_pre_hook() / remove_forward_pre_hook_handles")
+    mark("internal.ddp_forward_pre_hook")

@@ -178,6 +178,11 @@ REGISTRY: Tuple[Entry, ...] = (
            "transformer/dot_product_attention.py: DotProductAttention.__init__ (takes neither) "
            "-> transformer/local_modules.py MLADotProductAttention"),
           ALL, "local core attention for MLA (kv_channels == v_head_dim)"),
+    Entry("internal.ddp_forward_pre_hook", "internals", "internal",
+          ("distributed/distributed_data_parallel.py: DistributedDataParallel."
+           "_make_forward_pre_hook, remove_forward_pre_hook_handles (called by training/setup.py "
+           "for --overlap-param-gather with grouped experts)",),
+          ALL, "DDP's param all-gather wait hook run for experts read without a module call"),
 )
 
 BY_NAME = {e.name: e for e in REGISTRY}
