@@ -11,7 +11,10 @@ with the versions it applies to; ``python -m megatron_coe.compat`` prints the ta
     moe_specs_and_signatures  MoE spec forms and constructor keywords across releases
     router_losses             upstream router losses recorded under per-pass names
     transformer_config        config fields renamed across releases (CUDA-graph capture)
-    dist_checkpointing        the async writer's results queue
+    dist_checkpointing        the async writer's results queue; where a checkpoint keeps its common
+                              state (0.16.1: common.pt; 0.19.2: inside the shards)
+    async_checkpoint          --async-save through Megatron-Core's own async writer
+    mla_q_norm                DeepSeek-V2 MLA without query compression builds no q norm (0.19)
     optimizer_state           torch AdamW state under DistributedOptimizer without Apex/TE
     datasets                  BlendedDataset without a process group; compiled helpers check
     internals                 upstream internals CoE modules use unchanged (verify_internals)
