@@ -214,7 +214,9 @@ def applicable(version=None) -> Tuple[Entry, ...]:
 def describe(version=None) -> str:
     """A table of the registry for the installed version (``python -m megatron_coe.compat``)."""
     lines = []
+    width = max(len(e.name) for e in REGISTRY)
     for e in REGISTRY:
         mark = "applies" if e.applies(version) else "n/a"
-        lines.append(f"{e.name:28s} {e.kind:10s} {e.versions:18s} {mark:7s} {e.area}: {e.summary}")
+        lines.append(f"{e.name:{width}s} {e.kind:10s} {e.versions:18s} {mark:7s} {e.area}: "
+                     f"{e.summary}")
     return "\n".join(lines)
