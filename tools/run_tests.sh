@@ -14,12 +14,20 @@ trap 'rm -rf "$logdir"' EXIT
 status=0
 summaries=()
 for env in $envs; do
+  case "$env" in 016|019) ;; *) echo "[tests] error: MCORE_ENV='$env': use 016, 019 or '016 019'" >&2; exit 2 ;; esac
+done
+# Both environments are set up before any suite runs: tests/test_cross_version.py runs the other
+# release's interpreter (under CI=true it fails when that environment is missing).
+declare -A ready
+for env in 016 019; do
+  if bash tools/setup_env.sh "$env"; then ready[$env]=1; else ready[$env]=0; fi
+done
+for env in $envs; do
   case "$env" in
     016) venv=.venv ;;
     019) venv=.venv-mcore019 ;;
-    *) echo "[tests] error: MCORE_ENV='$env': use 016, 019 or '016 019'" >&2; exit 2 ;;
   esac
-  if ! bash tools/setup_env.sh "$env"; then
+  if [ "${ready[$env]}" != 1 ]; then
     echo "[tests] error: environment $env could not be set up (see above); its tests did not run" >&2
     summaries+=("$env: NOT RUN (set-up failed)")
     status=1
