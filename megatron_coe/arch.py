@@ -137,6 +137,11 @@ class ModelArch:
                                               "per token.", type=int, valid=">= 1")
     moe_router_enable_expert_bias: bool = _f(False, "Aux-loss-free expert bias (updated once "
                                              "per step in finalize_model_grads).", shape=True)
+    moe_layer_freq: object = _f(
+        1, "Which layers are MoE (CoE) layers, the rest dense MLPs of --ffn-hidden-size: an "
+        "integer N (one MoE layer every N layers, from layer 0) or a 0/1 list with one entry per "
+        "layer, e.g. '[0]*1+[1]*3' (DeepSeek's first_k_dense_replace=1 of 4 layers).",
+        type=lambda v: parse_moe_layer_freq(v), shape=True)
     # ------------------------------------------------------------------ chain of experts
     coe_iterations: int = _f(1, "C: chained routing passes per CoE layer (1 = one pass).",
                              valid=">= 1", shape=True)
@@ -176,6 +181,10 @@ class ModelArch:
                     beta_slow=float(self.beta_slow or YARN_DEFAULTS["beta_slow"]),
                     mscale=float(self.mscale), mscale_all_dim=float(self.mscale_all_dim))
 
+    def moe_layer_pattern(self) -> list:
+        """[1 (CoE layer) / 0 (dense MLP)] per layer (``--moe-layer-freq``)."""
+        return moe_layer_pattern(self.moe_layer_freq, self.num_layers or 0)
+
     def replace(self, **changes) -> "ModelArch":
         return dataclasses.replace(self, **changes)
 
@@ -210,6 +219,11 @@ class ModelArch:
         if self.num_query_groups and self.num_attention_heads % self.num_query_groups:
             p.append(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                      f"--num-query-groups {self.num_query_groups}")
+        if isinstance(self.moe_layer_freq, list) and len(self.moe_layer_freq) != self.num_layers:
+            p.append(f"--moe-layer-freq has {len(self.moe_layer_freq)} entries for --num-layers "
+                     f"{self.num_layers}; give one 0/1 entry per layer")
+        elif self.num_layers and 1 not in self.moe_layer_pattern():
+            p.append(f"--moe-layer-freq {self.moe_layer_freq} makes no layer a MoE layer")
         if self.multi_latent_attention and self.rotary_percent != 1.0:
             p.append("--rotary-percent applies to standard attention only (MLA has "
                      "--qk-pos-emb-head-dim); leave it at 1.0")
@@ -338,6 +352,8 @@ class ModelArch:
         value = getattr(self, name)
         if name == "qk_layernorm":
             return self.qk_layernorm_on
+        if name == "moe_layer_freq":  # 2 and [1, 0, 1, 0] are one model
+            return tuple(self.moe_layer_pattern())
         if value is not None:
             return value
         if name == "kv_channels" and not self.multi_latent_attention:
@@ -396,10 +412,81 @@ class ModelArch:
         mlp = (routers * h * self.num_moe_experts + self.num_moe_experts * mats * h * routed
                + mats * h * shared)
         layer = 2 * norm + attn + mlp
+        dense = 2 * norm + attn + mats * h * self.resolved("ffn_hidden_size")
+        n_moe = sum(self.moe_layer_pattern())
         vocab = self.vocab_size if vocab_size is None else vocab_size
         emb = (vocab or 0) * h * (2 if self.untie_embeddings_and_output_weights else 1)
         return dict(layer=layer, final_norm=norm, embedding=emb,
-                    total=self.num_layers * layer + norm + emb)
+                    total=n_moe * layer + (self.num_layers - n_moe) * dense + norm + emb)
+
+
+def parse_moe_layer_freq(value):
+    """Megatron-LM's ``--moe-layer-freq``: an int >= 1, a 0/1 list, or its text (``'2'``,
+    ``'[0,1,1]'``, ``'[0]*1+[1]*3'``: list literals, ``*`` by an int and ``+`` only, never
+    ``eval``). Raises ``ValueError`` saying what is accepted."""
+    import ast
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ValueError("not an integer or a 0/1 list")
+
+    if isinstance(value, str):
+        try:
+            value = ev(ast.parse(value.strip(), mode="eval").body)
+        except (SyntaxError, ValueError, TypeError):
+            raise ValueError(f"expected an integer >= 1 or a 0/1 list such as '[0]*1+[1]*3', "
+                             f"got {value!r}") from None
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer >= 1 or a 0/1 list, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"an integer moe_layer_freq must be >= 1, got {value}")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+            type(v) is int and v in (0, 1) for v in value):
+        return list(value)
+    raise ValueError(f"expected an integer >= 1 or a non-empty list of 0 (dense) / 1 (MoE), "
+                     f"got {value!r}")
+
+
+def moe_layer_pattern(freq, num_layers: int) -> list:
+    """[1 (MoE/CoE layer) or 0 (dense MLP)] per layer of Megatron's ``moe_layer_freq`` (an int N:
+    layers 0, N, 2N, ... are MoE; a list: itself, one entry per layer)."""
+    if isinstance(freq, int) and not isinstance(freq, bool):
+        return [1 if i % freq == 0 else 0 for i in range(num_layers)]
+    return [int(v) for v in freq]
+
+
+def compact_moe_layer_freq(pattern: list):
+    """The shortest ``moe_layer_freq`` of a 0/1 per-layer pattern: 1 (all MoE), an int N, or the
+    list itself."""
+    pattern = [int(v) for v in pattern]
+    for n in range(1, len(pattern) + 1):
+        if moe_layer_pattern(n, len(pattern)) == pattern:
+            return n
+    return pattern
+
+
+def hf_moe_layer_pattern(num_layers: int, first_k_dense_replace=0, moe_layer_freq=1) -> list:
+    """DeepSeek's rule for which layers are MoE: ``layer >= first_k_dense_replace and layer %
+    moe_layer_freq == 0`` (an int); a 0/1 list ``moe_layer_freq`` is the pattern itself."""
+    if isinstance(moe_layer_freq, (list, tuple)):
+        return [int(v) for v in moe_layer_freq]
+    k, n = int(first_k_dense_replace or 0), int(moe_layer_freq or 1)
+    return [1 if i >= k and i % n == 0 else 0 for i in range(num_layers)]
+
+
+def first_k_dense(pattern: list):
+    """DeepSeek's ``first_k_dense_replace`` k if ``pattern`` is k dense layers then only MoE
+    layers, else None."""
+    k = pattern.index(1) if 1 in pattern else len(pattern)
+    return k if all(pattern[k:]) and k < len(pattern) else None
 
 
 # The key of the record in a checkpoint's metadata (``coe_checkpoint.json``).
@@ -467,5 +554,7 @@ def flops_per_token(arch: ModelArch, seq_length: int, vocab_size: int) -> float:
     shared = a.moe_shared_expert_intermediate_size or 0
     per_pass = h * a.num_moe_experts + a.moe_router_topk * mats * h * routed + mats * h * shared
     layer = attn + a.coe_iterations * per_pass
-    macs = a.num_layers * layer + h * vocab_size
+    n_moe = sum(moe_layer_pattern(a.moe_layer_freq, a.num_layers))
+    dense = attn + mats * h * (a.ffn_hidden_size or 4 * h)
+    macs = n_moe * layer + (a.num_layers - n_moe) * dense + h * vocab_size
     return 3 * 2 * macs

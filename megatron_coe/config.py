@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megatron_coe.arch import moe_layer_pattern, parse_moe_layer_freq
 from megatron_coe.compat import require_transformer_engine
 from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
 
@@ -69,11 +70,6 @@ _SINGLE_PASS_FEATURES = (
         "moe_enable_routing_replay",
         "routing replay records one routing decision per layer",
     ),
-    (
-        lambda c: getattr(c, "moe_layer_freq", 1) != 1,
-        "moe_layer_freq",
-        "every layer of a CoE model is a CoE layer; set moe_layer_freq=1",
-    ),
 )
 
 _PARTIAL_CUDA_GRAPH_MODULES = {"moe", "moe_router", "moe_preprocess"}
@@ -110,6 +106,7 @@ def validate_coe_config(config) -> None:
             f"num_moe_experts={c.num_moe_experts} is not divisible by expert_model_parallel_size="
             f"{ep} (--expert-model-parallel-size): choose an EP size that divides the expert count."
         )
+    _validate_moe_layer_freq(c)
     if not c.coe_inner_residual and not c.coe_outer_residual:
         raise CoEConfigError(
             "coe_inner_residual and coe_outer_residual are both off: the layer would drop the "
@@ -136,6 +133,32 @@ def validate_coe_config(config) -> None:
         raise CoEConfigError(
             "coe_shared_router only makes sense with coe_iterations > 1 (there is one pass)."
         )
+
+
+def _validate_moe_layer_freq(c) -> None:
+    """``moe_layer_freq`` (Megatron's field; ``--moe-layer-freq``): which layers are CoE layers,
+    the others dense MLPs of ``ffn_hidden_size``. An int N >= 1 or a 0/1 list of ``num_layers``
+    entries with at least one CoE layer; a list is normalised to a list of ints."""
+    freq = getattr(c, "moe_layer_freq", 1)
+    try:
+        freq = parse_moe_layer_freq(freq)
+    except ValueError as e:
+        raise CoEConfigError(f"moe_layer_freq (--moe-layer-freq): {e}.") from None
+    if isinstance(freq, list) and len(freq) != c.num_layers:
+        raise CoEConfigError(
+            f"moe_layer_freq (--moe-layer-freq) has {len(freq)} entries for num_layers="
+            f"{c.num_layers}: give one entry per layer (0 dense MLP, 1 CoE layer).")
+    if 1 not in moe_layer_pattern(freq, c.num_layers):
+        raise CoEConfigError(
+            f"moe_layer_freq (--moe-layer-freq) {freq} makes no layer a CoE layer: mark at least "
+            "one layer 1.")
+    c.moe_layer_freq = freq
+
+
+def is_moe_layer(config, layer_index: int) -> bool:
+    """Whether global layer ``layer_index`` (0-based) of ``config`` is a CoE/MoE layer."""
+    return bool(moe_layer_pattern(getattr(config, "moe_layer_freq", 1),
+                                  config.num_layers)[layer_index])
 
 
 @dataclass

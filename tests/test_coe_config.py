@@ -31,7 +31,10 @@ def test_mla_config_defaults_kv_channels_to_v_head_dim():
         (dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm is not supported"),
         (dict(delay_wgrad_compute=True), "delay_wgrad_compute is not supported"),
         (dict(moe_enable_routing_replay=True), "moe_enable_routing_replay is not supported"),
-        (dict(moe_layer_freq=2), "moe_layer_freq is not supported"),
+        (dict(moe_layer_freq=[0, 1, 1]), "moe_layer_freq (--moe-layer-freq) has 3 entries for num_layers=2"),
+        (dict(moe_layer_freq=[0, 0]), "makes no layer a CoE layer"),
+        (dict(moe_layer_freq=0), "an integer moe_layer_freq must be >= 1"),
+        (dict(moe_layer_freq="[0]*1+[2]*1"), "non-empty list of 0 (dense) / 1 (MoE)"),
         (
             dict(cuda_graph_impl="transformer_engine", cuda_graph_scope="moe_router"),
             "captures part of a MoE layer",

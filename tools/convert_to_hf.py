@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--save", required=True, help="output Hugging Face model directory")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json (file or directory); default: the training run's tokenizer")
-    parser.add_argument("--format", default="auto", choices=["auto", "coe", "deepseek_v2"],
+    parser.add_argument("--format", default="auto", choices=["auto", "coe", "deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral"],
                         help="output format (default: auto)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="weights dtype (default: the checkpoint's)")
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 2
-    load_hint = "" if result.format == "deepseek_v2" else ", trust_remote_code=True"
+    load_hint = "" if result.format in ("deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral") else ", trust_remote_code=True"
     print(f"wrote {result.path} (format {result.format}, {result.num_tensors} tensors, "
           f"{result.total_bytes / 1e6:.1f} MB, {result.seconds:.1f} s); load with "
           f"AutoModelForCausalLM.from_pretrained({result.path!r}{load_hint}) (and "

@@ -35,10 +35,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_coe.conversion import export_dir, hf_io, mapping
+from megatron_coe.conversion import export_dir, families, hf_io, mapping
 from megatron_coe.conversion.spec import ArchSpec, ConversionError
 
-FORMATS = ("auto", "coe", "deepseek_v2")
+FORMATS = ("auto", "coe") + families.FAMILIES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,11 +71,22 @@ def progress(iterable, total: int, desc: str, enabled: bool = True):
             print(f"{desc}: {i + 1}/{total}", file=sys.stderr, flush=True)
 
 
-def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None] = print) -> str:
+def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None] = print,
+                  family: Optional[str] = None) -> str:
     """``deepseek_v2`` (auto: when stock DeepSeek-V2 computes this model exactly) or ``coe``;
-    an auto export under this project's own model type prints one line saying why."""
+    an auto export under this project's own model type prints one line saying why. ``family``:
+    the stock family the model was imported from (``families``); auto exports to it when that
+    class computes the model exactly (a C=1 model), else as above."""
     if fmt not in FORMATS:
         raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "auto" and family in families.FAMILIES and not families.family_problems(spec, family):
+        return family
+    if fmt in families.FAMILIES and fmt != "deepseek_v2":
+        problems = families.family_problems(spec, fmt)
+        if problems:
+            raise ConversionError(f"this model cannot be exported as stock {fmt} "
+                                  "(use --format coe):\n  - " + "\n  - ".join(problems))
+        return fmt
     problems = spec.stock_deepseek_v2_problems()
     if fmt == "auto":
         if not problems:
@@ -92,12 +103,13 @@ def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None]
 
 
 def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype: Optional[str] = None) -> dict:
-    stock = fmt == "deepseek_v2"
-    cfg = spec.to_hf_config(stock=stock, token_ids=token_ids)
+    stock = fmt in families.FAMILIES
+    cfg = (families.family_hf_config(spec, fmt, token_ids) if stock
+           else spec.to_hf_config(stock=False, token_ids=token_ids))
     if dtype:
         cfg["dtype"] = dtype
     if stock:
-        cfg["architectures"] = ["DeepseekV2ForCausalLM"]
+        cfg["architectures"] = [families.HF_CLASSES[fmt]]
         return cfg
     gpt = spec.attention == "mha"
     kind = "GPT" if gpt else ("Megatron" if cfg["model_type"] == "coe_megatron" else "")
@@ -113,7 +125,7 @@ def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype:
 def _new_names(fmt: str, tokenizer) -> list:
     """Files an export writes besides the weight shards."""
     names = ["config.json", "generation_config.json", hf_io.INDEX, export_dir.MANIFEST]
-    if fmt != "deepseek_v2":
+    if fmt not in families.FAMILIES:
         names += list(hf_io.TEMPLATE_FILES)
     if tokenizer is not None:
         names += list(hf_io.TOKENIZER_FILES)
@@ -125,7 +137,7 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
                    tokenizer: Optional[str] = None, dtype: Optional[str] = None,
                    max_shard_size="5GB", show_progress: bool = True,
                    log: Callable[[str], None] = print, overwrite: bool = False,
-                   source: Optional[str] = None) -> ExportResult:
+                   source: Optional[str] = None, family: Optional[str] = None) -> ExportResult:
     """Write an HF directory from canonical Megatron tensors (``get_layer(l)``, ``non_layer``).
 
     Everything is checked first (format, dtype, shard size, tokenizer, the ``save`` directory:
@@ -134,7 +146,7 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
     as it was.
     """
     t0 = time.time()
-    fmt = choose_format(spec, fmt, warn=log)
+    fmt = choose_format(spec, fmt, warn=log, family=family)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES[dtype or spec.dtype]
@@ -167,7 +179,7 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
 def _write_files(out: str, spec: ArchSpec, get_layer, non_layer, fmt: str, tok, out_dtype,
                  max_shard_size, show_progress: bool):
     """All files of the export into the (new, empty) directory ``out``; (tensors, index, names)."""
-    stock = fmt == "deepseek_v2"
+    stock = fmt in families.FAMILIES
     written = []
     token_ids = None
     if tok is not None:
@@ -196,7 +208,8 @@ def _write_files(out: str, spec: ArchSpec, get_layer, non_layer, fmt: str, tok, 
         count += 1
     del non_layer  # embeddings are in the writer now; keep one layer in memory from here on
     for layer_idx in progress(range(spec.num_layers), spec.num_layers, "export", show_progress):
-        tensors = mapping.layer_to_hf(spec, get_layer(layer_idx), layer_idx, stock=stock)
+        tensors = families.to_family_names(fmt if stock else None, mapping.layer_to_hf(
+            spec, get_layer(layer_idx), layer_idx, stock=stock))
         for name, t in tensors.items():
             writer.add(name, cast(name, t))
             count += 1
@@ -243,7 +256,8 @@ def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, 
                           read("the embeddings", ckpt.read_non_layer), fmt=fmt,
                           tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
                           show_progress=show_progress, log=log, overwrite=overwrite,
-                          source=os.path.abspath(ckpt.path))
+                          source=os.path.abspath(ckpt.path),
+                          family=ckpt.meta.get("source_family"))
 
 
 def export_model(model, spec: ArchSpec, save: str, **kwargs) -> ExportResult:

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from megatron_coe.conversion import hf_io, mapping
+from megatron_coe.conversion import families, hf_io, mapping
 from megatron_coe.conversion.spec import COE_MODEL_TYPES, MODEL_TYPE_STOCK, ArchSpec, ConversionError
 
 
@@ -68,8 +68,24 @@ class Upcycle:
         outer = src.outer_residual if self.outer_residual is None else self.outer_residual
         if not (self.inner_residual or outer):
             raise ConversionError("inner and outer residual both off would drop the residual stream")
+        pre_softmax = src.pre_softmax
+        if topk == 1 and src.score_function == "softmax" and not pre_softmax:
+            # a renormalised top-1 weight is always 1; Megatron-Core requires pre-softmax there
+            pre_softmax = True
         return src.replace(coe_iterations=self.iterations, topk=topk, inner_residual=self.inner_residual,
-                           outer_residual=outer, shared_router=self.shared_router)
+                           outer_residual=outer, shared_router=self.shared_router,
+                           pre_softmax=pre_softmax)
+
+    @staticmethod
+    def notes(src: ArchSpec, dst: ArchSpec) -> list:
+        """Lines printed about what upcycling changed beyond C and top-k."""
+        out = []
+        if dst.pre_softmax and not src.pre_softmax:
+            out.append("note: top-1 per pass: the source renormalises its top-k weights, which "
+                       "makes a top-1 weight always 1; Megatron-Core routes top-1 with the "
+                       "softmax probability instead (--moe-router-pre-softmax); pass 1 selects "
+                       "the source's best expert")
+        return out
 
 
 def upcycle_layer(layer: dict, src: ArchSpec, dst: ArchSpec) -> dict:
@@ -92,9 +108,13 @@ class HFSource:
         self.config = hf_io.read_hf_config(path)
         cfg_path = os.path.join(path, "config.json")
         hf_io.check_hf_config(self.config, cfg_path, COE_MODEL_TYPES + (MODEL_TYPE_STOCK,))
-        self.stock = self.config.get("model_type") == MODEL_TYPE_STOCK
+        self.family = families.family_of(self.config)  # a stock family (families.py) or None
+        self.stock = self.family is not None
         try:
-            self.source_spec = ArchSpec.from_hf_config(self.config)
+            if self.family is not None:
+                self.source_spec = families.spec_from_family_config(self.config, cfg_path)
+            else:
+                self.source_spec = ArchSpec.from_hf_config(self.config)
         except ConversionError as e:
             raise ConversionError(f"{cfg_path}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -108,28 +128,33 @@ class HFSource:
 
     def _check_names(self) -> None:
         """Every tensor config.json implies is there, with its shape, and nothing else."""
-        from megatron_coe.conversion.megatron_ckpt import canonical_shapes
+        from megatron_coe.conversion.megatron_ckpt import layer_shapes
 
         try:
             expected = {n: tuple(t.shape) for n, t in
                         mapping.non_layer_to_hf(self.source_spec, _meta_non_layer(self.source_spec)).items()}
-            meta_layer = {k: torch.empty(s, device="meta")
-                          for k, s in canonical_shapes(self.source_spec)["layer"].items()}
             for layer_idx in range(self.source_spec.num_layers):
-                expected.update((n, tuple(t.shape)) for n, t in mapping.layer_to_hf(
-                    self.source_spec, meta_layer, layer_idx, stock=self.stock).items())
+                meta_layer = {k: torch.empty(s, device="meta")
+                              for k, s in layer_shapes(self.source_spec, layer_idx).items()}
+                hf = mapping.layer_to_hf(self.source_spec, meta_layer, layer_idx, stock=self.stock)
+                expected.update((n, tuple(t.shape)) for n, t in
+                                families.to_family_names(self.family, hf).items())
         except (RuntimeError, ValueError, TypeError) as e:  # sizes that do not fit together (heads x head_dim)
             raise ConversionError(
                 f"{os.path.join(self.path, 'config.json')}: the attention sizes do not fit together "
                 f"({(str(e).splitlines() or [''])[0]}); check num_attention_heads, num_key_value_heads, "
                 "head_dim (MLA: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)"
             ) from None
-        hf_io.check_weights(self.path, self.config, self.weights.shapes, expected)
+        cfg = self.config
+        if self.family:  # the family's own expert-count key; MTP layers beyond the model dropped
+            cfg = dict(cfg, n_routed_experts=self.source_spec.num_experts)
+        hf_io.check_weights(self.path, cfg, self.weights.shapes, expected)
 
     def layer(self, layer_idx: int) -> dict:
-        hf = self.weights.get_prefix(f"model.layers.{layer_idx}.")
+        hf = families.from_family_names(self.family,
+                                        self.weights.get_prefix(f"model.layers.{layer_idx}."))
         layer = mapping.layer_from_hf(self.source_spec, hf, layer_idx, stock=self.stock)
-        if self.upcycle:
+        if self.upcycle and self.source_spec.is_moe_layer(layer_idx):
             layer = upcycle_layer(layer, self.source_spec, self.spec)
         return layer
 
@@ -186,7 +211,8 @@ def build_model(spec: ArchSpec, tp: int = 1, pp: int = 1, ep: int = 1, etp: Opti
         pipeline_dtype=dtype)
     model = build_coe_gpt_model(config, pg_collection=pg_collection, vocab_size=spec.vocab_size,
                                 max_sequence_length=spec.max_position_embeddings,
-                                share_embeddings_and_output_weights=spec.tie_word_embeddings)
+                                share_embeddings_and_output_weights=spec.tie_word_embeddings,
+                                rotary_base=spec.rope_theta, rotary_percent=spec.rotary_percent)
     return model, config
 
 
@@ -228,6 +254,8 @@ def _rank_main(rank, world, hf_dir, save_root, tp, pp, ep, etp, upcycle, seq_len
     except ConversionError as e:
         args, notes = {}, [str(e)]
     extra = {"converted_from": os.path.abspath(hf_dir)}
+    if source.family:
+        extra["source_family"] = source.family
     if upcycle is not None:
         extra["upcycled_from"] = source.source_spec.to_dict()
     path = save_model_checkpoint(model, spec, save_root, layout, args, extra)
@@ -263,6 +291,11 @@ def import_hf(hf_dir: str, save_root: str, *, tp: int = 1, pp: int = 1, ep: int 
                 if upcycle else f"{spec.attention.upper()} C={spec.coe_iterations}")
         print(f"importing {hf_dir} ({source.config.get('model_type')}; {what}) as TP={tp} PP={pp} EP={ep}",
               flush=True)
+        notes = [families.mtp_note(source.config)]
+        if upcycle:
+            notes += Upcycle.notes(source.source_spec, spec)
+        for note in filter(None, notes):
+            print(note, flush=True)
     if world_env > 1:
         if not torch.distributed.is_initialized():  # conversion is CPU work: gloo, also on GPU nodes
             torch.distributed.init_process_group("gloo")

@@ -118,7 +118,7 @@ def _mlp_from_hf(spec, sd, prefix: str, where: str):
 
 
 # --------------------------------------------------------------------------- the name table
-def _renamed(spec: ArchSpec, stock: bool) -> list:
+def _renamed(spec: ArchSpec, stock: bool, moe: bool = True) -> list:
     """``(Megatron canonical name, HF name)`` of every layer tensor that maps one to one.
 
     The only tensors not listed: standard attention's fused QKV (``_split_qkv``/``_merge_qkv``)
@@ -145,7 +145,7 @@ def _renamed(spec: ArchSpec, stock: bool) -> list:
         pairs += [(f"{a}kv_layernorm.{n}", f"self_attn.kv_a_layernorm.{n}") for n in norms]
         pairs.append((a + "linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"))
     pairs.append((a + "linear_proj.weight", "self_attn.o_proj.weight"))
-    for t in range(spec.num_routers):
+    for t in range(spec.num_routers if moe else 0):
         gate = _gate_name(spec, t, stock)
         pairs.append((f"mlp.routers.{t}.weight", f"{gate}.weight"))
         if spec.expert_bias:
@@ -153,8 +153,11 @@ def _renamed(spec: ArchSpec, stock: bool) -> list:
     return pairs
 
 
-def _mlps(spec: ArchSpec) -> list:
-    """``(Megatron MLP prefix, HF MLP prefix)`` of the routed and shared experts."""
+def _mlps(spec: ArchSpec, moe: bool = True) -> list:
+    """``(Megatron MLP prefix, HF MLP prefix)`` of the routed and shared experts (a dense layer
+    of ``spec.moe_layer_freq``: its one MLP)."""
+    if not moe:
+        return [("mlp", "mlp")]
     pairs = [(f"{EXPERT_PREFIX}{e}", f"mlp.experts.{e}") for e in range(spec.num_experts)]
     if spec.shared_expert_size:
         pairs.append(("mlp.shared_experts", "mlp.shared_experts"))
@@ -174,9 +177,10 @@ def layer_to_hf(spec: ArchSpec, layer: Dict[str, Tensor], layer_idx: int, stock:
     out: Dict[str, Tensor] = {}
     if spec.attention == "mha":
         out.update(zip(_HF_QKV, _split_qkv(spec, _take(sd, _QKV, where))))
-    for mname, hname in _renamed(spec, stock):
+    moe = spec.is_moe_layer(layer_idx)
+    for mname, hname in _renamed(spec, stock, moe):
         out[hname] = _take(sd, mname, where)
-    for mprefix, hprefix in _mlps(spec):
+    for mprefix, hprefix in _mlps(spec, moe):
         out.update(_mlp_to_hf(spec, _take(sd, f"{mprefix}.linear_fc1.weight", where),
                               _take(sd, f"{mprefix}.linear_fc2.weight", where), hprefix))
     if strict and sd:
@@ -209,9 +213,10 @@ def layer_from_hf(spec: ArchSpec, hf: Dict[str, Tensor], layer_idx: int, stock: 
     out: Dict[str, Tensor] = {}
     if spec.attention == "mha":
         out[_QKV] = _merge_qkv(spec, *(_take(sd, name, where) for name in _HF_QKV))
-    for mname, hname in _renamed(spec, stock):
+    moe = spec.is_moe_layer(layer_idx)
+    for mname, hname in _renamed(spec, stock, moe):
         out[mname] = _take(sd, hname, where)
-    for mprefix, hprefix in _mlps(spec):
+    for mprefix, hprefix in _mlps(spec, moe):
         fc1, fc2 = _mlp_from_hf(spec, sd, hprefix, where)
         out[f"{mprefix}.linear_fc1.weight"] = fc1
         out[f"{mprefix}.linear_fc2.weight"] = fc2

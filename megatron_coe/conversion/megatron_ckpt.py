@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from typing import Callable, Dict, Optional
 
 import torch
@@ -34,6 +35,8 @@ from megatron_coe.conversion import mapping
 from megatron_coe.conversion.spec import ArchSpec, ConversionError
 
 LAYER_PREFIX = "decoder.layers."
+# keys of models with dense layers (Megatron's non-homogeneous layers): decoder.layers.{l}.suffix
+_PER_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 @contextlib.contextmanager
@@ -129,28 +132,40 @@ class MegatronCheckpoint:
                 f"(of {len(files)}); copy the whole iteration directory")
 
     # ------------------------------------------------------------------ layout
-    def layer_keys(self) -> Dict[str, tuple]:
-        """Stacked per-layer keys -> global shape (with the layer axis first)."""
+    def layer_keys(self, layer: Optional[int] = None) -> Dict[str, tuple]:
+        """Stacked per-layer keys -> global shape (with the layer axis first); with dense layers
+        (``moe_layer_freq``, Megatron's non-homogeneous layers) the keys of global layer
+        ``layer``, ``decoder.layers.{layer}.*``, whose shapes have no layer axis."""
+        if layer is not None and self.per_layer_keys:
+            prefix = f"{LAYER_PREFIX}{layer}."
+            return {k: s for k, (s, _) in self.tensors.items() if k.startswith(prefix)}
         return {k: s for k, (s, _) in self.tensors.items() if k.startswith(LAYER_PREFIX)}
+
+    @property
+    def per_layer_keys(self) -> bool:
+        return any(_PER_LAYER_RE.match(k) for k in self.tensors)
 
     def expected_shapes(self) -> Dict[str, tuple]:
         """{checkpoint key: global shape} that ``self.spec`` implies (aliases resolved from the file)."""
-        shapes = canonical_shapes(self.spec)
         inverse = {}
         for key in self.layer_keys():
-            suffix = key[len(LAYER_PREFIX):]
+            m = _PER_LAYER_RE.match(key)
+            suffix = m.group(2) if m else key[len(LAYER_PREFIX):]
             inverse[mapping.canonical_suffix(suffix)] = suffix
         out = {}
         L, E = self.spec.num_layers, self.spec.num_experts
-        for canon, shape in shapes["layer"].items():
-            m = mapping._EXPERT_RE.match(canon)
-            if m:
-                if m.group(1) != "0":
-                    continue
-                out[LAYER_PREFIX + mapping.STACKED_EXPERT_PREFIX + m.group(2)] = (L, E) + shape
-            else:
-                out[LAYER_PREFIX + inverse.get(canon, canon)] = (L,) + shape
-        out.update(shapes["non_layer"])
+        per_layer = any(not v for v in self.spec.moe_pattern())
+        for layer in range(L if per_layer else 1):
+            lead, prefix = ((), f"{LAYER_PREFIX}{layer}.") if per_layer else ((L,), LAYER_PREFIX)
+            for canon, shape in layer_shapes(self.spec, layer).items():
+                m = mapping._EXPERT_RE.match(canon)
+                if m:
+                    if m.group(1) != "0":
+                        continue
+                    out[prefix + mapping.STACKED_EXPERT_PREFIX + m.group(2)] = lead + (E,) + shape
+                else:
+                    out[prefix + inverse.get(canon, canon)] = lead + shape
+        out.update(canonical_shapes(self.spec)["non_layer"])
         return out
 
     def _check_matches_spec(self) -> None:
@@ -188,13 +203,19 @@ class MegatronCheckpoint:
     def read_layer(self, layer: int) -> Dict[str, torch.Tensor]:
         """Canonical Megatron tensors of global layer ``layer`` (see ``mapping``)."""
         requests = {}
-        for key, shape in self.layer_keys().items():
-            requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
+        per_layer = self.per_layer_keys
+        for key, shape in self.layer_keys(layer).items():
+            if per_layer:
+                requests[key] = ((0,) * len(shape), tuple(shape))
+            else:
+                requests[key] = ((layer,) + (0,) * (len(shape) - 1), (1,) + tuple(shape[1:]))
         loaded = self.read(requests)
         out = {}
         for key, t in loaded.items():
-            suffix = key[len(LAYER_PREFIX):]
-            t = t[0]
+            if per_layer:
+                suffix = _PER_LAYER_RE.match(key).group(2)
+            else:
+                suffix, t = key[len(LAYER_PREFIX):], t[0]
             if suffix.startswith(mapping.STACKED_EXPERT_PREFIX):
                 out.update(mapping.split_stacked_experts(suffix, t))
             else:
@@ -279,6 +300,12 @@ def _spec_from_record(meta: dict, path: str, dtype: str) -> ArchSpec:
 
 
 # --------------------------------------------------------------------------- shapes
+def layer_shapes(spec: ArchSpec, layer_idx: int) -> dict:
+    """{canonical suffix: shape} of global layer ``layer_idx`` (CoE layer or dense MLP)."""
+    shapes = canonical_shapes(spec)
+    return shapes["layer"] if spec.is_moe_layer(layer_idx) else shapes["dense_layer"]
+
+
 def canonical_shapes(spec: ArchSpec) -> dict:
     """{"layer": {canonical suffix: shape}, "non_layer": {key: shape}} of ``spec``."""
     H, s = spec.hidden_size, spec
@@ -308,6 +335,10 @@ def canonical_shapes(spec: ArchSpec) -> dict:
         layer[a + "linear_kv_up_proj.weight"] = (
             s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)
         layer[a + "linear_proj.weight"] = (H, s.num_attention_heads * s.v_head_dim)
+    g = 2 if s.gated else 1
+    dense = dict(layer)
+    ffn = s.ffn_hidden_size or 4 * H
+    dense.update({"mlp.linear_fc1.weight": (g * ffn, H), "mlp.linear_fc2.weight": (H, ffn)})
     for t in range(s.num_routers):
         layer[f"mlp.routers.{t}.weight"] = (s.num_experts, H)
         if s.expert_bias:
@@ -325,7 +356,7 @@ def canonical_shapes(spec: ArchSpec) -> dict:
         non_layer["decoder.final_layernorm.bias"] = (H,)
     if not s.tie_word_embeddings:
         non_layer["output_layer.weight"] = (s.vocab_size, H)
-    return {"layer": layer, "non_layer": non_layer}
+    return {"layer": layer, "dense_layer": dense, "non_layer": non_layer}
 
 
 # --------------------------------------------------------------------------- writing
@@ -358,7 +389,10 @@ def fill_model(model, get_tensors: Callable[[int], Dict[str, torch.Tensor]]) -> 
     for sh in shards:
         if sh.key.endswith("_extra_state"):
             continue
-        if sh.key.startswith(LAYER_PREFIX):
+        m = _PER_LAYER_RE.match(sh.key)
+        if m:  # dense layers (moe_layer_freq): decoder.layers.{l}.*, no layer axis
+            by_layer.setdefault(int(m.group(1)), []).append(sh)
+        elif sh.key.startswith(LAYER_PREFIX):
             by_layer.setdefault(int(sh.global_offset[0]), []).append(sh)
         else:
             by_layer.setdefault(-1, []).append(sh)
@@ -374,15 +408,18 @@ def fill_model(model, get_tensors: Callable[[int], Dict[str, torch.Tensor]]) -> 
 
 def _copy_shard(sh, tensors: Dict[str, torch.Tensor], layer_idx: int) -> None:
     offsets = tuple(int(o) for o in sh.global_offset)
+    per_layer = _PER_LAYER_RE.match(sh.key)
     if layer_idx < 0:
         name, rest = sh.key, offsets
     else:
-        suffix = sh.key[len(LAYER_PREFIX):]
+        suffix = per_layer.group(2) if per_layer else sh.key[len(LAYER_PREFIX):]
+        if not per_layer:
+            offsets = offsets[1:]  # the layer axis
         if suffix.startswith(mapping.STACKED_EXPERT_PREFIX):
-            name = f"{mapping.EXPERT_PREFIX}{offsets[1]}.{suffix[len(mapping.STACKED_EXPERT_PREFIX):]}"
-            rest = offsets[2:]
+            name = f"{mapping.EXPERT_PREFIX}{offsets[0]}.{suffix[len(mapping.STACKED_EXPERT_PREFIX):]}"
+            rest = offsets[1:]
         else:
-            name, rest = mapping.canonical_suffix(suffix), offsets[1:]
+            name, rest = mapping.canonical_suffix(suffix), offsets
     if name not in tensors:
         raise ConversionError(f"no source tensor for the model's {sh.key} (canonical {name!r}, layer {layer_idx})")
     src = tensors[name]

@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch.nn.functional as F
 
-from megatron_coe.arch import DEEPSEEK_V2_LATENT_EPS, ModelArch
+from megatron_coe.arch import (DEEPSEEK_V2_LATENT_EPS, ModelArch, compact_moe_layer_freq,
+                               first_k_dense, hf_moe_layer_pattern, moe_layer_pattern)
 
 
 class ConversionError(ValueError):
@@ -90,6 +91,7 @@ class ArchSpec:
     num_groups: Optional[int] = None
     group_topk: Optional[int] = None
     expert_bias: bool = False
+    moe_layer_freq: object = 1  # Megatron's: int N or a 0/1 list (dense layers: ffn_hidden_size)
     # CoE
     coe_iterations: int = 1
     inner_residual: bool = True
@@ -103,6 +105,13 @@ class ArchSpec:
     @property
     def latent_eps(self) -> float:
         return self.norm_eps if self.latent_norm_eps is None else self.latent_norm_eps
+
+    def moe_pattern(self) -> list:
+        """[1 (MoE/CoE layer) / 0 (dense MLP)] per layer."""
+        return moe_layer_pattern(self.moe_layer_freq, self.num_layers)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.moe_pattern()[layer_idx])
 
     @property
     def num_routers(self) -> int:
@@ -160,6 +169,7 @@ class ArchSpec:
             scaling_factor=a.moe_router_topk_scaling_factor, num_groups=a.moe_router_num_groups,
             group_topk=a.moe_router_group_topk,
             expert_bias=bool(a.moe_router_enable_expert_bias),
+            moe_layer_freq=compact_moe_layer_freq(a.moe_layer_pattern()),
             coe_iterations=a.coe_iterations, inner_residual=bool(a.coe_inner_residual),
             outer_residual=bool(a.coe_outer_residual), shared_router=bool(a.coe_shared_router),
             dtype=dtype)
@@ -194,8 +204,6 @@ class ArchSpec:
             problems.append("sinkhorn routing is not supported")
         if getattr(c, "moe_shared_expert_gate", False):
             problems.append("moe_shared_expert_gate is not supported")
-        if getattr(c, "moe_layer_freq", 1) != 1 or getattr(c, "first_k_dense_replace", None):
-            problems.append("dense layers (moe_layer_freq != 1) are not supported")
         if getattr(c, "mtp_num_layers", None):
             problems.append("multi-token prediction layers (mtp_num_layers) are not supported")
         if getattr(c, "layernorm_zero_centered_gamma", False):
@@ -249,6 +257,8 @@ class ArchSpec:
             score_function=c.moe_router_score_function, pre_softmax=bool(c.moe_router_pre_softmax),
             scaling_factor=c.moe_router_topk_scaling_factor, num_groups=c.moe_router_num_groups,
             group_topk=c.moe_router_group_topk, expert_bias=bool(c.moe_router_enable_expert_bias),
+            moe_layer_freq=compact_moe_layer_freq(
+                moe_layer_pattern(getattr(c, "moe_layer_freq", 1), c.num_layers)),
             coe_iterations=getattr(c, "coe_iterations", 1),
             inner_residual=bool(getattr(c, "coe_inner_residual", False)),
             outer_residual=bool(getattr(c, "coe_outer_residual", True)),
@@ -325,6 +335,9 @@ class ArchSpec:
             p.append("group-limited routing is not part of the published CoE model")
         if self.expert_bias:
             p.append("DeepSeek-V2 has no expert bias (--moe-router-enable-expert-bias)")
+        if isinstance(self.hf_dense_layer_keys()["moe_layer_freq"], list):
+            p.append("the published CoE model places dense layers by first_k_dense_replace and an "
+                     "integer moe_layer_freq; this model's pattern needs a list")
         if self.shared_expert_size and self.shared_expert_size % self.moe_ffn_hidden_size:
             p.append(f"DeepSeek-V2 counts shared experts in units of the routed expert size "
                      f"({self.moe_ffn_hidden_size}); the shared expert size "
@@ -364,6 +377,9 @@ class ArchSpec:
                      "--moe-shared-expert-intermediate-size")
         if self.expert_bias:
             p.append("stock DeepSeek-V2 has no expert bias")
+        if first_k_dense(self.moe_pattern()) is None:
+            p.append(f"stock DeepSeek-V2 has dense layers only before the MoE layers "
+                     f"(first_k_dense_replace); this model's pattern is {self.moe_pattern()}")
         return p
 
     def to_hf_config(self, stock: bool = False, token_ids: Optional[dict] = None) -> dict:
@@ -389,7 +405,7 @@ class ArchSpec:
             norm_topk_prob=(not self.pre_softmax) if self.score_function == "softmax" else self.topk > 1,
             routed_scaling_factor=float(self.scaling_factor or 1.0),
             topk_method=topk_method, n_group=self.num_groups, topk_group=self.group_topk,
-            first_k_dense_replace=0, moe_layer_freq=1,
+            **self.hf_dense_layer_keys(),
             bos_token_id=token_ids.get("bos"), eos_token_id=token_ids.get("eos"),
             pad_token_id=token_ids.get("pad"), dtype=self.dtype,
         )
@@ -413,6 +429,17 @@ class ArchSpec:
                        partial_rotary_factor=self.rotary_percent)
         return cfg
 
+    def hf_dense_layer_keys(self) -> dict:
+        """``first_k_dense_replace`` / ``moe_layer_freq`` of ``config.json`` (DeepSeek's rule:
+        layer l is MoE iff ``l >= first_k_dense_replace and l % moe_layer_freq == 0``; any other
+        pattern as a 0/1 list in ``moe_layer_freq``, read by this project's remote code only)."""
+        pattern = self.moe_pattern()
+        k = first_k_dense(pattern)
+        if k is not None:
+            return dict(first_k_dense_replace=k, moe_layer_freq=1)
+        freq = compact_moe_layer_freq(pattern)
+        return dict(first_k_dense_replace=0, moe_layer_freq=freq)
+
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ArchSpec":
         """Spec of an HF ``config.json`` of type ``coe_deepseekv2``, ``coe_gpt`` or ``deepseek_v2``."""
@@ -429,10 +456,8 @@ class ArchSpec:
             return cfg.get(key, default)
 
         if stock:
-            if get("first_k_dense_replace", 0):
-                problems.append("first_k_dense_replace > 0 (dense layers) is not supported")
             if get("moe_layer_freq", 1) != 1:
-                problems.append("moe_layer_freq != 1 is not supported")
+                problems.append("moe_layer_freq != 1 is not supported (stock DeepSeek-V2 ignores it)")
             rope = get("rope_parameters") or {}
             rope_type = rope.get("rope_type", "default")
             if rope_type not in ("default", None) or get("rope_scaling"):
@@ -494,6 +519,9 @@ class ArchSpec:
             num_groups=get("n_group") if topk_method == "group_limited_greedy" else None,
             group_topk=get("topk_group") if topk_method == "group_limited_greedy" else None,
             expert_bias=bool(get("router_expert_bias", False)),
+            moe_layer_freq=compact_moe_layer_freq(hf_moe_layer_pattern(
+                get("num_hidden_layers"), get("first_k_dense_replace", 0),
+                1 if stock else get("moe_layer_freq", 1))),
             coe_iterations=1 if stock else int(get("inner_iter", 1)),
             inner_residual=bool(inner), outer_residual=bool(outer),
             shared_router=False if stock else not get("use_igate", True),
@@ -550,7 +578,7 @@ class ArchSpec:
             moe_router_score_function=self.score_function, moe_router_pre_softmax=self.pre_softmax,
             moe_router_topk_scaling_factor=self.scaling_factor,
             moe_router_num_groups=self.num_groups, moe_router_group_topk=self.group_topk,
-            moe_router_enable_expert_bias=self.expert_bias,
+            moe_router_enable_expert_bias=self.expert_bias, moe_layer_freq=self.moe_layer_freq,
             coe_iterations=self.coe_iterations, coe_inner_residual=self.inner_residual,
             coe_outer_residual=self.outer_residual, coe_shared_router=self.shared_router,
             vocab_size=self.vocab_size,
@@ -614,6 +642,7 @@ class ArchSpec:
             moe_shared_expert_intermediate_size=self.shared_expert_size,
             moe_router_score_function=self.score_function, moe_router_pre_softmax=self.pre_softmax,
             moe_router_enable_expert_bias=self.expert_bias, normalization=self.normalization,
+            moe_layer_freq=self.moe_layer_freq,
             qk_layernorm=self.qk_layernorm, gated_linear_unit=self.gated,
             activation_func={"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[self.activation],
             coe_iterations=self.coe_iterations, coe_inner_residual=self.inner_residual,

@@ -3,7 +3,8 @@
 ``get_coe_layer_spec(config, use_transformer_engine)`` starts from
 ``get_gpt_layer_with_transformer_engine_spec`` (GPU: TE linears/attention/norms, grouped-GEMM
 experts ``TEGroupedMLP``) or ``get_gpt_layer_local_spec`` (CPU: Megatron-Core modules only) and
-swaps in the CoE pieces:
+swaps in the CoE pieces (in every MoE layer of ``config.moe_layer_freq``; the other layers are
+Megatron's dense ``TransformerLayer`` with the same attention and norms, ``get_coe_block_spec``):
 
 * the layer module: ``CoETransformerLayer`` (outer residual as configured);
 * the MLP: ``ChainOfExpertsLayer`` with ``CoETopKRouter``, keeping Megatron's experts and
@@ -34,7 +35,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
+    get_transformer_layer_offset,
 )
+
+from megatron_coe.arch import moe_layer_pattern
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -143,19 +147,23 @@ def _latent_eps(layer_submodules, config):
         attention, submodules=dataclasses.replace(attn_sub, **replace)))
 
 
-def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSpec:
+def get_coe_layer_spec(config, use_transformer_engine: bool = False, moe: bool = True) -> ModuleSpec:
     """Transformer-layer spec of a CoE model for ``config`` (a ``CoE*TransformerConfig``).
 
     Args:
         config: the model config; MLA, normalization, qk-layernorm and grouped GEMM come from it.
         use_transformer_engine: GPU spec (TE modules, ``TEGroupedMLP`` experts when
             ``config.moe_grouped_gemm``); raises ``TransformerEngineUnavailable`` without TE/CUDA.
+        moe: False for a dense layer of ``config.moe_layer_freq``: Megatron's own
+            ``TransformerLayer`` with its dense MLP (``ffn_hidden_size``) and residual, the same
+            attention and norms as the CoE layers.
     """
     mla = bool(getattr(config, "multi_latent_attention", False))
+    num_experts = config.num_moe_experts if moe else None
     if use_transformer_engine:
         require_transformer_engine("The Transformer Engine layer spec")
         base = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts,
+            num_experts=num_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=config.qk_layernorm,
             multi_latent_attention=mla,
@@ -172,7 +180,7 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
             require_transformer_engine("FP8 training")
             raise ValueError("FP8 needs the Transformer Engine spec (--transformer-impl transformer_engine).")
         base = get_gpt_layer_local_spec(
-            num_experts=config.num_moe_experts,
+            num_experts=num_experts,
             qk_layernorm=config.qk_layernorm,
             multi_latent_attention=mla,
             normalization=config.normalization,
@@ -182,6 +190,8 @@ def get_coe_layer_spec(config, use_transformer_engine: bool = False) -> ModuleSp
         submodules = _deepseek_v2_attention(submodules)
     if mla and config.qk_layernorm:
         submodules = _latent_eps(submodules, config)
+    if not moe:
+        return ModuleSpec(module=base.module, params=dict(base.params or {}), submodules=submodules)
     mlp = _coe_mlp_spec(submodules.mlp, local=not use_transformer_engine)
     submodules = dataclasses.replace(submodules, mlp=mlp)
     return ModuleSpec(module=CoETransformerLayer, params=dict(base.params or {}),
@@ -196,7 +206,15 @@ def get_coe_block_spec(config, use_transformer_engine: bool = False, vp_stage=No
     default final norm (``TENorm``).
     """
     layer_spec = get_coe_layer_spec(config, use_transformer_engine)
-    if use_transformer_engine:
+    pattern = moe_layer_pattern(getattr(config, "moe_layer_freq", 1), config.num_layers)
+    if use_transformer_engine and all(pattern):
         return layer_spec
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=TorchNorm)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    dense_spec = None if all(pattern) else get_coe_layer_spec(config, use_transformer_engine, moe=False)
+    specs = [layer_spec if pattern[offset + i] else dense_spec for i in range(num_layers)]
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TENorm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm)

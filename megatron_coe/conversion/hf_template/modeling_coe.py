@@ -369,15 +369,27 @@ class CoeMoE(nn.Module):
         return x
 
 
+def moe_layer_pattern(config):
+    """1 (CoE layer) / 0 (dense MLP) per layer: a 0/1 list ``moe_layer_freq``, else DeepSeek's
+    rule ``layer >= first_k_dense_replace and layer % moe_layer_freq == 0``."""
+    freq = getattr(config, "moe_layer_freq", 1) or 1
+    if isinstance(freq, (list, tuple)):
+        return [int(v) for v in freq]
+    k = getattr(config, "first_k_dense_replace", 0) or 0
+    return [1 if i >= k and i % int(freq) == 0 else 0 for i in range(config.num_hidden_layers)]
+
+
 class CoeDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         attention = CoeMLAttention if config.attention_type == "mla" else CoeGQAttention
         self.self_attn = attention(config, layer_idx)
-        self.mlp = CoeMoE(config)
+        self.is_moe = bool(moe_layer_pattern(config)[layer_idx])
+        # a dense layer (first_k_dense_replace / moe_layer_freq) is a plain MLP with its residual
+        self.mlp = CoeMoE(config) if self.is_moe else CoeMLP(config, config.intermediate_size)
         self.input_layernorm = make_norm(config, config.hidden_size)
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
-        self.outer_residual = config.outer_residual
+        self.outer_residual = config.outer_residual or not self.is_moe
 
     def forward(self, hidden_states, cos, sin, attention_mask=None, past_key_values=None):
         residual = hidden_states

@@ -1,0 +1,349 @@
+"""Stock Hugging Face MoE families <-> ``ArchSpec``: DeepSeek-V2, DeepSeek-V3, Qwen3-MoE, Mixtral.
+
+This module owns everything family-specific of the conversion: which ``config.json`` of each
+family the importer accepts and the ``ArchSpec`` (so the Megatron model) it becomes, the family's
+tensor names where they differ from the DeepSeek-style names of ``mapping`` (Mixtral's
+``block_sparse_moe.*.w1/w2/w3``), and the ``config.json`` written when a model is exported back
+to its stock class. A feature Megatron-Core cannot compute exactly is refused with the field
+named (``ConversionError``); nothing is approximated.
+
+=============  ===================================================================================
+family         imported exactly                       refused (field named)
+=============  ===================================================================================
+deepseek_v2    MLA (q_lora_rank or none), shared      moe_layer_freq != 1, rope scaling, group
+               experts, first_k_dense_replace,        routing where a group's best expert is not
+               softmax top-k without renorm,          its score (num_experts_per_tok //
+               group_limited_greedy, routed scaling   topk_group != 1)
+deepseek_v3    MLA, shared experts, dense first       rope scaling (YaRN), rope_interleave false,
+               layers, sigmoid scores + renorm,       norm_topk_prob false with top-k > 1, group
+               e_score_correction_bias (Megatron's    routing unless num_experts_per_tok //
+               expert bias), group-limited top-k      topk_group == 2; multi-token prediction
+               (top-2 sum per group), routed scaling  (num_nextn_predict_layers) is dropped with a
+                                                      line (transformers' class has no MTP either)
+qwen3_moe      GQA, per-head q/k RMSNorm, top-k with  sliding window, attention bias, rope
+               or without renorm (norm_topk_prob),    scaling
+               dense layers (mlp_only_layers,
+               decoder_sparse_step)
+mixtral        GQA, top-k renormalised                sliding window, router jitter, rope scaling
+=============  ===================================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional
+
+from megatron_coe.arch import compact_moe_layer_freq, first_k_dense, hf_moe_layer_pattern
+from megatron_coe.conversion.spec import MODEL_TYPE_STOCK, ArchSpec, ConversionError
+
+FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral")
+HF_CLASSES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+              "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}
+
+# config.json fields that must be positive integers, per family (one line naming the field)
+_REQUIRED = {
+    "deepseek_v3": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                    "intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim"),
+    "qwen3_moe": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "intermediate_size"),
+    "mixtral": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_local_experts", "num_experts_per_tok", "intermediate_size"),
+}
+
+
+def is_family(model_type) -> bool:
+    return model_type in FAMILIES
+
+
+def _rope(cfg: dict, problems: list, family: str) -> float:
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None) or cfg.get("rope_scaling"):
+        problems.append(f"rope_parameters.rope_type {rope_type!r} (rope scaling) is not imported "
+                        f"for {family}: only plain RoPE is")
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _check_fields(cfg: dict, cfg_path: str, family: str) -> None:
+    for key in _REQUIRED[family]:
+        if key == "num_local_experts" and family == "qwen3_moe" and "num_experts" in cfg:
+            key = "num_experts"  # transformers < 5 writes num_experts
+        v = cfg.get(key)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ConversionError(f"{key} must be a positive integer, got {v!r}; fix config.json "
+                                  "(or use the config.json the weights came with)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"{cfg_path}: hidden_act {cfg.get('hidden_act')!r} is not supported for "
+                              f"{family} (its experts are SwiGLU: silu)")
+
+
+def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpec:
+    """The ``ArchSpec`` of a stock family ``config.json``; ``ConversionError`` naming the field
+    of anything Megatron-Core would compute differently."""
+    family = cfg.get("model_type")
+    if family == MODEL_TYPE_STOCK:
+        return _deepseek_v2(cfg)
+    if family not in _REQUIRED:
+        raise ConversionError(f"unsupported model_type {family!r}; supported families: {list(FAMILIES)}")
+    _check_fields(cfg, cfg_path, family)
+    p = []
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        p.append("attention_bias / mlp_bias (linear biases) are not imported")
+    theta = _rope(cfg, p, family)
+    common = dict(num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
+                  num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
+                  max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+                  rope_theta=theta, normalization="RMSNorm",
+                  norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), activation="silu", gated=True,
+                  ffn_hidden_size=cfg["intermediate_size"],
+                  tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                  topk=cfg["num_experts_per_tok"],
+                  dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", ""),
+                  coe_iterations=1, inner_residual=False, outer_residual=True)
+    L = cfg["num_hidden_layers"]
+    if family in ("qwen3_moe", "mixtral"):
+        if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
+            p.append("sliding_window (sliding-window attention) is not imported: Megatron's local "
+                     "attention here is full causal; set it to null only if no input exceeds it")
+        if family == "mixtral" and cfg.get("router_jitter_noise"):
+            p.append("router_jitter_noise (multiplicative router input noise in training) has no "
+                     "Megatron-Core counterpart")
+        heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        if heads % kv:
+            p.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+        experts = cfg.get("num_experts") or cfg["num_local_experts"]
+        if family == "qwen3_moe":
+            step = cfg.get("decoder_sparse_step", 1)
+            only = cfg.get("mlp_only_layers") or []
+            if not (isinstance(step, int) and step >= 1):
+                p.append(f"decoder_sparse_step must be a positive integer, got {step!r}")
+                step = 1
+            pattern = [0 if (i in only or (i + 1) % step) else 1 for i in range(L)]
+            pre_softmax = not bool(cfg.get("norm_topk_prob", False))
+            moe_size, qk_norm = cfg["moe_intermediate_size"], True
+        else:
+            pattern, pre_softmax, moe_size, qk_norm = [1] * L, False, cfg["intermediate_size"], False
+        if 1 not in pattern:
+            p.append("mlp_only_layers / decoder_sparse_step leave no MoE layer")
+        if p:
+            raise ConversionError(f"cannot import this {family} model exactly:\n  - " + "\n  - ".join(p))
+        return ArchSpec(**common, attention="mha", num_query_groups=kv,
+                        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                        qk_layernorm=qk_norm, num_experts=experts, moe_ffn_hidden_size=moe_size,
+                        score_function="softmax", pre_softmax=pre_softmax,
+                        moe_layer_freq=compact_moe_layer_freq(pattern))
+    # deepseek_v3
+    topk, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
+    if cfg.get("rope_interleave", True) is not True:
+        p.append("rope_interleave false: Megatron-Core's MLA applies RoPE to de-interleaved pairs "
+                 "(DeepSeek-V3's rope_interleave true)")
+    if topk > 1 and not cfg.get("norm_topk_prob", True):
+        p.append("norm_topk_prob false with sigmoid scores: Megatron-Core always renormalises "
+                 "sigmoid top-k weights")
+    n_group, topk_group = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+    groups = None
+    if E % n_group:
+        p.append(f"n_group {n_group} does not divide n_routed_experts {E}")
+    elif topk_group < n_group:
+        if topk // topk_group != 2 or topk % topk_group:
+            p.append(f"topk_group {topk_group} with num_experts_per_tok {topk}: DeepSeek-V3 scores a "
+                     "group by its top-2 experts, Megatron-Core by its top "
+                     "num_experts_per_tok // topk_group; they agree only when that is 2")
+        groups = (n_group, topk_group)
+    if cfg.get("moe_layer_freq", 1) != 1:
+        p.append("moe_layer_freq != 1 (transformers' DeepSeek-V3 ignores it)")
+    if cfg.get("q_lora_rank") is not None and not (isinstance(cfg["q_lora_rank"], int) and cfg["q_lora_rank"] >= 1):
+        p.append(f"q_lora_rank must be a positive integer or null, got {cfg['q_lora_rank']!r}")
+    if cfg.get("num_key_value_heads") not in (None, cfg["num_attention_heads"]):
+        p.append("num_key_value_heads != num_attention_heads (multi-latent attention has no GQA)")
+    if p:
+        raise ConversionError(f"cannot import this {family} model exactly:\n  - " + "\n  - ".join(p))
+    pattern = hf_moe_layer_pattern(L, cfg.get("first_k_dense_replace", 0), 1)
+    shared = (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
+    scaling = cfg.get("routed_scaling_factor", 1.0)
+    return ArchSpec(**common, attention="mla", qk_layernorm=True, latent_norm_eps=1e-6,
+                    q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
+                    qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
+                    v_head_dim=cfg["v_head_dim"], num_experts=E,
+                    moe_ffn_hidden_size=cfg["moe_intermediate_size"], shared_expert_size=shared or None,
+                    score_function="sigmoid", pre_softmax=False, expert_bias=True,
+                    scaling_factor=None if scaling in (None, 1, 1.0) else float(scaling),
+                    num_groups=groups[0] if groups else None, group_topk=groups[1] if groups else None,
+                    moe_layer_freq=compact_moe_layer_freq(pattern))
+
+
+def _deepseek_v2(cfg: dict) -> ArchSpec:
+    """Stock DeepSeek-V2 (``ArchSpec.from_hf_config``) plus the group-routing exactness rule."""
+    if cfg.get("topk_method") == "group_limited_greedy":
+        topk, tg = cfg.get("num_experts_per_tok"), cfg.get("topk_group")
+        n_group, E = cfg.get("n_group"), cfg.get("n_routed_experts")
+        if not (isinstance(tg, int) and isinstance(n_group, int) and tg >= 1 and n_group >= 1):
+            raise ConversionError("group_limited_greedy needs positive integers n_group and topk_group, "
+                                  f"got n_group={n_group!r}, topk_group={tg!r}")
+        if topk // tg != 1:
+            raise ConversionError(
+                f"cannot import this deepseek_v2 model exactly: topk_group {tg} with "
+                f"num_experts_per_tok {topk}: DeepSeek-V2 scores a group by its best expert, "
+                "Megatron-Core by its top num_experts_per_tok // topk_group experts; they agree "
+                "only when that is 1")
+        if topk > tg * (E // n_group):
+            raise ConversionError(f"num_experts_per_tok {topk} exceeds the experts of topk_group "
+                                  f"{tg} groups")
+    spec = ArchSpec.from_hf_config(cfg)
+    if spec.num_groups and spec.group_topk and spec.group_topk >= spec.num_groups:
+        spec = spec.replace(num_groups=None, group_topk=None)  # every group selected: no limit
+    return spec
+
+
+# --------------------------------------------------------------------------- tensor names
+_MIXTRAL = (("block_sparse_moe.gate.", "mlp.gate."),
+            ("block_sparse_moe.experts.", "mlp.experts."))
+_MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_RE = re.compile(r"^(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+_DS_RE = re.compile(r"^(model\.layers\.\d+\.)mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def from_family_names(family: Optional[str], tensors: Dict) -> Dict:
+    """A family's HF tensor names -> the DeepSeek-style names ``mapping`` reads."""
+    if family != "mixtral":
+        return tensors
+    out = {}
+    for name, t in tensors.items():
+        m = _MIXTRAL_RE.match(name)
+        if m:
+            name = f"{m.group(1)}mlp.experts.{m.group(2)}.{_MIXTRAL_W[m.group(3)]}.weight"
+        else:
+            name = name.replace("block_sparse_moe.gate.", "mlp.gate.")
+        out[name] = t
+    return out
+
+
+def to_family_names(family: Optional[str], tensors: Dict) -> Dict:
+    """The DeepSeek-style names ``mapping`` writes -> a family's HF tensor names."""
+    if family != "mixtral":
+        return tensors
+    inverse = {v: k for k, v in _MIXTRAL_W.items()}
+    out = {}
+    for name, t in tensors.items():
+        m = _DS_RE.match(name)
+        if m:
+            name = f"{m.group(1)}block_sparse_moe.experts.{m.group(2)}.{inverse[m.group(3)]}.weight"
+        else:
+            name = re.sub(r"\.mlp\.gate\.", ".block_sparse_moe.gate.", name)
+        out[name] = t
+    return out
+
+
+def family_layer_prefix(family: Optional[str], layer_idx: int) -> str:
+    """The name prefix of layer ``layer_idx``'s tensors in the family's files."""
+    return f"model.layers.{layer_idx}."
+
+
+# --------------------------------------------------------------------------- export
+def family_problems(spec: ArchSpec, family: str) -> list:
+    """Why stock ``family`` cannot compute ``spec`` exactly ([] if it can)."""
+    if family == MODEL_TYPE_STOCK:
+        return spec.stock_deepseek_v2_problems()
+    p = []
+    if not spec.is_standard_moe():
+        p.append(f"stock {family} is a standard MoE: needs coe_iterations=1, inner residual off, "
+                 "outer residual on")
+    if not (spec.gated and spec.activation == "silu") or spec.normalization != "RMSNorm":
+        p.append(f"stock {family} has SwiGLU experts and RMSNorm")
+    if spec.tie_word_embeddings and family == "deepseek_v3":
+        p.append("stock deepseek_v3 unties embeddings")
+    if family in ("qwen3_moe", "mixtral"):
+        if spec.attention != "mha" or spec.rotary_percent != 1.0 or spec.rope_interleaved:
+            p.append(f"stock {family} has standard attention with full, non-interleaved RoPE")
+        if spec.shared_expert_size:
+            p.append(f"stock {family} has no shared expert")
+        if spec.score_function != "softmax" or spec.num_groups or spec.expert_bias or spec.scaling_factor:
+            p.append(f"stock {family} routes with a plain softmax top-k (no groups, bias or scaling)")
+        if spec.head_dim not in (None, spec.mha_head_dim):
+            pass
+        if family == "qwen3_moe" and not spec.qk_layernorm:
+            p.append("stock qwen3_moe normalises q and k per head (qk_layernorm)")
+        if family == "mixtral":
+            if spec.qk_layernorm:
+                p.append("stock mixtral has no q/k norm")
+            if spec.pre_softmax:
+                p.append("stock mixtral renormalises the top-k weights (pre_softmax off)")
+            if 0 in spec.moe_pattern():
+                p.append("stock mixtral has no dense layers")
+            if spec.ffn_hidden_size != spec.moe_ffn_hidden_size:
+                p.append("stock mixtral's expert size is intermediate_size (ffn_hidden_size)")
+    else:  # deepseek_v3
+        if spec.attention != "mla" or not spec.qk_layernorm or spec.latent_eps != 1e-6 or spec.rope_scaling:
+            p.append("stock deepseek_v3 has MLA with latent norms (eps 1e-6) and plain RoPE here")
+        if spec.score_function != "sigmoid" or not spec.expert_bias:
+            p.append("stock deepseek_v3 routes with sigmoid scores and e_score_correction_bias")
+        if spec.num_groups and spec.group_topk and spec.topk // spec.group_topk != 2:
+            p.append("stock deepseek_v3 scores a group by its top-2 experts")
+        if not spec.shared_expert_size or spec.shared_expert_size % spec.moe_ffn_hidden_size:
+            p.append("stock deepseek_v3 has shared experts in units of the expert size")
+        if first_k_dense(spec.moe_pattern()) is None:
+            p.append("stock deepseek_v3 has dense layers only before the MoE layers")
+    return p
+
+
+def family_hf_config(spec: ArchSpec, family: str, token_ids: Optional[dict] = None) -> dict:
+    """``config.json`` of stock ``family`` for ``spec`` (``family_problems`` must be empty)."""
+    token_ids = token_ids or {}
+    if family == MODEL_TYPE_STOCK:
+        return spec.to_hf_config(stock=True, token_ids=token_ids)
+    cfg = dict(model_type=family, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+               intermediate_size=spec.ffn_hidden_size or 4 * spec.hidden_size,
+               num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
+               max_position_embeddings=spec.max_position_embeddings, hidden_act="silu",
+               rms_norm_eps=spec.norm_eps, tie_word_embeddings=spec.tie_word_embeddings,
+               num_experts_per_tok=spec.topk, attention_dropout=0.0, initializer_range=0.02,
+               use_cache=True, bos_token_id=token_ids.get("bos"), eos_token_id=token_ids.get("eos"),
+               pad_token_id=token_ids.get("pad"), dtype=spec.dtype,
+               rope_parameters=dict(rope_type="default", rope_theta=spec.rope_theta))
+    if family in ("qwen3_moe", "mixtral"):
+        cfg.update(num_key_value_heads=spec.kv_groups, head_dim=spec.mha_head_dim,
+                   sliding_window=None)
+    if family == "qwen3_moe":
+        pattern = spec.moe_pattern()
+        cfg.update(num_local_experts=spec.num_experts, moe_intermediate_size=spec.moe_ffn_hidden_size,
+                   norm_topk_prob=not spec.pre_softmax, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i, v in enumerate(pattern) if not v],
+                   use_sliding_window=False, attention_bias=False)
+    elif family == "mixtral":
+        cfg.update(num_local_experts=spec.num_experts, router_jitter_noise=0.0)
+    elif family == "deepseek_v3":
+        cfg.update(num_key_value_heads=spec.num_attention_heads, n_routed_experts=spec.num_experts,
+                   moe_intermediate_size=spec.moe_ffn_hidden_size,
+                   n_shared_experts=spec.shared_expert_size // spec.moe_ffn_hidden_size,
+                   q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+                   qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
+                   v_head_dim=spec.v_head_dim, n_group=spec.num_groups or 1,
+                   topk_group=spec.group_topk or 1, norm_topk_prob=True,
+                   routed_scaling_factor=float(spec.scaling_factor or 1.0),
+                   first_k_dense_replace=first_k_dense(spec.moe_pattern()), rope_interleave=True,
+                   num_nextn_predict_layers=0, attention_bias=False)
+    return cfg
+
+
+def mtp_note(cfg: dict) -> Optional[str]:
+    """The line printed when DeepSeek-V3 multi-token-prediction layers are dropped."""
+    n = cfg.get("num_nextn_predict_layers") or 0
+    if cfg.get("model_type") == "deepseek_v3" and n:
+        return (f"note: dropping {n} multi-token-prediction layer(s) (num_nextn_predict_layers={n}): "
+                "transformers' DeepseekV3ForCausalLM does not run them and Megatron's main model "
+                "does not need them; the imported model computes the same next-token logits")
+    return None
+
+
+def family_of(cfg: dict) -> Optional[str]:
+    """The stock family of a ``config.json``, or None (this project's CoE exports)."""
+    t = cfg.get("model_type")
+    return t if t in FAMILIES else None
+
+
+__all__ = ["FAMILIES", "HF_CLASSES", "is_family", "spec_from_family_config", "from_family_names",
+           "to_family_names", "family_problems", "family_hf_config", "mtp_note", "family_of"]
