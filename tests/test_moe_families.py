@@ -101,11 +101,10 @@ def _causal(s: int) -> torch.Tensor:
 def _logits_worker(rank, world, ckpt, layouts, tokens):
     """Megatron logits of checkpoint ``ckpt`` built at each ``(tp, ep)`` of ``layouts``."""
     from megatron_coe.conversion.importer import build_model, load_checkpoint_into
-    from megatron_coe.conversion.megatron_ckpt import read_meta, find_checkpoint_dir
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion.megatron_ckpt import MegatronCheckpoint
     from megatron_coe.parallel import destroy_parallel
 
-    spec = ArchSpec.from_dict(read_meta(find_checkpoint_dir(ckpt))["model_config"])
+    spec = MegatronCheckpoint(ckpt).spec
     out = []
     for tp, ep in layouts:
         model, _ = build_model(spec, tp=tp, ep=ep)
@@ -269,3 +268,90 @@ def test_bad_field_value_is_named(tmp_path, capsys):
     assert _tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_local_experts must be a positive integer, got 'four'" in err, err
+
+
+def _upcycled_logits_worker(rank, world, ckpt, tokens):
+    return _logits_worker(rank, world, ckpt, [(1, 2)], tokens)[0]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_upcycled_coe2_with_dense_layers_exports_as_coe(family, tmp_path):
+    """C=2 with a dense first layer (standard attention / MLA with sigmoid routing and expert
+    bias) -> this project's CoE format; its remote code gives the Megatron logits (EP=2)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_coe.conversion.export import export_checkpoint
+
+    _hf_model(family).save_pretrained(str(tmp_path / "hf"))
+    extra = ["--upcycle-topk", "2"] if family == "deepseek_v3" else []
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert _tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "up"),
+                                              "--expert-model-parallel-size", "2",
+                                              "--upcycle-iterations", "2"] + extra) == 0
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    megatron = run_distributed(_upcycled_logits_worker, 2, ckpt=str(tmp_path / "up"), tokens=tokens)[0]
+    result = export_checkpoint(str(tmp_path / "up"), str(tmp_path / "coe"), show_progress=False,
+                               log=lambda *a: None)
+    assert result.format == "coe"
+    cfg = json.loads((tmp_path / "coe/config.json").read_text())
+    assert cfg["inner_iter"] == 2 and cfg["first_k_dense_replace"] == 1 and cfg["moe_layer_freq"] == 1
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "coe"), trust_remote_code=True).eval()
+    assert not hasattr(model.model.layers[0].mlp, "gate") and hasattr(model.model.layers[1].mlp, "gate")
+    with torch.no_grad():
+        diff = (model(tokens).logits - megatron).abs().max().item()
+    print(f"{family} upcycled CoE-2 export: max abs logit diff {diff:.3g}")
+    assert diff <= 1e-4, diff
+
+
+def _cli_train_worker(rank, world, argv):
+    from megatron_coe.testing.train_args import explicit
+    from megatron_coe.training.options import parse_args
+    from megatron_coe.training.trainer import Trainer, preflight
+
+    args = parse_args(explicit(argv))
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer = Trainer(args, preflight(args, world))
+        trainer.train()
+    return args.moe_layer_freq
+
+
+@pytest.mark.timeout(240)
+def test_trainer_dense_layers_flag_trains_saves_and_exports(tmp_path):
+    """``--moe-layer-freq '[0]*1+[1]*3'`` (Megatron-LM's text form): trained at EP=2 x PP=2,
+    saved, reloaded at EP=2 (another layout), exported as CoE with ``first_k_dense_replace`` 1;
+    the remote code gives the Megatron logits."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_coe.conversion.export import export_checkpoint
+
+    argv = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --num-experts 4 "
+            "--moe-router-topk 1 --moe-router-pre-softmax --moe-ffn-hidden-size 16 --ffn-hidden-size 48 "
+            "--coe-iterations 2 --swiglu --normalization RMSNorm --untie-embeddings-and-output-weights "
+            f"--seq-length {SEQ} --micro-batch-size 2 --global-batch-size 4 --train-iters 2 --lr 1e-3 "
+            f"--mock-data --vocab-size {VOCAB} --eval-iters 0 --log-interval 1 "
+            "--expert-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+            f"--save {tmp_path / 'ckpt'}").split() + ["--moe-layer-freq", "[0]*1+[1]*3"]
+    freq = run_distributed(_cli_train_worker, 4, argv=argv)[0]
+    assert freq == [0, 1, 1, 1]
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(9))
+    megatron = run_distributed(_upcycled_logits_worker, 2, ckpt=str(tmp_path / "ckpt"), tokens=tokens)[0]
+    result = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "hf"), show_progress=False,
+                               log=lambda *a: None)
+    cfg = json.loads((tmp_path / "hf/config.json").read_text())
+    assert result.format == "coe" and cfg["first_k_dense_replace"] == 1 and cfg["intermediate_size"] == 48
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).eval()
+    with torch.no_grad():
+        diff = (model(tokens).logits - megatron).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_moe_layer_freq_flag_values_are_one_line_errors():
+    from megatron_coe.training.options import OptionError, coerce
+
+    assert coerce("moe_layer_freq", "2") == 2 and coerce("moe_layer_freq", "[0,1]") == [0, 1]
+    assert coerce("moe_layer_freq", [0, 1, 1]) == [0, 1, 1]
+    for bad, why in (("0", ">= 1"), ("[0]*1+[3]", "0 (dense) / 1 (MoE)"), ("__import__('os')", "such as")):
+        with pytest.raises(OptionError) as e:
+            coerce("moe_layer_freq", bad)
+        assert "--moe-layer-freq" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
