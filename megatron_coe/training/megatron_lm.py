@@ -54,7 +54,7 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
         num_query_groups=config.num_query_groups,
         group_query_attention=config.num_query_groups not in (None, config.num_attention_heads),
         ffn_hidden_size=config.ffn_hidden_size, kv_channels=config.kv_channels,
-        moe_ffn_hidden_size=config.moe_ffn_hidden_size, moe_layer_freq=1,
+        moe_ffn_hidden_size=config.moe_ffn_hidden_size,
         moe_router_topk_scaling_factor=config.moe_router_topk_scaling_factor,
         squared_relu=False, apply_layernorm_1p=False, apply_query_key_layer_scaling=False,
         num_experts=args.num_experts, mtp_num_layers=None, spec=None,
@@ -144,7 +144,8 @@ def refuse_incompatible(ns, path: str) -> None:
     if getattr(ns, "num_experts", None) in (None, 0):
         reasons.append("dense GPT (no --num-experts): this trainer builds MoE/CoE layers only")
     freq = getattr(ns, "moe_layer_freq", 1)
-    if freq != 1 and not (isinstance(freq, list) and all(f == 1 for f in freq)):
+    if "moe_layer_freq" not in OPTIONS and freq != 1 and not (
+            isinstance(freq, list) and all(f == 1 for f in freq)):
         reasons.append(f"--moe-layer-freq {freq}: dense layers between MoE layers")
     if "add_bias_linear" not in OPTIONS and getattr(ns, "add_bias_linear", False):
         reasons.append("linear biases (Megatron-LM's default; trained without "
