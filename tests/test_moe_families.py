@@ -33,7 +33,10 @@ VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
 MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-           num_key_value_heads=4)
+           num_key_value_heads=4,  # YaRN as in DeepSeek-V2-Lite / V3 (context 16 -> 64)
+           rope_parameters=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707,
+                                rope_theta=10000.0))
 
 FAMILIES = {
     # family: (config class, model class, config kwargs, TP=2 check)

@@ -10,11 +10,11 @@ named (``ConversionError``); nothing is approximated.
 =============  ===================================================================================
 family         imported exactly                       refused (field named)
 =============  ===================================================================================
-deepseek_v2    MLA (q_lora_rank or none), shared      moe_layer_freq != 1, rope scaling, group
-               experts, first_k_dense_replace,        routing where a group's best expert is not
-               softmax top-k without renorm,          its score (num_experts_per_tok //
-               group_limited_greedy, routed scaling   topk_group != 1)
-deepseek_v3    MLA, shared experts, dense first       rope scaling (YaRN), rope_interleave false,
+deepseek_v2    MLA (q_lora_rank or none), YaRN,       moe_layer_freq != 1, rope types other than
+               shared experts, first_k_dense_replace, yarn, group routing where a group's best
+               softmax top-k without renorm,          expert is not its score
+               group_limited_greedy, routed scaling   (num_experts_per_tok // topk_group != 1)
+deepseek_v3    MLA, YaRN, shared experts, dense first rope_interleave false,
                layers, sigmoid scores + renorm,       norm_topk_prob false with top-k > 1, group
                e_score_correction_bias (Megatron's    routing unless num_experts_per_tok //
                expert bias), group-limited top-k      topk_group == 2; multi-token prediction
@@ -58,10 +58,35 @@ def is_family(model_type) -> bool:
     return model_type in FAMILIES
 
 
+def _yarn(cfg: dict, problems: list) -> Optional[dict]:
+    """MLA families: YaRN ``rope_parameters`` as ``ArchSpec.rope_scaling`` (Megatron-Core's MLA
+    YaRN: the same frequencies, cos/sin scale and softmax scale), None for plain RoPE."""
+    rope = dict(cfg.get("rope_parameters") or {}, **(cfg.get("rope_scaling") or {}))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in ("default", None):
+        return None
+    if rope_type != "yarn":
+        problems.append(f"rope_parameters.rope_type {rope_type!r} is not imported: plain RoPE and "
+                        "yarn are")
+        return None
+    if rope.get("truncate", True) is not True:
+        problems.append("rope_parameters.truncate false (YaRN without rounding the correction "
+                        "range) has no Megatron-Core counterpart")
+    if "original_max_position_embeddings" not in rope:
+        problems.append("rope_parameters.original_max_position_embeddings is missing (YaRN)")
+        return None
+    return dict(type="yarn", factor=float(rope.get("factor", 1.0)),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+                mscale=float(rope.get("mscale") or 1.0), mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0))
+
+
 def _rope(cfg: dict, problems: list, family: str) -> float:
     rope = cfg.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None) or cfg.get("rope_scaling"):
+    if family in ("deepseek_v2", "deepseek_v3"):
+        pass  # YaRN: _yarn
+    elif rope_type not in ("default", None) or cfg.get("rope_scaling"):
         problems.append(f"rope_parameters.rope_type {rope_type!r} (rope scaling) is not imported "
                         f"for {family}: only plain RoPE is")
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -165,7 +190,10 @@ def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpe
     pattern = hf_moe_layer_pattern(L, cfg.get("first_k_dense_replace", 0), 1)
     shared = (cfg.get("n_shared_experts") or 0) * cfg["moe_intermediate_size"]
     scaling = cfg.get("routed_scaling_factor", 1.0)
-    return ArchSpec(**common, attention="mla", qk_layernorm=True, latent_norm_eps=1e-6,
+    yarn = _yarn(cfg, p)
+    if p:
+        raise ConversionError(f"cannot import this {family} model exactly:\n  - " + "\n  - ".join(p))
+    return ArchSpec(**common, attention="mla", qk_layernorm=True, latent_norm_eps=1e-6, rope_scaling=yarn,
                     q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
                     qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
                     v_head_dim=cfg["v_head_dim"], num_experts=E,
@@ -193,7 +221,15 @@ def _deepseek_v2(cfg: dict) -> ArchSpec:
         if topk > tg * (E // n_group):
             raise ConversionError(f"num_experts_per_tok {topk} exceeds the experts of topk_group "
                                   f"{tg} groups")
-    spec = ArchSpec.from_hf_config(cfg)
+    p = []
+    yarn = _yarn(cfg, p)
+    if p:
+        raise ConversionError("cannot import this deepseek_v2 model exactly:\n  - " + "\n  - ".join(p))
+    rope = dict(cfg.get("rope_parameters") or {})
+    plain = dict(cfg, rope_parameters=dict(rope_type="default",
+                                           rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0))))
+    plain.pop("rope_scaling", None)
+    spec = ArchSpec.from_hf_config(plain).replace(rope_scaling=yarn)
     if spec.num_groups and spec.group_topk and spec.group_topk >= spec.num_groups:
         spec = spec.replace(num_groups=None, group_topk=None)  # every group selected: no limit
     return spec
@@ -246,8 +282,8 @@ def family_layer_prefix(family: Optional[str], layer_idx: int) -> str:
 # --------------------------------------------------------------------------- export
 def family_problems(spec: ArchSpec, family: str) -> list:
     """Why stock ``family`` cannot compute ``spec`` exactly ([] if it can)."""
-    if family == MODEL_TYPE_STOCK:
-        return spec.stock_deepseek_v2_problems()
+    if family == MODEL_TYPE_STOCK:  # YaRN is written as rope_parameters (family_hf_config)
+        return [x for x in spec.stock_deepseek_v2_problems() if not x.startswith("YaRN")]
     p = []
     if not spec.is_standard_moe():
         p.append(f"stock {family} is a standard MoE: needs coe_iterations=1, inner residual off, "
@@ -277,8 +313,8 @@ def family_problems(spec: ArchSpec, family: str) -> list:
             if spec.ffn_hidden_size != spec.moe_ffn_hidden_size:
                 p.append("stock mixtral's expert size is intermediate_size (ffn_hidden_size)")
     else:  # deepseek_v3
-        if spec.attention != "mla" or not spec.qk_layernorm or spec.latent_eps != 1e-6 or spec.rope_scaling:
-            p.append("stock deepseek_v3 has MLA with latent norms (eps 1e-6) and plain RoPE here")
+        if spec.attention != "mla" or not spec.qk_layernorm or spec.latent_eps != 1e-6:
+            p.append("stock deepseek_v3 has MLA with latent norms (eps 1e-6)")
         if spec.score_function != "sigmoid" or not spec.expert_bias:
             p.append("stock deepseek_v3 routes with sigmoid scores and e_score_correction_bias")
         if spec.num_groups and spec.group_topk and spec.topk // spec.group_topk != 2:
@@ -293,8 +329,12 @@ def family_problems(spec: ArchSpec, family: str) -> list:
 def family_hf_config(spec: ArchSpec, family: str, token_ids: Optional[dict] = None) -> dict:
     """``config.json`` of stock ``family`` for ``spec`` (``family_problems`` must be empty)."""
     token_ids = token_ids or {}
+    rope = dict(rope_type="default", rope_theta=spec.rope_theta)
+    if spec.rope_scaling:
+        rope = dict({k: v for k, v in spec.rope_scaling.items() if k != "type"}, rope_type="yarn",
+                    rope_theta=spec.rope_theta)
     if family == MODEL_TYPE_STOCK:
-        return spec.to_hf_config(stock=True, token_ids=token_ids)
+        return dict(spec.to_hf_config(stock=True, token_ids=token_ids), rope_parameters=rope)
     cfg = dict(model_type=family, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
                intermediate_size=spec.ffn_hidden_size or 4 * spec.hidden_size,
                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
@@ -303,7 +343,7 @@ def family_hf_config(spec: ArchSpec, family: str, token_ids: Optional[dict] = No
                num_experts_per_tok=spec.topk, attention_dropout=0.0, initializer_range=0.02,
                use_cache=True, bos_token_id=token_ids.get("bos"), eos_token_id=token_ids.get("eos"),
                pad_token_id=token_ids.get("pad"), dtype=spec.dtype,
-               rope_parameters=dict(rope_type="default", rope_theta=spec.rope_theta))
+               rope_parameters=rope)
     if family in ("qwen3_moe", "mixtral"):
         cfg.update(num_key_value_heads=spec.kv_groups, head_dim=spec.mha_head_dim,
                    sliding_window=None)
