@@ -3,7 +3,7 @@
 Each family's tiny model is built by ``transformers`` itself from the family's config class with
 random weights (no downloads), saved, and imported by ``tools/convert_from_hf.py`` at EP=2:
 
-* the Megatron model (EP=2; TP=2 for the standard-attention families) gives the HF logits
+* the Megatron model (EP=2, and TP=2 with sequence parallelism) gives the HF logits
   (fp32, max abs diff <= 1e-4);
 * HF -> Megatron -> HF (auto format: the source family's stock class) is bit-identical;
 * dense layers (DeepSeek's ``first_k_dense_replace``, Qwen3's ``mlp_only_layers``) stay dense;
@@ -44,12 +44,12 @@ FAMILIES = {
                     dict(COMMON, **MLA, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
                          moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
                          topk_method="group_limited_greedy", n_group=2, topk_group=2,
-                         routed_scaling_factor=1.5), False),
+                         routed_scaling_factor=1.5), True),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(COMMON, **MLA, q_lora_rank=16, n_routed_experts=8, num_experts_per_tok=4,
                          moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
                          n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
-                         num_nextn_predict_layers=1), False),
+                         num_nextn_predict_layers=1), True),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=16, mlp_only_layers=[0], norm_topk_prob=True,
