@@ -33,6 +33,9 @@ class CoEConfigMixin:
         y   = x_C + I_outer * h
 
     ``moe_router_topk`` is the top-k of each pass (C * topk experts per token in all).
+    Megatron's ``moe_layer_freq`` (``--moe-layer-freq``: an int N or a 0/1 list) chooses which
+    layers are CoE layers; the others are dense MLPs of ``ffn_hidden_size`` (DeepSeek's
+    ``first_k_dense_replace``), checked by ``_validate_moe_layer_freq``.
     """
 
     coe_iterations: int = 1

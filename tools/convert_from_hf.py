@@ -4,7 +4,8 @@
 Thin CLI over ``megatron_coe.conversion.importer`` (see its docstring for the details).
 
 Examples:
-    # a CoE export (or stock DeepSeek-V2 MoE) -> checkpoint saved from an EP=2 layout
+    # a CoE export, or a stock MoE (deepseek_v2, deepseek_v3, qwen3_moe, mixtral: see
+    # megatron_coe/conversion/families.py) -> checkpoint saved from an EP=2 layout
     python tools/convert_from_hf.py --load hf/coe2 --save ckpt/coe2 --expert-model-parallel-size 2
 
     # upcycle a standard MoE (top-4) into CoE-2 with top-2 per pass (default k / C)
