@@ -358,3 +358,25 @@ def test_moe_layer_freq_flag_values_are_one_line_errors():
         with pytest.raises(OptionError) as e:
             coerce("moe_layer_freq", bad)
         assert "--moe-layer-freq" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
+
+
+def _count_worker(rank, world, spec_dict):
+    from megatron_coe.conversion.importer import build_model
+    from megatron_coe.conversion.spec import ArchSpec
+
+    model, _ = build_model(ArchSpec.from_dict(spec_dict))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_parameter_count_of_a_model_with_dense_layers():
+    """``ModelArch.num_parameters`` counts dense layers as dense (the built model's count)."""
+    from megatron_coe.arch import ModelArch
+    from megatron_coe.conversion.spec import ArchSpec
+
+    arch = ModelArch(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                     num_moe_experts=4, moe_ffn_hidden_size=16, gated_linear_unit=True,
+                     normalization="RMSNorm", moe_layer_freq=[0, 1, 0], coe_iterations=2,
+                     untie_embeddings_and_output_weights=True, vocab_size=VOCAB,
+                     max_position_embeddings=SEQ).resolve_defaults()
+    built = run_distributed(_count_worker, 1, spec_dict=ArchSpec.from_arch(arch).to_dict())[0]
+    assert arch.num_parameters()["total"] == built
