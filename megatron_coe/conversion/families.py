@@ -379,6 +379,18 @@ def mtp_note(cfg: dict) -> Optional[str]:
     return None
 
 
+def without_mtp(cfg: dict, tensors: Dict) -> Dict:
+    """``tensors`` without DeepSeek-V3's multi-token-prediction layers (``model.layers.{L..}``
+    with L = num_hidden_layers, present in published checkpoints; see ``mtp_note``)."""
+    n = cfg.get("num_nextn_predict_layers") or 0
+    if cfg.get("model_type") != "deepseek_v3" or not n:
+        return tensors
+    L = cfg["num_hidden_layers"]
+    mtp = re.compile(r"^model\.layers\.(\d+)\.")
+    return {k: v for k, v in tensors.items()
+            if not ((m := mtp.match(k)) and L <= int(m.group(1)) < L + n)}
+
+
 def family_of(cfg: dict) -> Optional[str]:
     """The stock family of a ``config.json``, or None (this project's CoE exports)."""
     t = cfg.get("model_type")

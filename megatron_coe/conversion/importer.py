@@ -80,6 +80,12 @@ class Upcycle:
     def notes(src: ArchSpec, dst: ArchSpec) -> list:
         """Lines printed about what upcycling changed beyond C and top-k."""
         out = []
+        if src.num_groups and src.group_topk and (dst.topk // dst.group_topk
+                                                  != src.topk // src.group_topk):
+            out.append(f"note: group-limited routing scores a group by its top "
+                       f"topk // group_topk experts: {src.topk // src.group_topk} in the source, "
+                       f"{dst.topk // dst.group_topk} per pass here, so pass 1 may choose other "
+                       "groups than the source router")
         if dst.pre_softmax and not src.pre_softmax:
             out.append("note: top-1 per pass: the source renormalises its top-k weights, which "
                        "makes a top-1 weight always 1; Megatron-Core routes top-1 with the "
@@ -145,10 +151,11 @@ class HFSource:
                 f"({(str(e).splitlines() or [''])[0]}); check num_attention_heads, num_key_value_heads, "
                 "head_dim (MLA: q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)"
             ) from None
-        cfg = self.config
+        cfg, shapes = self.config, self.weights.shapes
         if self.family:  # the family's own expert-count key; MTP layers beyond the model dropped
             cfg = dict(cfg, n_routed_experts=self.source_spec.num_experts)
-        hf_io.check_weights(self.path, cfg, self.weights.shapes, expected)
+            shapes = families.without_mtp(self.config, shapes)
+        hf_io.check_weights(self.path, cfg, shapes, expected)
 
     def layer(self, layer_idx: int) -> dict:
         hf = families.from_family_names(self.family,
