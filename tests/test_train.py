@@ -265,6 +265,7 @@ def _fake_checkpoint(root: Path, iteration: int, args, vocab: int = 512, suffix:
     path.mkdir(parents=True)
     (path / fmt.META).write_text(json.dumps({"iteration": iteration, "vocab_size": vocab,
                                               "args": args.to_dict()}))
+    torch.save({}, path / "common.pt")  # the common-state file every release can read
     return path
 
 
