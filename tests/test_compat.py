@@ -175,3 +175,22 @@ def test_checkpoint_without_common_pt_is_refused_only_where_unreadable(tmp_path)
         assert why is None
     else:
         assert "no common.pt" in why and "megatron-core>=0.19" in why and "\n" not in why
+
+
+def test_cpu_rng_changed_warning_is_filtered_on_cpu_only(caplog):
+    """On CPU the "GPU" RNG is the CPU generator, so the tracker's fork warning would fire for
+    every dropout inside a fork: the stand-in drops exactly that message, nothing else."""
+    import logging
+
+    import torch
+
+    from megatron_coe.compat import install_cpu_compat
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only stand-in")
+    install_cpu_compat()
+    log = logging.getLogger("megatron.core.tensor_parallel.random")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("CPU RNG state changed within GPU RNG context")
+        log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]

@@ -358,6 +358,25 @@ def test_trainer_dense_layers_flag_trains_saves_and_exports(tmp_path):
     assert diff <= 1e-4, diff
 
 
+def test_pipeline_stage_without_coe_layers_is_refused_before_training():
+    """PP=2 with ``--moe-layer-freq '[0]*2+[1]*2'``: stage 0 would hold only dense layers (no
+    expert parameters, so its optimizer and checkpoint collectives differ from stage 1's and the
+    first save fails). Refused in one line by the layout check, before any process group."""
+    from megatron_coe.testing.train_args import explicit
+    from megatron_coe.training.options import parse_args
+    from megatron_coe.training.setup import SetupError, check_layout
+
+    argv = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --num-experts 4 "
+            "--moe-router-topk 2 --moe-ffn-hidden-size 16 --coe-iterations 2 --seq-length 32 "
+            "--micro-batch-size 2 --train-iters 3 --lr 1e-3 --mock-data --vocab-size 64 "
+            "--pipeline-model-parallel-size 2").split()
+    with pytest.raises(SetupError) as e:
+        check_layout(parse_args(explicit(argv + ["--moe-layer-freq", "[0]*2+[1]*2"])), 2)
+    msg = str(e.value)
+    assert "pipeline stage 0 (layers 1-2) has no CoE layer" in msg and "\n" not in msg
+    check_layout(parse_args(explicit(argv + ["--moe-layer-freq", "[0]*1+[1]*3"])), 2)  # allowed
+
+
 def test_moe_layer_freq_flag_values_are_one_line_errors():
     from megatron_coe.training.options import OptionError, coerce
 

@@ -35,6 +35,7 @@ Nothing here changes numerics; ``tests/test_compat.py`` checks each stand-in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -94,6 +95,10 @@ class _NoOpStream:
 _DEFAULT_STREAM = _NoOpStream()
 
 
+def _drop_cpu_rng_changed_warning(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "CPU RNG state changed within GPU RNG context"
+
+
 def install_cpu_compat() -> bool:
     """Install the CPU stand-ins if (and only if) no CUDA device exists. Returns True if active."""
     global _CPU_INSTALLED
@@ -138,6 +143,9 @@ def install_cpu_compat() -> bool:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
         new_state
     )
+    # The tracker's fork warns when the CPU generator moved inside a "GPU" RNG context; here the
+    # "GPU" generator *is* the CPU one, so every dropout inside a fork would log it (each step).
+    logging.getLogger(mrandom.__name__).addFilter(_drop_cpu_rng_changed_warning)
 
     import megatron.core.transformer.moe.moe_utils as moe_utils
     import megatron.core.transformer.moe.token_dispatcher as token_dispatcher

@@ -57,7 +57,8 @@ REGISTRY: Tuple[Entry, ...] = (
     Entry("cuda.rng", "cuda_on_cpu", "stand-in",
           ("tensor_parallel/random.py: _set_cuda_rng_state, model_parallel_cuda_manual_seed, "
            "CudaRNGStatesTracker.fork",),
-          ALL, "the CUDA RNG calls drive the CPU default generator"),
+          ALL, "the CUDA RNG calls drive the CPU default generator (and the fork's 'CPU RNG "
+          "state changed within GPU RNG context' warning, always true then, is filtered)"),
     Entry("cuda.alltoall_split_sizes", "cuda_on_cpu", "patch",
           ("transformer/moe/moe_utils.py: maybe_move_tensor_to_cpu",
            "transformer/moe/token_dispatcher.py (its imported binding)"),

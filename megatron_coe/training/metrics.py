@@ -101,15 +101,20 @@ def summarize_passes(aux: dict) -> dict:
     return {name: sum(v) / max(len(v), 1) for name, v in aux.items()}
 
 
-def expert_load_imbalance(model: list, num_layers: int) -> dict:
-    """{(layer, pass): max/mean tokens per expert} over all ranks; resets the counters."""
+def expert_load_imbalance(model: list, config) -> dict:
+    """{(layer, pass): max/mean tokens per expert} over all ranks; resets the counters.
+
+    Every rank joins the one all-reduce, including a pipeline stage that holds no CoE layer
+    (dense layers, ``--moe-layer-freq``): the buffer's shape comes from the model config, not
+    from the local layers, so no rank can skip the collective.
+    """
     from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 
     layers = [m for chunk in model for m in chunk.modules() if isinstance(m, ChainOfExpertsLayer)]
-    if not layers:
-        return {}
-    first = layers[0].tokens_per_expert_per_pass
-    counts = torch.zeros(num_layers, *first.shape, dtype=torch.float64, device=first.device)
+    device = layers[0].tokens_per_expert_per_pass.device if layers else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+    counts = torch.zeros(config.num_layers, config.coe_iterations, config.num_moe_experts,
+                         dtype=torch.float64, device=device)
     for layer in layers:
         counts[layer.layer_number - 1] += layer.reset_routing_stats().to(torch.float64)
     torch.distributed.all_reduce(counts)

@@ -72,6 +72,27 @@ class Layout:
     num_microbatches: int
 
 
+def _check_stages_have_coe_layers(args: TrainArgs, pp: int) -> None:
+    """Every pipeline stage must hold a CoE layer: a stage of only dense layers has no expert
+    parameters, so its distributed optimizer (and checkpoint save) differs from its peers' and
+    the ranks' collectives no longer match. Refused here rather than failing at the first save."""
+    if pp == 1 or args.moe_layer_freq == 1:
+        return
+    from megatron_coe.arch import moe_layer_pattern
+
+    pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
+    per_stage = args.num_layers // pp
+    for stage in range(pp):
+        layers = pattern[stage * per_stage:(stage + 1) * per_stage]
+        if not any(layers):
+            first = stage * per_stage + 1
+            raise SetupError(
+                f"--moe-layer-freq {args.moe_layer_freq} with --pipeline-model-parallel-size {pp}: "
+                f"pipeline stage {stage} (layers {first}-{first + per_stage - 1}) has no CoE layer, "
+                "which is not supported; change --moe-layer-freq or "
+                "--pipeline-model-parallel-size so that every stage holds at least one.")
+
+
 def check_layout(args: TrainArgs, world_size: int) -> Layout:
     """Parallel sizes and batch arithmetic; errors say what to change."""
     tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
@@ -90,6 +111,7 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
                          f"--pipeline-model-parallel-size {pp}.")
     if tp > 1 and not args.sequence_parallel:
         raise SetupError("MoE/CoE layers with tensor parallelism need --sequence-parallel.")
+    _check_stages_have_coe_layers(args, pp)
     dp = world_size // (tp * pp)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:

@@ -513,7 +513,7 @@ class Trainer:
                                 float(bad_aux)))
             log_now = (self.iteration % args.log_interval == 0
                        or self.iteration == args.train_iters)
-            imbalance = (metrics.expert_load_imbalance(self.model, args.num_layers)
+            imbalance = (metrics.expert_load_imbalance(self.model, self.model_config)
                          if log_now else None)
             if log_now:
                 self.straggler.report(self.flops_per_step * args.log_interval)
