@@ -59,7 +59,9 @@ def test_process_group_collection_reaches_every_coe_module():
 
 
 def test_rng_is_seeded_in_one_place():
-    """initialize_parallel seeds Python, numpy, torch and Megatron's tracker; nothing else does."""
+    """initialize_parallel seeds Python, numpy, torch and Megatron's tracker; nothing else in the
+    production package does. (``testing/megatron_lm_save.py`` stands in for Megatron-LM's own
+    training script, which seeds itself; production code never imports ``testing/``.)"""
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "megatron_coe"
@@ -67,7 +69,7 @@ def test_rng_is_seeded_in_one_place():
         p.relative_to(root).as_posix() for p in root.rglob("*.py")
         if "model_parallel_cuda_manual_seed(" in p.read_text() or "np.random.seed(" in p.read_text()
     )
-    assert callers == ["parallel.py"], callers
+    assert [c for c in callers if not c.startswith("testing/")] == ["parallel.py"], callers
 
 
 def _seeded_twice_equal(rank, world_size):

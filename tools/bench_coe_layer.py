@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     import torch
 
     _init_compat(args.threads)
-    from megatron_coe.testing.distributed import run_distributed
+    from megatron_coe.local_launch import run_distributed
 
     c, k = args.coe_iterations, args.coe_topk
     tokens = args.seq_length * args.micro_batch_size

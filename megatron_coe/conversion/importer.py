@@ -317,7 +317,7 @@ def import_hf(hf_dir: str, save_root: str, *, tp: int = 1, pp: int = 1, ep: int 
         finally:
             if lock is not None:
                 lock.release()
-    from megatron_coe.testing.distributed import run_distributed
+    from megatron_coe.local_launch import run_distributed
 
     with as_conversion_errors():
         lock = checkpointing.SaveLock(save_root)  # the forked ranks do not inherit it
