@@ -77,8 +77,31 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _stop_on_sigint() -> None:
+    """SIGINT ends this process at once with exit 130 and one line, wherever it arrives.
+
+    Python's default turns SIGINT into a KeyboardInterrupt, which a library's bare ``except:``
+    (seen during start-up under load) can swallow, leaving the run going. A handler that exits
+    cannot be swallowed. Nothing is published on this path: a save in progress stays an
+    unpublished ``iter_N.tmp`` and its writer processes die with the rank.
+    """
+    import signal
+
+    main_pid = os.getpid()
+
+    def interrupted(signum, frame):
+        if os.getpid() == main_pid:  # forked helpers (data workers, writers) exit quietly
+            rank = os.environ.get("RANK", "0")
+            os.write(2, f"coe-train: rank {rank}: interrupted (SIGINT): stopped without "
+                        "saving\n".encode())
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def main(argv: list | None = None) -> int:
     """Run the trainer; the exit status (see the module docstring)."""
+    _stop_on_sigint()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # at any point: imports, start-up, training

@@ -328,6 +328,34 @@ def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
     assert not list((tmp_path / "ckpt").glob("iter_*"))
 
 
+@pytest.mark.timeout(300)
+def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path):
+    """SIGINT mid-run (data workers running): exit 130 with the one line within seconds, no
+    traceback, nothing published after it, and no helper process outlives the rank."""
+    log = tmp_path / "run.log"
+    proc = launch([*MOCK, "--train-iters", "100000", "--num-workers", "2", "--save",
+                   tmp_path / "ckpt", "--save-interval", "1000"], 1, log)
+    try:
+        deadline = time.time() + 120
+        while "iter " not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    text = log.read_text()
+    assert rc == 130 and elapsed < 10, (rc, elapsed, text[-3000:])
+    assert "interrupted (SIGINT): stopped without saving" in text and "Traceback" not in text
+    assert not list((tmp_path / "ckpt").glob("iter_*"))
+    _, alive = psutil.wait_procs(children, timeout=15)  # data workers notice their parent is gone
+    assert not alive, [p.cmdline() for p in alive]
+
+
 # --------------------------------------------------------------------------- hung / orphaned
 @pytest.mark.timeout(300)
 def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
