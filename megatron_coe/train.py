@@ -77,6 +77,16 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _kill_children() -> None:
+    try:
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+    except Exception:  # best effort: the children also die when they notice the parent is gone
+        pass
+
+
 def _stop_on_sigint() -> None:
     """SIGINT ends this process at once with exit 130 and one line, wherever it arrives.
 
@@ -91,6 +101,7 @@ def _stop_on_sigint() -> None:
 
     def interrupted(signum, frame):
         if os.getpid() == main_pid:  # forked helpers (data workers, writers) exit quietly
+            _kill_children()  # else a data worker prints a traceback when its parent vanishes
             rank = os.environ.get("RANK", "0")
             os.write(2, f"coe-train: rank {rank}: interrupted (SIGINT): stopped without "
                         "saving\n".encode())
