@@ -12,3 +12,11 @@ Package layout:
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# torch's CUDA wheels (the Python 3.12 environment) log "No CUDA runtime is found, using
+# CUDA_HOME=..." when torch.utils.cpp_extension is imported on a machine without a GPU: one stray
+# line in every process, before the one line a user error prints. Nothing in it needs acting on;
+# real errors of that module are still shown.
+_logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
