@@ -397,8 +397,11 @@ def test_writer_processes_die_with_their_rank_on_sigkill(tmp_path):
         while "writer stalled" not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
+        stalled = int(log.read_text().split("writer stalled", 1)[1].split()[0])
         writers = [p for p in tagged(tag) if p.pid != proc.pid]
-        assert writers, "no writer process found"
+        # 0.16.1 forks writer processes; 0.19.2's synchronous save writes in the rank itself
+        assert writers or stalled == proc.pid, "the stalled writer is neither a child nor the rank"
+        assert stalled == proc.pid or stalled in [p.pid for p in writers]
         # forked writers only: no spawn-mode server (the old results Manager) that could
         # outlive the rank or hang its exit
         assert not [p for p in writers if "spawn_main" in " ".join(p.cmdline())], writers
