@@ -305,41 +305,15 @@ def test_sigterm_to_torchrun_during_startup_ends_in_bounded_time(tmp_path):
     assert not list(save.glob("iter_*")), "a checkpoint was written"
 
 
-@pytest.mark.timeout(300)
-def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
-    log = tmp_path / "run.log"
-    proc = launch([*MOCK, "--train-iters", "1000", "--save", tmp_path / "ckpt"], 1, log)
+def _sigint_once(args: list, log: Path, ready, wait_s: float):
+    """Launch one rank, send SIGINT once ``ready()`` holds; (exit code, seconds to exit, log text,
+    the rank's child processes at the moment of the signal)."""
+    proc = launch(args, 1, log)
     try:
-        deadline = time.time() + 60
-        while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        deadline = time.time() + wait_s
+        while not ready(proc):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.01)
-        t0 = time.time()
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-        elapsed = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
-    text = log.read_text()
-    assert rc == 130, text[-3000:]
-    assert elapsed < 30
-    assert "interrupted (SIGINT): stopped without saving" in text and "Traceback" not in text
-    assert not list((tmp_path / "ckpt").glob("iter_*"))
-
-
-@pytest.mark.timeout(300)
-def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path):
-    """SIGINT mid-run (data workers running): exit 130 with the one line within seconds, no
-    traceback, nothing published after it, and no helper process outlives the rank."""
-    log = tmp_path / "run.log"
-    proc = launch([*MOCK, "--train-iters", "100000", "--num-workers", "2", "--save",
-                   tmp_path / "ckpt", "--save-interval", "1000"], 1, log)
-    try:
-        deadline = time.time() + 120
-        while "iter " not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
         children = psutil.Process(proc.pid).children(recursive=True)
         t0 = time.time()
         proc.send_signal(signal.SIGINT)
@@ -349,10 +323,31 @@ def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path
         if proc.poll() is None:
             kill_tree(proc)
     text = log.read_text()
-    assert rc == 130 and elapsed < 10, (rc, elapsed, text[-3000:])
-    assert "interrupted (SIGINT): stopped without saving" in text and "Traceback" not in text
+    assert "interrupted (SIGINT): stopped without saving" in text and "Traceback" not in text, \
+        text[-3000:]
+    return rc, elapsed, text, children
+
+
+@pytest.mark.timeout(300)
+def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
+    rc, elapsed, text, _ = _sigint_once(
+        [*MOCK, "--train-iters", "1000", "--save", tmp_path / "ckpt"], tmp_path / "run.log",
+        lambda proc: "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text(), wait_s=60)
+    assert rc == 130 and elapsed < 30, (rc, elapsed, text[-3000:])
     assert not list((tmp_path / "ckpt").glob("iter_*"))
-    _, alive = psutil.wait_procs(children, timeout=15)  # data workers notice their parent is gone
+
+
+@pytest.mark.timeout(300)
+def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path):
+    """SIGINT mid-run (data workers running): exit 130 with the one line within seconds, no
+    traceback, nothing published after it, and no helper process outlives the rank."""
+    log = tmp_path / "run.log"
+    rc, elapsed, text, children = _sigint_once(
+        [*MOCK, "--train-iters", "100000", "--num-workers", "2", "--save", tmp_path / "ckpt",
+         "--save-interval", "1000"], log, lambda proc: "iter " in log.read_text(), wait_s=120)
+    assert rc == 130 and elapsed < 10, (rc, elapsed, text[-3000:])
+    assert not list((tmp_path / "ckpt").glob("iter_*"))
+    _, alive = psutil.wait_procs(children, timeout=15)  # killed by the rank on its way out
     assert not alive, [p.cmdline() for p in alive]
 
 
