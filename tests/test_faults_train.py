@@ -34,7 +34,7 @@ from megatron_coe.testing.train_args import explicit
 from megatron_coe.training.options import OPTIONS, OptionError, flag_name
 from megatron_coe.training.options import parse_args as parse_args_as_given
 
-from test_train import PYTHON, ROOT, TINY, _env, _free_port, kill_tree, launch, metrics, run
+from test_train import TINY, _launch_ranks, kill_tree, launch, metrics, run
 
 MOCK = [*TINY, "--mock-data", "--eval-iters", "0", "--log-interval", "1"]
 
@@ -49,14 +49,7 @@ def parse_args(argv: list):
 def launch_ranks(args: list, nproc: int, logs: list) -> list:
     """``nproc`` rank processes without a launcher (as srun starts them); their exit codes are
     the trainer's own."""
-    port, procs = _free_port(), []
-    for rank in range(nproc):
-        env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(
-            [PYTHON, "-m", "megatron_coe.train", *explicit(args)], cwd=ROOT, env=env,
-            stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT))
-    return procs
+    return _launch_ranks(args, nproc, logs, one_group=False)
 
 
 def wait_for_steps(path: Path, n: int, procs: list, logs: list, timeout: float = 180) -> None:

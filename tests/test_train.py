@@ -479,10 +479,11 @@ def test_job_end_time_env_stops_before_the_margin(tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption
-def _launch_ranks(args: list, nproc: int, logs: list) -> list:
-    """``nproc`` trainer processes without torchrun (as srun starts them), all in one new
-    process group whose id is rank 0's pid: ``os.killpg`` then reaches the ranks and every
-    helper process they start, like Slurm's SIGTERM to all processes of a job."""
+def _launch_ranks(args: list, nproc: int, logs: list, one_group: bool = True) -> list:
+    """``nproc`` trainer processes without torchrun (as srun starts them). With ``one_group``,
+    all in one new process group whose id is rank 0's pid: ``os.killpg`` then reaches the ranks
+    and every helper process they start, like Slurm's SIGTERM to all processes of a job;
+    otherwise in the caller's group (their exit codes are the trainer's own)."""
     port, procs = _free_port(), []
     for rank in range(nproc):
         env = _env(RANK=rank, WORLD_SIZE=nproc, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=nproc,
@@ -490,7 +491,7 @@ def _launch_ranks(args: list, nproc: int, logs: list) -> list:
         procs.append(subprocess.Popen(
             [PYTHON, "-m", "megatron_coe.train", *explicit(args)], cwd=ROOT, env=env,
             stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT,
-            process_group=0 if rank == 0 else procs[0].pid))
+            **({"process_group": 0 if rank == 0 else procs[0].pid} if one_group else {})))
     return procs
 
 
