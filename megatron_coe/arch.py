@@ -11,7 +11,8 @@ field name), its one default, its Megatron-LM flag and help text. Everything els
 * ``ModelArch.from_args`` / ``to_config_kwargs`` build the Megatron ``TransformerConfig``
   (``training/setup.build_model_config``);
 * ``ModelArch.from_megatron_config`` reads a built model back (checkpoint records, export);
-* FLOPs (``training/metrics.py``) and the Hugging Face translation (``conversion/spec.py``) read it.
+* FLOPs (``training/metrics.py``), the checkpoint readers and the Hugging Face translation
+  (``conversion/hf_config.py``: ``config.json`` <-> this record) read it.
 
 This module imports neither ``training`` nor ``conversion`` (both import it).
 
@@ -185,8 +186,37 @@ class ModelArch:
         """[1 (CoE layer) / 0 (dense MLP)] per layer (``--moe-layer-freq``)."""
         return moe_layer_pattern(self.moe_layer_freq, self.num_layers or 0)
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return bool(self.moe_layer_pattern()[layer_idx])
+
+    @property
+    def num_routers(self) -> int:
+        """Routers per CoE layer: one per pass, or one shared by all passes."""
+        return 1 if self.coe_shared_router else self.coe_iterations
+
+    def is_standard_moe(self) -> bool:
+        """Megatron's standard MoE layer: one pass, ``h + MoE(LN(h))``."""
+        return (self.coe_iterations == 1 and not self.coe_inner_residual
+                and self.coe_outer_residual)
+
     def replace(self, **changes) -> "ModelArch":
         return dataclasses.replace(self, **changes)
+
+    def normalized(self) -> "ModelArch":
+        """The one record of this model: every size that equals what leaving it unset builds is
+        unset (``kv_channels``, ``num_query_groups``, ``ffn_hidden_size``,
+        ``moe_ffn_hidden_size``), ``qk_layernorm`` written out and ``moe_layer_freq`` in its
+        shortest form; two records of one model compare equal after this."""
+        a = self.resolve_defaults()
+        a = a.replace(moe_layer_freq=compact_moe_layer_freq(a.moe_layer_pattern()))
+        if a.multi_latent_attention:
+            a = a.replace(num_query_groups=None,
+                          kv_channels=None if a.kv_channels == a.v_head_dim else a.kv_channels)
+        for name in ("kv_channels", "num_query_groups", "moe_ffn_hidden_size", "ffn_hidden_size"):
+            value = getattr(a, name)
+            if value is not None and a.replace(**{name: None}).resolved(name) == value:
+                a = a.replace(**{name: None})
+        return a
 
     # ------------------------------------------------------------------ trainer options
     @classmethod
@@ -500,6 +530,12 @@ LEGACY_VALUES = {
     # Megatron-Core's latent norms use the main norms' eps (1e-5 unless set)
     "mla_latent_norm_epsilon": lambda values: values.get("layernorm_epsilon", 1e-5),
 }
+
+
+def default_of(name: str):
+    """The one default of architecture field ``name`` (``ModelArch``'s), for the classes that
+    declare the same field for Megatron-Core (``config.CoEConfigMixin``)."""
+    return ModelArch.__dataclass_fields__[name].default
 
 
 def option_fields() -> list:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-from megatron_coe.arch import moe_layer_pattern, parse_moe_layer_freq
+from megatron_coe.arch import default_of, moe_layer_pattern, parse_moe_layer_freq
 from megatron_coe.compat import require_transformer_engine
 from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
 
@@ -36,18 +36,21 @@ class CoEConfigMixin:
     Megatron's ``moe_layer_freq`` (``--moe-layer-freq``: an int N or a 0/1 list) chooses which
     layers are CoE layers; the others are dense MLPs of ``ffn_hidden_size`` (DeepSeek's
     ``first_k_dense_replace``), checked by ``_validate_moe_layer_freq``.
+
+    The fields' defaults are the architecture record's (``megatron_coe.arch.ModelArch``), where
+    each architecture field is declared once.
     """
 
-    coe_iterations: int = 1
+    coe_iterations: int = default_of("coe_iterations")
     """C: number of chained routing passes inside one CoE layer (>= 1)."""
 
-    coe_inner_residual: bool = True
+    coe_inner_residual: bool = default_of("coe_inner_residual")
     """Add x_{t-1} to the output of pass t (the paper's default: on)."""
 
-    coe_outer_residual: bool = False
+    coe_outer_residual: bool = default_of("coe_outer_residual")
     """Add the layer's residual stream h to x_C (paper default: off; Megatron's standard MoE: on)."""
 
-    coe_shared_router: bool = False
+    coe_shared_router: bool = default_of("coe_shared_router")
     """Ablation: one router module shared by all passes instead of one independent router per pass."""
 
     def __post_init__(self):
@@ -177,7 +180,7 @@ class CoEMLATransformerConfig(CoEConfigMixin, MLATransformerConfig):
     the core attention's output width is ``kv_channels`` per head.
     """
 
-    mla_latent_norm_epsilon: float = 1e-6
+    mla_latent_norm_epsilon: float = default_of("mla_latent_norm_epsilon")
     """Eps of the q/kv latent norms (with ``qk_layernorm``); DeepSeek-V2 hard-codes 1e-6 there,
     while ``layernorm_epsilon`` is the other norms' (``models/specs.with_latent_norm_eps``)."""
 

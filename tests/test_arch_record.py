@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from megatron_coe.arch import RECORD_KEY, ModelArch
+from megatron_coe.arch import RECORD_KEY, ModelArch, default_of
 from megatron_coe.training.options import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,22 +72,25 @@ def test_parameter_count_is_the_built_models():
 
 @pytest.mark.timeout(300)
 def test_exporter_reads_the_record_as_the_built_model():
-    """``ArchSpec.from_arch`` (what the exporter reads from a checkpoint's record) equals
-    ``ArchSpec.from_megatron_config`` of the model built from the same options."""
-    from megatron_coe.conversion.spec import ArchSpec
+    """The record a checkpoint stores (``ModelArch.from_args``, read by the exporter through
+    ``hf_config.check_convertible``) is the record of the model built from the same options
+    (``hf_config.from_megatron_config``)."""
+    from megatron_coe.conversion import hf_config
     from megatron_coe.testing.distributed import run_distributed
 
     built = run_distributed(_count_worker, 1, cases=CASES)[0]
     for name, argv in CASES.items():
         args = parse_args(argv + TINY)
         _, config, tied = built[name]
-        want = ArchSpec.from_megatron_config(config, vocab_size=256,
+        want = hf_config.from_megatron_config(config, vocab_size=256,
                                              max_position_embeddings=args.max_position_embeddings
                                              or args.seq_length,
                                              rotary_base=args.rotary_base,
                                              rotary_percent=args.rotary_percent,
                                              tie_word_embeddings=tied)
-        assert ArchSpec.from_arch(ModelArch.from_args(args, 256)) == want, name
+        recorded = hf_config.check_convertible(ModelArch.from_args(args, 256))
+        assert recorded == want, name
+        assert hf_config.to_hf_config(recorded) == hf_config.to_hf_config(want), name
 
 
 def test_record_round_trip_and_older_records():
@@ -153,33 +157,81 @@ def test_training_and_conversion_do_not_import_each_other(src, dst):
 def test_import_walk_sees_function_level_and_relative_imports():
     """The walker itself: an import inside a function and a relative import are both found."""
     found = _imports(PKG / "training" / "probe.py",
-                     "def f():\n    from megatron_coe.conversion.spec import ArchSpec\n"
+                     "def f():\n    from megatron_coe.conversion.hf_config import to_hf_config\n"
                      "from ..conversion import mapping\nimport megatron_coe.conversion.export\n")
-    assert {"megatron_coe.conversion.spec", "megatron_coe.conversion.mapping",
+    assert {"megatron_coe.conversion.hf_config", "megatron_coe.conversion.mapping",
             "megatron_coe.conversion.export"} <= found
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_importer_builds_the_trainers_model_config(name):
-    """An import (``ArchSpec.to_megatron_config``) builds every architecture field of the
-    Megatron config exactly as the trainer does (``build_model_config``) for the same record."""
-    from megatron_coe.conversion.spec import ArchSpec
+    """An import (``hf_config.megatron_config``) builds every architecture field of the
+    Megatron config exactly as the trainer does (``build_model_config``) for the same record,
+    also after a round trip through ``config.json``."""
+    from megatron_coe.conversion import hf_config
     from megatron_coe.training.setup import build_model_config
 
     args = parse_args(CASES[name] + TINY)
     arch = ModelArch.from_args(args, 256)
     trainer = build_model_config(args)
-    imported = ArchSpec.from_arch(arch).to_megatron_config()
-    assert type(imported) is type(trainer)
-    differ = {k: (getattr(imported, k), getattr(trainer, k)) for k in arch.to_config_kwargs()
-              if getattr(imported, k) != getattr(trainer, k)}
-    assert not differ, differ
+    round_trip = hf_config.from_hf_config(hf_config.to_hf_config(hf_config.check_convertible(arch)))
+    for record in (arch, round_trip):
+        imported = hf_config.megatron_config(record)
+        assert type(imported) is type(trainer)
+        differ = {k: (getattr(imported, k), getattr(trainer, k)) for k in arch.to_config_kwargs()
+                  if getattr(imported, k) != getattr(trainer, k)}
+        assert not differ, differ
 
 
 def test_import_options_of_a_yarn_model_train_at_its_original_context():
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion import hf_config
 
     args = parse_args(["--config", str(ROOT / "examples/coe2_4_64.yaml")])
-    values = ArchSpec.from_arch(ModelArch.from_args(args, 102400)).to_option_values()
+    values = hf_config.trainer_options(ModelArch.from_args(args, 102400))
     assert values["max_position_embeddings"] == 163840 and values["seq_length"] == 4096
     assert ModelArch.from_option_values(values, 102400) == ModelArch.from_args(args, 102400)
+
+
+# Classes outside ``arch.py`` that may declare a field with an architecture field's name:
+# requests and results that are not the model's architecture.
+NOT_ARCHITECTURE = {
+    ("megatron_coe/conversion/importer.py", "Upcycle"),  # what an upcycling run asks for
+    ("megatron_coe/analysis/routing.py", "LayerRouting"),  # a routing measurement
+    ("megatron_coe/training/options.py", "TrainArgs"),  # vocab_size: --mock-data's vocabulary
+    ("megatron_coe/training/trainer.py", "Preflight"),  # the tokenizer's vocabulary, measured
+}
+
+
+def test_each_architecture_field_is_declared_once():
+    """No class outside ``arch.py`` declares an architecture field with its own default: the
+    Megatron-Core config classes take theirs from the record (``default_of``), the trainer's
+    option table builds its rows from it, the Hugging Face side translates it (``hf_config``).
+    Checked over every module of the package by name, including the old HF-side names."""
+    from megatron_coe.config import CoEConfigMixin, CoEMLATransformerConfig
+
+    names = {f.name for f in dataclasses.fields(ModelArch)}
+    names |= {"num_experts", "topk", "inner_residual", "outer_residual", "shared_router",
+              "norm_eps", "rope_theta", "head_dim", "gated", "shared_expert_size",
+              "latent_norm_eps", "rope_scaling", "tie_word_embeddings"}
+    found = {}
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith("megatron_coe/conversion/hf_template/") or rel == "megatron_coe/arch.py":
+            continue  # the exported model's own code (ships without this package); the record
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef) or (rel, node.name) in NOT_ARCHITECTURE:
+                continue
+            for stmt in node.body:
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                        and stmt.target.id in names):
+                    from_record = (isinstance(stmt.value, ast.Call)
+                                   and getattr(stmt.value.func, "id", None) == "default_of")
+                    if not from_record:
+                        found.setdefault(f"{rel}:{node.name}", []).append(stmt.target.id)
+    assert not found, f"architecture fields declared outside megatron_coe/arch.py: {found}"
+    # and the ones that read the record do get its defaults
+    for cls in (CoEConfigMixin, CoEMLATransformerConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in ("coe_iterations", "coe_inner_residual", "coe_outer_residual",
+                          "coe_shared_router", "mla_latent_norm_epsilon"):
+                assert f.default == default_of(f.name), (cls.__name__, f.name)

@@ -47,7 +47,7 @@ CASES = {  # name: (config overrides, expected model type)
 def _export_worker(rank, world, overrides, save, tokens):
     from megatron_coe.compat import install_cpu_compat
     from megatron_coe.conversion.export import export_model
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion import hf_config
     from megatron_coe.models.gpt import build_coe_gpt_model
     from megatron_coe.parallel import initialize_parallel
     from megatron_coe.testing.configs import tiny_config
@@ -55,7 +55,7 @@ def _export_worker(rank, world, overrides, save, tokens):
     install_cpu_compat()
     pg = initialize_parallel()
     config = tiny_config(mla=True, **dict(PAPER_TINY, **overrides))
-    spec = ArchSpec.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    spec = hf_config.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
     model = build_coe_gpt_model(config, pg_collection=pg, vocab_size=VOCAB, max_sequence_length=SEQ)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # norms away from 1; latents scaled down so the norm eps matters
@@ -73,7 +73,7 @@ def _export_worker(rank, world, overrides, save, tokens):
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
     with torch.no_grad():
         logits = model(tokens, torch.arange(s)[None].expand(tokens.shape[0], -1), mask)
-    return logits, result.format, spec.published_problems(), spec.stock_deepseek_v2_problems()
+    return logits, result.format, hf_config.published_problems(spec), hf_config.stock_deepseek_v2_problems(spec)
 
 
 @pytest.mark.timeout(300)
@@ -106,20 +106,22 @@ def test_export_computes_the_megatron_function_under_its_declared_type(case, tmp
 def test_borrowed_type_refused_for_a_model_it_does_not_describe():
     """Forcing stock deepseek_v2 for a model without latent norms is refused with the reason."""
     from megatron_coe.conversion.export import choose_format
-    from megatron_coe.conversion.spec import ArchSpec, ConversionError
+    from megatron_coe.conversion import hf_config
+    from megatron_coe.conversion.hf_config import ConversionError
     from megatron_coe.testing.configs import tiny_config
 
     config = tiny_config(mla=True, **dict(PAPER_TINY, **CASES["megatron_moe"][0],
                                           qk_layernorm=False))
-    spec = ArchSpec.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    spec = hf_config.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
     with pytest.raises(ConversionError, match="latents"):
         choose_format(spec, "deepseek_v2")
-    eps = ArchSpec.from_megatron_config(
+    eps = hf_config.from_megatron_config(
         tiny_config(mla=True, **dict(PAPER_TINY, **CASES["megatron_moe"][0],
                                      mla_latent_norm_epsilon=1e-5)),
         vocab_size=VOCAB, max_position_embeddings=SEQ)
     with pytest.raises(ConversionError, match="eps 1e-06"):
         choose_format(eps, "deepseek_v2")
-    odd = spec.replace(qk_layernorm=True, latent_norm_eps=1e-6, shared_expert_size=48)
-    assert any("not a multiple" in p for p in odd.published_problems())
-    assert odd.hf_model_type() == "coe_megatron"
+    odd = spec.replace(qk_layernorm=True, mla_latent_norm_epsilon=1e-6,
+                       moe_shared_expert_intermediate_size=48)
+    assert any("not a multiple" in p for p in hf_config.published_problems(odd))
+    assert hf_config.model_type(odd) == "coe_megatron"

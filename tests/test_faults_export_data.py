@@ -221,7 +221,7 @@ def test_export_interrupted_while_writing_leaves_save_unchanged(ckpt, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_hf_model(str(save), ck.spec, interrupted, ck.read_non_layer(), show_progress=False,
+        write_hf_model(str(save), ck.arch, interrupted, ck.read_non_layer(), show_progress=False,
                        log=lambda *a: None)
     assert snapshot(save) == before
     assert not staging_leftovers(save)

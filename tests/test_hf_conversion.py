@@ -26,7 +26,7 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after tokenizing
 import torch.nn.functional as F
 
-from megatron_coe.conversion.spec import ConversionError
+from megatron_coe.conversion.hf_config import ConversionError
 from megatron_coe.testing.configs import tiny_config
 from megatron_coe.testing.distributed import run_distributed
 
@@ -225,32 +225,32 @@ def test_round_trip_hf_megatron_hf_is_bit_identical(exported):
 # --------------------------------------------------------------------------- (3) stock DeepSeek-V2
 def _moe_worker(rank, world, save, vocab, tokens):
     from megatron_coe.conversion.importer import build_model, save_model_checkpoint
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion import hf_config
 
     config = tiny_config(mla=True, coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True,
                          moe_router_pre_softmax=True, qk_layernorm=True, gated_linear_unit=True,
                          activation_func=F.silu, moe_shared_expert_intermediate_size=64,
                          moe_router_topk=2, layernorm_epsilon=1e-6)
-    spec = ArchSpec.from_megatron_config(config, vocab_size=vocab, max_position_embeddings=SEQ)
-    model, _ = build_model(spec)
+    arch = hf_config.from_megatron_config(config, vocab_size=vocab, max_position_embeddings=SEQ)
+    model, _ = build_model(arch)
     _perturb(model)
-    save_model_checkpoint(model, spec, save, dict(world_size=1, tp=1, pp=1, ep=1, dp=1,
+    save_model_checkpoint(model, arch, save, dict(world_size=1, tp=1, pp=1, ep=1, dp=1,
                                                   num_microbatches=None), {})
     model.eval()
-    return _megatron_logits(model, tokens), spec
+    return _megatron_logits(model, tokens), arch
 
 
 @pytest.fixture(scope="module")
 def stock_moe(gsm8k, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("stock")
     tokens = torch.randint(0, gsm8k["vocab"], (2, SEQ), generator=torch.Generator().manual_seed(7))
-    logits, spec = run_distributed(_moe_worker, 1, save=str(root / "ckpt"), vocab=gsm8k["vocab"],
+    logits, arch = run_distributed(_moe_worker, 1, save=str(root / "ckpt"), vocab=gsm8k["vocab"],
                                    tokens=tokens)[0]
     from megatron_coe.conversion.export import export_checkpoint
 
     result = export_checkpoint(str(root / "ckpt"), str(root / "hf"), show_progress=False,
                                tokenizer=gsm8k["prefix"] + ".tokenizer.json")
-    return dict(root=root, hf=root / "hf", tokens=tokens, logits=logits, spec=spec, format=result.format)
+    return dict(root=root, hf=root / "hf", tokens=tokens, logits=logits, arch=arch, format=result.format)
 
 
 def test_standard_moe_exports_to_stock_deepseek_v2(stock_moe):
@@ -314,10 +314,11 @@ def test_upcycled_coe_routes_like_source_and_trains(stock_moe, gsm8k):
     meta = json.loads((root / "up/iter_0000000/coe_checkpoint.json").read_text())
     assert meta["args"]["coe_iterations"] == 2 and meta["args"]["moe_router_topk"] == 1  # k/C = 2/2
     assert meta["weights_only"]
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.arch import ModelArch
 
-    assert ArchSpec.from_dict(meta["model_config"]) == stock_moe["spec"].replace(
-        coe_iterations=2, topk=1, inner_residual=True, outer_residual=True)
+    assert "model_config" not in meta  # the one record, nothing beside it
+    assert ModelArch.from_dict(meta["arch"]) == stock_moe["arch"].replace(
+        coe_iterations=2, moe_router_topk=1, coe_inner_residual=True, coe_outer_residual=True)
     # weights-only checkpoint: --load alone (no --no-load-optim) takes the weights, starts at 0
     args = dict(meta["args"], data_path=[gsm8k["prefix"]], data_cache_path=str(root / "cache"),
                 seq_length=SEQ, micro_batch_size=4, global_batch_size=8, train_iters=8, lr=1e-2,
@@ -359,28 +360,45 @@ def _copy_checkpoint(trained, dst: Path) -> Path:
 
 
 def test_checkpoint_config_mismatch_is_refused(trained, tmp_path):
-    """The recorded architecture (``arch``) is used; checkpoints without it fall back to the older
-    ``model_config`` and then to ``args``; each is checked against the stored tensors."""
+    """The recorded architecture (``arch``) is used; checkpoints without it fall back to
+    ``args``; each is checked against the stored tensors. (Older imports' ``model_config``:
+    ``test_legacy_import_model_config_reads_as_the_record``.)"""
     from megatron_coe.conversion.export import export_checkpoint
-    from megatron_coe.conversion.megatron_ckpt import spec_from_meta
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion.megatron_ckpt import arch_from_meta
 
     ckpt = _copy_checkpoint(trained, tmp_path / "ckpt")
     meta_path = next(ckpt.glob("iter_*/coe_checkpoint.json"))
     meta = json.loads(meta_path.read_text())
     assert "model_config" not in meta  # the trainer writes only the one record
     legacy = {k: v for k, v in meta.items() if k != "arch"}  # older trainer checkpoints
-    assert spec_from_meta(legacy) == spec_from_meta(meta)
-    older = dict(legacy, model_config=spec_from_meta(meta).to_dict())
-    assert spec_from_meta(older) == spec_from_meta(meta)
+    assert arch_from_meta(legacy) == arch_from_meta(meta)
+    assert arch_from_meta(meta).num_moe_experts == 8
     refused = r"does not match its recorded configuration(.|\n)*mlp\.experts\.experts\.linear_fc1\.weight"
     for bad in (dict(meta, arch=dict(meta["arch"], num_moe_experts=16)),
-                dict(older, model_config=dict(older["model_config"], num_experts=16)),
                 dict(legacy, args=dict(legacy["args"], num_experts=16))):
         meta_path.write_text(json.dumps(bad))
         with pytest.raises(ConversionError, match=refused):
             export_checkpoint(str(ckpt), str(tmp_path / "hf"), show_progress=False)
-    assert ArchSpec.from_dict(older["model_config"]).num_experts == 8
+
+
+def test_legacy_import_model_config_reads_as_the_record():
+    """Imports written before the one record stored ``model_config`` (the old HF-side field
+    names); it reads back as the record it was written from, and a re-export would claim the
+    same model type."""
+    from megatron_coe.arch import ModelArch
+    from megatron_coe.conversion import hf_config
+    from megatron_coe.conversion.megatron_ckpt import arch_from_meta
+
+    cases = json.loads((ROOT / "tests/data/legacy_import_model_config.json").read_text())
+    for name in ("mla_yarn", "gpt_gqa"):
+        want = ModelArch.from_dict(cases[name]["arch"])
+        got = arch_from_meta(dict(vocab_size=want.vocab_size,
+                                  model_config=cases[name]["model_config"]))
+        assert got == want.normalized(), name
+        assert hf_config.to_hf_config(got) == hf_config.to_hf_config(want), name
+    old = dict(cases["gpt_gqa"]["model_config"], activation="relu")
+    with pytest.raises(ConversionError, match="import it again"):
+        arch_from_meta(dict(vocab_size=300, model_config=old))
 
 
 def test_missing_shard_is_refused(trained, tmp_path):
@@ -417,7 +435,7 @@ def test_unsupported_and_mismatched_hf_models_are_refused(exported, stock_moe, t
         HFSource(str(exported["hf"]), Upcycle(iterations=2))
     with pytest.raises(ConversionError, match="not an integer"):
         HFSource(str(stock_moe["hf"]), Upcycle(iterations=3))
-    assert HFSource(str(stock_moe["hf"]), Upcycle(iterations=3, topk=2)).spec.topk == 2
+    assert HFSource(str(stock_moe["hf"]), Upcycle(iterations=3, topk=2)).arch.moe_router_topk == 2
     # a tokenizer larger than the model's vocabulary
     from tokenizers import Tokenizer, models
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_coe.arch import ModelArch
 from megatron_coe.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,10 +108,10 @@ def _logits_worker(rank, world, ckpt, layouts, tokens):
     from megatron_coe.conversion.megatron_ckpt import MegatronCheckpoint
     from megatron_coe.parallel import destroy_parallel
 
-    spec = MegatronCheckpoint(ckpt).spec
+    arch = MegatronCheckpoint(ckpt).arch
     out = []
     for tp, ep in layouts:
-        model, _ = build_model(spec, tp=tp, ep=ep)
+        model, _ = build_model(arch, tp=tp, ep=ep)
         load_checkpoint_into(model, ckpt)
         model.eval()
         pos = torch.arange(SEQ)[None].expand(tokens.shape[0], -1)
@@ -224,20 +225,20 @@ def test_upcycle_to_coe2_routes_like_source_and_trains(imported):
                                               "--expert-model-parallel-size", "2",
                                               "--upcycle-iterations", "2"] + extra) == 0
     ckpt = MegatronCheckpoint(str(root / "up"))
-    spec = ckpt.spec
+    arch = ckpt.arch
     src_topk = imported["model"].config.num_experts_per_tok
-    assert spec.coe_iterations == 2 and spec.topk == (2 if extra else src_topk // 2)
+    assert arch.coe_iterations == 2 and arch.moe_router_topk == (2 if extra else src_topk // 2)
     layers = imported["model"].model.layers
-    for l in range(spec.num_layers):
+    for l in range(arch.num_layers):
         got = ckpt.read_layer(l)
-        if not spec.is_moe_layer(l):  # dense layers untouched: no router, the dense MLP
+        if not arch.is_moe_layer(l):  # dense layers untouched: no router, the dense MLP
             assert not any(k.startswith("mlp.routers.") for k in got) and "mlp.linear_fc1.weight" in got
             continue
         hf_mlp = getattr(layers[l], "mlp", None) if family != "mixtral" else layers[l].mlp
         gate = hf_mlp.gate
         for t in range(2):  # every pass starts from the source router (pass 1 routes as it)
             assert torch.equal(got[f"mlp.routers.{t}.weight"], gate.weight.detach())
-            if spec.expert_bias:
+            if arch.moe_router_enable_expert_bias:
                 assert torch.equal(got[f"mlp.routers.{t}.expert_bias"],
                                    gate.e_score_correction_bias.detach().float())
     if family not in ("qwen3_moe", "deepseek_v2"):
@@ -388,23 +389,19 @@ def test_moe_layer_freq_flag_values_are_one_line_errors():
         assert "--moe-layer-freq" in str(e.value) and why in str(e.value) and "\n" not in str(e.value)
 
 
-def _count_worker(rank, world, spec_dict):
+def _count_worker(rank, world, arch_dict):
     from megatron_coe.conversion.importer import build_model
-    from megatron_coe.conversion.spec import ArchSpec
 
-    model, _ = build_model(ArchSpec.from_dict(spec_dict))
+    model, _ = build_model(ModelArch.from_dict(arch_dict))
     return sum(p.numel() for p in model.parameters())
 
 
 def test_parameter_count_of_a_model_with_dense_layers():
     """``ModelArch.num_parameters`` counts dense layers as dense (the built model's count)."""
-    from megatron_coe.arch import ModelArch
-    from megatron_coe.conversion.spec import ArchSpec
-
     arch = ModelArch(num_layers=3, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
                      num_moe_experts=4, moe_ffn_hidden_size=16, gated_linear_unit=True,
                      normalization="RMSNorm", moe_layer_freq=[0, 1, 0], coe_iterations=2,
                      untie_embeddings_and_output_weights=True, vocab_size=VOCAB,
                      max_position_embeddings=SEQ).resolve_defaults()
-    built = run_distributed(_count_worker, 1, spec_dict=ArchSpec.from_arch(arch).to_dict())[0]
+    built = run_distributed(_count_worker, 1, arch_dict=arch.to_dict())[0]
     assert arch.num_parameters()["total"] == built

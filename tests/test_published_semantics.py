@@ -146,7 +146,7 @@ CASES = {
 def _worker(rank, world, cases, root, tokens):
     from megatron_coe.compat import install_cpu_compat
     from megatron_coe.conversion.export import export_model
-    from megatron_coe.conversion.spec import ArchSpec
+    from megatron_coe.conversion import hf_config
     from megatron_coe.models.gpt import build_coe_gpt_model
     from megatron_coe.parallel import initialize_parallel
     from megatron_coe.testing.configs import tiny_config
@@ -156,7 +156,7 @@ def _worker(rank, world, cases, root, tokens):
     out = {}
     for name, overrides in cases.items():
         config = tiny_config(mla=True, **dict(PAPER_TINY, **overrides))
-        spec = ArchSpec.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
+        spec = hf_config.from_megatron_config(config, vocab_size=VOCAB, max_position_embeddings=SEQ)
         torch.manual_seed(0)
         model = build_coe_gpt_model(config, pg_collection=pg, vocab_size=VOCAB,
                                     max_sequence_length=SEQ)

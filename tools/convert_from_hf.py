@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
     from megatron_coe.conversion.importer import Upcycle, import_hf
-    from megatron_coe.conversion.spec import ConversionError
+    from megatron_coe.conversion.hf_config import ConversionError
 
     upcycle = None
     if args.upcycle_iterations is not None:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed.*")
     from megatron_coe.conversion.export import export_checkpoint
-    from megatron_coe.conversion.spec import ConversionError
+    from megatron_coe.conversion.hf_config import ConversionError
 
     try:
         result = export_checkpoint(args.load, args.save, tokenizer=args.tokenizer, fmt=args.format,

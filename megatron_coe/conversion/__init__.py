@@ -7,11 +7,12 @@
   checkpoint saved from any target layout; ``Upcycle`` turns a standard MoE into CoE-C.
   CLI: ``tools/convert_from_hf.py``.
 
-The architecture of both sides is one ``ArchSpec`` (``spec.py``); tensor names and layouts are in
+The architecture of both sides is the one record ``megatron_coe.arch.ModelArch``; ``hf_config.py``
+translates it to and from ``config.json``; tensor names and layouts are in
 ``mapping.py``; the Hugging Face model code that ships with each export is ``hf_template/``.
 """
 
-from megatron_coe.conversion.spec import ArchSpec, ConversionError  # noqa: F401
+from megatron_coe.conversion.hf_config import ConversionError  # noqa: F401
 
 
 def __getattr__(name):  # lazy: keep ``import megatron_coe.conversion`` free of Megatron imports
@@ -30,5 +31,5 @@ def __getattr__(name):  # lazy: keep ``import megatron_coe.conversion`` free of 
     raise AttributeError(name)
 
 
-__all__ = ["ArchSpec", "ConversionError", "export_checkpoint", "export_model", "write_hf_model",
+__all__ = ["ConversionError", "export_checkpoint", "export_model", "write_hf_model",
            "import_hf", "Upcycle", "MegatronCheckpoint"]

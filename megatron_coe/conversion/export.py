@@ -20,7 +20,7 @@ Formats (``fmt``):
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``; exact for every
   model this project trains;
 * ``"deepseek_v2"``: stock ``transformers`` ``DeepseekV2ForCausalLM`` (no remote code), only for a
-  standard MoE that it expresses (``ArchSpec.stock_deepseek_v2_problems``);
+  standard MoE that it expresses (``hf_config.stock_deepseek_v2_problems``);
 * ``"auto"`` (default): ``deepseek_v2`` when that is exact, else ``coe``.
 """
 
@@ -35,8 +35,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_coe.conversion import export_dir, families, hf_io, mapping
-from megatron_coe.conversion.spec import ArchSpec, ConversionError
+from megatron_coe.arch import ModelArch
+from megatron_coe.conversion import export_dir, families, hf_config, hf_io, mapping
+from megatron_coe.conversion.hf_config import ConversionError
 
 FORMATS = ("auto", "coe") + families.FAMILIES
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class ExportResult:
     path: str
     format: str
-    spec: ArchSpec
+    arch: ModelArch
     num_tensors: int
     total_bytes: int
     seconds: float
@@ -71,7 +72,7 @@ def progress(iterable, total: int, desc: str, enabled: bool = True):
             print(f"{desc}: {i + 1}/{total}", file=sys.stderr, flush=True)
 
 
-def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None] = print,
+def choose_format(arch: ModelArch, fmt: str = "auto", warn: Callable[[str], None] = print,
                   family: Optional[str] = None) -> str:
     """``deepseek_v2`` (auto: when stock DeepSeek-V2 computes this model exactly) or ``coe``;
     an auto export under this project's own model type prints one line saying why. ``family``:
@@ -79,21 +80,21 @@ def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None]
     class computes the model exactly (a C=1 model), else as above."""
     if fmt not in FORMATS:
         raise ConversionError(f"format must be one of {FORMATS}, got {fmt!r}")
-    if fmt == "auto" and family in families.FAMILIES and not families.family_problems(spec, family):
+    if fmt == "auto" and family in families.FAMILIES and not families.family_problems(arch, family):
         return family
     if fmt in families.FAMILIES and fmt != "deepseek_v2":
-        problems = families.family_problems(spec, fmt)
+        problems = families.family_problems(arch, fmt)
         if problems:
             raise ConversionError(f"this model cannot be exported as stock {fmt} "
                                   "(use --format coe):\n  - " + "\n  - ".join(problems))
         return fmt
-    problems = spec.stock_deepseek_v2_problems()
+    problems = hf_config.stock_deepseek_v2_problems(arch)
     if fmt == "auto":
         if not problems:
             return "deepseek_v2"
-        own = spec.published_problems()
-        if spec.attention == "mla" and own:
-            warn(f"note: exporting as this project's own model type {spec.hf_model_type()!r} "
+        own = hf_config.published_problems(arch)
+        if arch.multi_latent_attention and own:
+            warn(f"note: exporting as this project's own model type {hf_config.model_type(arch)!r} "
                  f"(remote code), not 'coe_deepseekv2': {own[0]}")
         return "coe"
     if fmt == "deepseek_v2" and problems:
@@ -102,16 +103,17 @@ def choose_format(spec: ArchSpec, fmt: str = "auto", warn: Callable[[str], None]
     return fmt
 
 
-def hf_config(spec: ArchSpec, fmt: str, token_ids: Optional[dict] = None, dtype: Optional[str] = None) -> dict:
+def config_json(arch: ModelArch, fmt: str, token_ids: Optional[dict] = None,
+                dtype: str = "float32") -> dict:
+    """The export's ``config.json``: ``hf_config.to_hf_config`` (or the stock family's) plus
+    ``architectures`` and, for the remote-code formats, ``auto_map``."""
     stock = fmt in families.FAMILIES
-    cfg = (families.family_hf_config(spec, fmt, token_ids) if stock
-           else spec.to_hf_config(stock=False, token_ids=token_ids))
-    if dtype:
-        cfg["dtype"] = dtype
+    cfg = (families.family_hf_config(arch, fmt, token_ids, dtype) if stock
+           else hf_config.to_hf_config(arch, stock=False, token_ids=token_ids, dtype=dtype))
     if stock:
         cfg["architectures"] = [families.HF_CLASSES[fmt]]
         return cfg
-    gpt = spec.attention == "mha"
+    gpt = not arch.multi_latent_attention
     kind = "GPT" if gpt else ("Megatron" if cfg["model_type"] == "coe_megatron" else "")
     cfg["architectures"] = [f"Coe{kind}ForCausalLM"]
     cfg["auto_map"] = {
@@ -132,9 +134,9 @@ def _new_names(fmt: str, tokenizer) -> list:
     return names
 
 
-def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[str, torch.Tensor]],
+def write_hf_model(save: str, arch: ModelArch, get_layer: Callable[[int], Dict[str, torch.Tensor]],
                    non_layer: Dict[str, torch.Tensor], *, fmt: str = "auto",
-                   tokenizer: Optional[str] = None, dtype: Optional[str] = None,
+                   tokenizer: Optional[str] = None, dtype: str = "float32",
                    max_shard_size="5GB", show_progress: bool = True,
                    log: Callable[[str], None] = print, overwrite: bool = False,
                    source: Optional[str] = None, family: Optional[str] = None) -> ExportResult:
@@ -143,22 +145,22 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
     Everything is checked first (format, dtype, shard size, tokenizer, the ``save`` directory:
     see ``export_dir`` for what may be replaced, and ``overwrite``); then the export is written
     into a temporary sibling of ``save`` and renamed into place, so on any error ``save`` is left
-    as it was.
+    as it was. ``dtype``: of the written weights.
     """
     t0 = time.time()
-    fmt = choose_format(spec, fmt, warn=log, family=family)
-    if dtype is not None and dtype not in DTYPES:
+    fmt = choose_format(arch, fmt, warn=log, family=family)
+    if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    out_dtype = DTYPES[dtype or spec.dtype]
+    out_dtype = DTYPES[dtype]
     hf_io.parse_size(max_shard_size)
-    tok = hf_io.check_tokenizer(tokenizer, spec.vocab_size) if tokenizer else None
+    tok = hf_io.check_tokenizer(tokenizer, arch.vocab_size) if tokenizer else None
     plan = export_dir.plan_export(save, overwrite, _new_names(fmt, tok), load=source)
     if tok is None:
         log("note: no tokenizer given (--tokenizer); the export has no tokenizer files")
 
     staging = export_dir.make_staging(plan)
     try:
-        count, index, written = _write_files(staging, spec, get_layer, non_layer, fmt, tok, out_dtype,
+        count, index, written = _write_files(staging, arch, get_layer, non_layer, fmt, tok, out_dtype,
                                              max_shard_size, show_progress)
         del non_layer
         export_dir.write_manifest(staging, written, {"format": fmt, "source": source})
@@ -173,19 +175,19 @@ def write_hf_model(save: str, spec: ArchSpec, get_layer: Callable[[int], Dict[st
     except BaseException:
         export_dir.discard(staging)
         raise
-    return ExportResult(save, fmt, spec, count, index["metadata"]["total_size"], time.time() - t0)
+    return ExportResult(save, fmt, arch, count, index["metadata"]["total_size"], time.time() - t0)
 
 
-def _write_files(out: str, spec: ArchSpec, get_layer, non_layer, fmt: str, tok, out_dtype,
+def _write_files(out: str, arch: ModelArch, get_layer, non_layer, fmt: str, tok, out_dtype,
                  max_shard_size, show_progress: bool):
     """All files of the export into the (new, empty) directory ``out``; (tensors, index, names)."""
     stock = fmt in families.FAMILIES
     written = []
     token_ids = None
     if tok is not None:
-        token_ids = hf_io.write_tokenizer(out, tok, model_max_length=spec.max_position_embeddings)
+        token_ids = hf_io.write_tokenizer(out, tok, model_max_length=arch.max_position_embeddings)
         written += list(hf_io.TOKENIZER_FILES)
-    cfg = hf_config(spec, fmt, token_ids, dtype=str(out_dtype).replace("torch.", ""))
+    cfg = config_json(arch, fmt, token_ids, dtype=str(out_dtype).replace("torch.", ""))
     hf_io.write_json(os.path.join(out, "config.json"), cfg)
     gen = {"_from_model_config": False, "do_sample": False}
     if token_ids:
@@ -203,13 +205,13 @@ def _write_files(out: str, spec: ArchSpec, get_layer, non_layer, fmt: str, tok, 
 
     writer = hf_io.ShardedSafetensorsWriter(out, max_shard_size)
     count = 0
-    for name, t in mapping.non_layer_to_hf(spec, non_layer).items():
+    for name, t in mapping.non_layer_to_hf(arch, non_layer).items():
         writer.add(name, cast(name, t))
         count += 1
     del non_layer  # embeddings are in the writer now; keep one layer in memory from here on
-    for layer_idx in progress(range(spec.num_layers), spec.num_layers, "export", show_progress):
+    for layer_idx in progress(range(arch.num_layers), arch.num_layers, "export", show_progress):
         tensors = families.to_family_names(fmt if stock else None, mapping.layer_to_hf(
-            spec, get_layer(layer_idx), layer_idx, stock=stock))
+            arch, get_layer(layer_idx), layer_idx, stock=stock))
         for name, t in tensors.items():
             writer.add(name, cast(name, t))
             count += 1
@@ -231,8 +233,10 @@ def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, 
     ckpt = MegatronCheckpoint(load)
     if tokenizer is None:
         tokenizer = tokenizer_from_meta(ckpt.meta, log)
-    log(f"checkpoint {ckpt.path}: {ckpt.spec.attention.upper()} C={ckpt.spec.coe_iterations} "
-        f"layers={ckpt.spec.num_layers} experts={ckpt.spec.num_experts} top-k={ckpt.spec.topk} "
+    a = ckpt.arch
+    log(f"checkpoint {ckpt.path}: {'MLA' if a.multi_latent_attention else 'MHA'} "
+        f"C={a.coe_iterations} layers={a.num_layers} experts={a.num_moe_experts} "
+        f"top-k={a.moe_router_topk} "
         f"(saved with layout {ckpt.meta.get('layout')})")
 
     def read(what, fn, *a):
@@ -252,19 +256,21 @@ def export_checkpoint(load: str, save: str, *, tokenizer: Optional[str] = None, 
                                   f"{detail}): a damaged or truncated shard file? export another "
                                   "iteration or copy it again") from None
 
-    return write_hf_model(save, ckpt.spec, lambda i: read(f"layer {i}", ckpt.read_layer, i),
+    return write_hf_model(save, a, lambda i: read(f"layer {i}", ckpt.read_layer, i),
                           read("the embeddings", ckpt.read_non_layer), fmt=fmt,
-                          tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size,
+                          tokenizer=tokenizer, dtype=dtype or ckpt.dtype, max_shard_size=max_shard_size,
                           show_progress=show_progress, log=log, overwrite=overwrite,
                           source=os.path.abspath(ckpt.path),
                           family=ckpt.meta.get("source_family"))
 
 
-def export_model(model, spec: ArchSpec, save: str, **kwargs) -> ExportResult:
-    """An in-memory TP=EP=PP=1 Megatron ``GPTModel`` -> HF directory (``write_hf_model`` kwargs)."""
+def export_model(model, arch: ModelArch, save: str, **kwargs) -> ExportResult:
+    """An in-memory TP=EP=PP=1 Megatron ``GPTModel`` -> HF directory (``write_hf_model`` kwargs;
+    ``dtype`` defaults to the model's)."""
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    non_layer, layers = mapping.module_state_to_layers(state, spec)
-    return write_hf_model(save, spec, lambda i: layers[i], non_layer, **kwargs)
+    non_layer, layers = mapping.module_state_to_layers(state, arch)
+    kwargs.setdefault("dtype", hf_config.megatron_dtype(model.config))
+    return write_hf_model(save, arch, lambda i: layers[i], non_layer, **kwargs)
 
 
 def tokenizer_from_meta(meta: dict, log: Callable[[str], None] = print) -> Optional[str]:

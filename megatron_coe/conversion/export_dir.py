@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional
 
-from megatron_coe.conversion.spec import ConversionError
+from megatron_coe.conversion.hf_config import ConversionError
 
 MANIFEST = "coe_export.json"
 TOOL = "megatron-coe convert_to_hf"

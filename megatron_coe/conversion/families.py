@@ -1,7 +1,8 @@
-"""Stock Hugging Face MoE families <-> ``ArchSpec``: DeepSeek-V2, DeepSeek-V3, Qwen3-MoE, Mixtral.
+"""Stock Hugging Face MoE families <-> ``ModelArch``: DeepSeek-V2, DeepSeek-V3, Qwen3-MoE, Mixtral.
 
 This module owns everything family-specific of the conversion: which ``config.json`` of each
-family the importer accepts and the ``ArchSpec`` (so the Megatron model) it becomes, the family's
+family the importer accepts and the architecture record (``megatron_coe.arch.ModelArch``, so
+the Megatron model) it becomes, the family's
 tensor names where they differ from the DeepSeek-style names of ``mapping`` (Mixtral's
 ``block_sparse_moe.*.w1/w2/w3``), and the ``config.json`` written when a model is exported back
 to its stock class. A feature Megatron-Core cannot compute exactly is refused with the field
@@ -33,8 +34,10 @@ from __future__ import annotations
 import re
 from typing import Dict, Optional
 
-from megatron_coe.arch import compact_moe_layer_freq, first_k_dense, hf_moe_layer_pattern
-from megatron_coe.conversion.spec import MODEL_TYPE_STOCK, ArchSpec, ConversionError
+from megatron_coe.arch import (DEEPSEEK_V2_LATENT_EPS, ModelArch, compact_moe_layer_freq,
+                               first_k_dense, hf_moe_layer_pattern)
+from megatron_coe.conversion import hf_config
+from megatron_coe.conversion.hf_config import MODEL_TYPE_STOCK, ConversionError
 
 FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen3_moe", "mixtral")
 HF_CLASSES = {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
@@ -59,7 +62,7 @@ def is_family(model_type) -> bool:
 
 
 def _yarn(cfg: dict, problems: list) -> Optional[dict]:
-    """MLA families: YaRN ``rope_parameters`` as ``ArchSpec.rope_scaling`` (Megatron-Core's MLA
+    """MLA families: YaRN ``rope_parameters`` as a ``rope_scaling`` dict (Megatron-Core's MLA
     YaRN: the same frequencies, cos/sin scale and softmax scale), None for plain RoPE."""
     rope = dict(cfg.get("rope_parameters") or {}, **(cfg.get("rope_scaling") or {}))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -106,8 +109,8 @@ def _check_fields(cfg: dict, cfg_path: str, family: str) -> None:
                               f"{family} (its experts are SwiGLU: silu)")
 
 
-def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpec:
-    """The ``ArchSpec`` of a stock family ``config.json``; ``ConversionError`` naming the field
+def arch_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ModelArch:
+    """The record of a stock family ``config.json``; ``ConversionError`` naming the field
     of anything Megatron-Core would compute differently."""
     family = cfg.get("model_type")
     if family == MODEL_TYPE_STOCK:
@@ -122,13 +125,12 @@ def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpe
     common = dict(num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"],
                   num_attention_heads=cfg["num_attention_heads"], vocab_size=cfg["vocab_size"],
                   max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-                  rope_theta=theta, normalization="RMSNorm",
-                  norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), activation="silu", gated=True,
+                  rotary_base=theta, normalization="RMSNorm",
+                  layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)), gated_linear_unit=True,
                   ffn_hidden_size=cfg["intermediate_size"],
-                  tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                  topk=cfg["num_experts_per_tok"],
-                  dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", ""),
-                  coe_iterations=1, inner_residual=False, outer_residual=True)
+                  untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
+                  moe_router_topk=cfg["num_experts_per_tok"],
+                  coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True)
     L = cfg["num_hidden_layers"]
     if family in ("qwen3_moe", "mixtral"):
         if cfg.get("use_sliding_window") or (family == "mixtral" and cfg.get("sliding_window")):
@@ -156,11 +158,11 @@ def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpe
             p.append("mlp_only_layers / decoder_sparse_step leave no MoE layer")
         if p:
             raise ConversionError(f"cannot import this {family} model exactly:\n  - " + "\n  - ".join(p))
-        return ArchSpec(**common, attention="mha", num_query_groups=kv,
-                        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                        qk_layernorm=qk_norm, num_experts=experts, moe_ffn_hidden_size=moe_size,
-                        score_function="softmax", pre_softmax=pre_softmax,
-                        moe_layer_freq=compact_moe_layer_freq(pattern))
+        return hf_config.check_convertible(ModelArch(
+            **common, num_query_groups=kv, kv_channels=cfg.get("head_dim"),
+            qk_layernorm=qk_norm, num_moe_experts=experts, moe_ffn_hidden_size=moe_size,
+            moe_router_score_function="softmax", moe_router_pre_softmax=pre_softmax,
+            moe_layer_freq=compact_moe_layer_freq(pattern)))
     # deepseek_v3
     topk, E = cfg["num_experts_per_tok"], cfg["n_routed_experts"]
     if cfg.get("rope_interleave", True) is not True:
@@ -193,19 +195,24 @@ def spec_from_family_config(cfg: dict, cfg_path: str = "config.json") -> ArchSpe
     yarn = _yarn(cfg, p)
     if p:
         raise ConversionError(f"cannot import this {family} model exactly:\n  - " + "\n  - ".join(p))
-    return ArchSpec(**common, attention="mla", qk_layernorm=True, latent_norm_eps=1e-6, rope_scaling=yarn,
-                    q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
-                    qk_nope_head_dim=cfg["qk_nope_head_dim"], qk_rope_head_dim=cfg["qk_rope_head_dim"],
-                    v_head_dim=cfg["v_head_dim"], num_experts=E,
-                    moe_ffn_hidden_size=cfg["moe_intermediate_size"], shared_expert_size=shared or None,
-                    score_function="sigmoid", pre_softmax=False, expert_bias=True,
-                    scaling_factor=None if scaling in (None, 1, 1.0) else float(scaling),
-                    num_groups=groups[0] if groups else None, group_topk=groups[1] if groups else None,
-                    moe_layer_freq=compact_moe_layer_freq(pattern))
+    return hf_config.check_convertible(ModelArch(
+        **common, multi_latent_attention=True, qk_layernorm=True,
+        mla_latent_norm_epsilon=DEEPSEEK_V2_LATENT_EPS, **hf_config.yarn_fields(yarn),
+        q_lora_rank=cfg.get("q_lora_rank"), kv_lora_rank=cfg["kv_lora_rank"],
+        qk_head_dim=cfg["qk_nope_head_dim"], qk_pos_emb_head_dim=cfg["qk_rope_head_dim"],
+        v_head_dim=cfg["v_head_dim"], num_moe_experts=E,
+        moe_ffn_hidden_size=cfg["moe_intermediate_size"],
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=None if scaling in (None, 1, 1.0) else float(scaling),
+        moe_router_num_groups=groups[0] if groups else None,
+        moe_router_group_topk=groups[1] if groups else None,
+        moe_layer_freq=compact_moe_layer_freq(pattern)))
 
 
-def _deepseek_v2(cfg: dict) -> ArchSpec:
-    """Stock DeepSeek-V2 (``ArchSpec.from_hf_config``) plus the group-routing exactness rule."""
+def _deepseek_v2(cfg: dict) -> ModelArch:
+    """Stock DeepSeek-V2 (``hf_config.from_hf_config``) plus the group-routing exactness rule."""
     if cfg.get("topk_method") == "group_limited_greedy":
         topk, tg = cfg.get("num_experts_per_tok"), cfg.get("topk_group")
         n_group, E = cfg.get("n_group"), cfg.get("n_routed_experts")
@@ -229,10 +236,12 @@ def _deepseek_v2(cfg: dict) -> ArchSpec:
     plain = dict(cfg, rope_parameters=dict(rope_type="default",
                                            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0))))
     plain.pop("rope_scaling", None)
-    spec = ArchSpec.from_hf_config(plain).replace(rope_scaling=yarn)
-    if spec.num_groups and spec.group_topk and spec.group_topk >= spec.num_groups:
-        spec = spec.replace(num_groups=None, group_topk=None)  # every group selected: no limit
-    return spec
+    arch = hf_config.from_hf_config(plain).replace(**hf_config.yarn_fields(yarn))
+    if (arch.moe_router_num_groups and arch.moe_router_group_topk
+            and arch.moe_router_group_topk >= arch.moe_router_num_groups):
+        # every group selected: no limit
+        arch = arch.replace(moe_router_num_groups=None, moe_router_group_topk=None)
+    return hf_config.check_convertible(arch)
 
 
 # --------------------------------------------------------------------------- tensor names
@@ -280,91 +289,99 @@ def family_layer_prefix(family: Optional[str], layer_idx: int) -> str:
 
 
 # --------------------------------------------------------------------------- export
-def family_problems(spec: ArchSpec, family: str) -> list:
-    """Why stock ``family`` cannot compute ``spec`` exactly ([] if it can)."""
+def family_problems(arch: ModelArch, family: str) -> list:
+    """Why stock ``family`` cannot compute ``arch`` exactly ([] if it can)."""
+    a = arch
     if family == MODEL_TYPE_STOCK:  # YaRN is written as rope_parameters (family_hf_config)
-        return [x for x in spec.stock_deepseek_v2_problems() if not x.startswith("YaRN")]
+        return [x for x in hf_config.stock_deepseek_v2_problems(a) if not x.startswith("YaRN")]
     p = []
-    if not spec.is_standard_moe():
+    if not a.is_standard_moe():
         p.append(f"stock {family} is a standard MoE: needs coe_iterations=1, inner residual off, "
                  "outer residual on")
-    if not (spec.gated and spec.activation == "silu") or spec.normalization != "RMSNorm":
+    if not a.gated_linear_unit or a.normalization != "RMSNorm":
         p.append(f"stock {family} has SwiGLU experts and RMSNorm")
-    if spec.tie_word_embeddings and family == "deepseek_v3":
+    if not a.untie_embeddings_and_output_weights and family == "deepseek_v3":
         p.append("stock deepseek_v3 unties embeddings")
+    shared = a.moe_shared_expert_intermediate_size
+    grouped = a.moe_router_num_groups and a.moe_router_group_topk
     if family in ("qwen3_moe", "mixtral"):
-        if spec.attention != "mha" or spec.rotary_percent != 1.0 or spec.rope_interleaved:
+        if a.multi_latent_attention or a.rotary_percent != 1.0:
             p.append(f"stock {family} has standard attention with full, non-interleaved RoPE")
-        if spec.shared_expert_size:
+        if shared:
             p.append(f"stock {family} has no shared expert")
-        if spec.score_function != "softmax" or spec.num_groups or spec.expert_bias or spec.scaling_factor:
+        if (a.moe_router_score_function != "softmax" or a.moe_router_num_groups
+                or a.moe_router_enable_expert_bias or a.moe_router_topk_scaling_factor):
             p.append(f"stock {family} routes with a plain softmax top-k (no groups, bias or scaling)")
-        if spec.head_dim not in (None, spec.mha_head_dim):
-            pass
-        if family == "qwen3_moe" and not spec.qk_layernorm:
+        if family == "qwen3_moe" and not a.qk_layernorm_on:
             p.append("stock qwen3_moe normalises q and k per head (qk_layernorm)")
         if family == "mixtral":
-            if spec.qk_layernorm:
+            if a.qk_layernorm_on:
                 p.append("stock mixtral has no q/k norm")
-            if spec.pre_softmax:
+            if a.moe_router_pre_softmax:
                 p.append("stock mixtral renormalises the top-k weights (pre_softmax off)")
-            if 0 in spec.moe_pattern():
+            if 0 in a.moe_layer_pattern():
                 p.append("stock mixtral has no dense layers")
-            if spec.ffn_hidden_size != spec.moe_ffn_hidden_size:
+            if a.resolved("ffn_hidden_size") != a.resolved("moe_ffn_hidden_size"):
                 p.append("stock mixtral's expert size is intermediate_size (ffn_hidden_size)")
     else:  # deepseek_v3
-        if spec.attention != "mla" or not spec.qk_layernorm or spec.latent_eps != 1e-6:
+        if (not a.multi_latent_attention or not a.qk_layernorm_on
+                or a.mla_latent_norm_epsilon != DEEPSEEK_V2_LATENT_EPS):
             p.append("stock deepseek_v3 has MLA with latent norms (eps 1e-6)")
-        if spec.score_function != "sigmoid" or not spec.expert_bias:
+        if a.moe_router_score_function != "sigmoid" or not a.moe_router_enable_expert_bias:
             p.append("stock deepseek_v3 routes with sigmoid scores and e_score_correction_bias")
-        if spec.num_groups and spec.group_topk and spec.topk // spec.group_topk != 2:
+        if grouped and a.moe_router_topk // a.moe_router_group_topk != 2:
             p.append("stock deepseek_v3 scores a group by its top-2 experts")
-        if not spec.shared_expert_size or spec.shared_expert_size % spec.moe_ffn_hidden_size:
+        if not shared or shared % a.resolved("moe_ffn_hidden_size"):
             p.append("stock deepseek_v3 has shared experts in units of the expert size")
-        if first_k_dense(spec.moe_pattern()) is None:
+        if first_k_dense(a.moe_layer_pattern()) is None:
             p.append("stock deepseek_v3 has dense layers only before the MoE layers")
     return p
 
 
-def family_hf_config(spec: ArchSpec, family: str, token_ids: Optional[dict] = None) -> dict:
-    """``config.json`` of stock ``family`` for ``spec`` (``family_problems`` must be empty)."""
+def family_hf_config(arch: ModelArch, family: str, token_ids: Optional[dict] = None,
+                     dtype: str = "float32") -> dict:
+    """``config.json`` of stock ``family`` for ``arch`` (``family_problems`` must be empty)."""
+    a = arch
     token_ids = token_ids or {}
-    rope = dict(rope_type="default", rope_theta=spec.rope_theta)
-    if spec.rope_scaling:
-        rope = dict({k: v for k, v in spec.rope_scaling.items() if k != "type"}, rope_type="yarn",
-                    rope_theta=spec.rope_theta)
+    rope = dict(rope_type="default", rope_theta=a.rotary_base)
+    if a.yarn:
+        rope = dict({k: v for k, v in a.yarn.items() if k != "type"}, rope_type="yarn",
+                    rope_theta=a.rotary_base)
     if family == MODEL_TYPE_STOCK:
-        return dict(spec.to_hf_config(stock=True, token_ids=token_ids), rope_parameters=rope)
-    cfg = dict(model_type=family, vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-               intermediate_size=spec.ffn_hidden_size or 4 * spec.hidden_size,
-               num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_attention_heads,
-               max_position_embeddings=spec.max_position_embeddings, hidden_act="silu",
-               rms_norm_eps=spec.norm_eps, tie_word_embeddings=spec.tie_word_embeddings,
-               num_experts_per_tok=spec.topk, attention_dropout=0.0, initializer_range=0.02,
+        return dict(hf_config.to_hf_config(a, stock=True, token_ids=token_ids, dtype=dtype),
+                    rope_parameters=rope)
+    moe_size = a.resolved("moe_ffn_hidden_size")
+    cfg = dict(model_type=family, vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+               intermediate_size=a.resolved("ffn_hidden_size"),
+               num_hidden_layers=a.num_layers, num_attention_heads=a.num_attention_heads,
+               max_position_embeddings=a.max_position_embeddings, hidden_act="silu",
+               rms_norm_eps=a.layernorm_epsilon,
+               tie_word_embeddings=not a.untie_embeddings_and_output_weights,
+               num_experts_per_tok=a.moe_router_topk, attention_dropout=0.0, initializer_range=0.02,
                use_cache=True, bos_token_id=token_ids.get("bos"), eos_token_id=token_ids.get("eos"),
-               pad_token_id=token_ids.get("pad"), dtype=spec.dtype,
+               pad_token_id=token_ids.get("pad"), dtype=dtype,
                rope_parameters=rope)
     if family in ("qwen3_moe", "mixtral"):
-        cfg.update(num_key_value_heads=spec.kv_groups, head_dim=spec.mha_head_dim,
-                   sliding_window=None)
+        cfg.update(num_key_value_heads=a.resolved("num_query_groups"),
+                   head_dim=a.resolved("kv_channels"), sliding_window=None)
     if family == "qwen3_moe":
-        pattern = spec.moe_pattern()
-        cfg.update(num_local_experts=spec.num_experts, moe_intermediate_size=spec.moe_ffn_hidden_size,
-                   norm_topk_prob=not spec.pre_softmax, decoder_sparse_step=1,
+        pattern = a.moe_layer_pattern()
+        cfg.update(num_local_experts=a.num_moe_experts, moe_intermediate_size=moe_size,
+                   norm_topk_prob=not a.moe_router_pre_softmax, decoder_sparse_step=1,
                    mlp_only_layers=[i for i, v in enumerate(pattern) if not v],
                    use_sliding_window=False, attention_bias=False)
     elif family == "mixtral":
-        cfg.update(num_local_experts=spec.num_experts, router_jitter_noise=0.0)
+        cfg.update(num_local_experts=a.num_moe_experts, router_jitter_noise=0.0)
     elif family == "deepseek_v3":
-        cfg.update(num_key_value_heads=spec.num_attention_heads, n_routed_experts=spec.num_experts,
-                   moe_intermediate_size=spec.moe_ffn_hidden_size,
-                   n_shared_experts=spec.shared_expert_size // spec.moe_ffn_hidden_size,
-                   q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
-                   qk_nope_head_dim=spec.qk_nope_head_dim, qk_rope_head_dim=spec.qk_rope_head_dim,
-                   v_head_dim=spec.v_head_dim, n_group=spec.num_groups or 1,
-                   topk_group=spec.group_topk or 1, norm_topk_prob=True,
-                   routed_scaling_factor=float(spec.scaling_factor or 1.0),
-                   first_k_dense_replace=first_k_dense(spec.moe_pattern()), rope_interleave=True,
+        cfg.update(num_key_value_heads=a.num_attention_heads, n_routed_experts=a.num_moe_experts,
+                   moe_intermediate_size=moe_size,
+                   n_shared_experts=a.moe_shared_expert_intermediate_size // moe_size,
+                   q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+                   qk_nope_head_dim=a.qk_head_dim, qk_rope_head_dim=a.qk_pos_emb_head_dim,
+                   v_head_dim=a.v_head_dim, n_group=a.moe_router_num_groups or 1,
+                   topk_group=a.moe_router_group_topk or 1, norm_topk_prob=True,
+                   routed_scaling_factor=float(a.moe_router_topk_scaling_factor or 1.0),
+                   first_k_dense_replace=first_k_dense(a.moe_layer_pattern()), rope_interleave=True,
                    num_nextn_predict_layers=0, attention_bias=False)
     return cfg
 
@@ -397,5 +414,5 @@ def family_of(cfg: dict) -> Optional[str]:
     return t if t in FAMILIES else None
 
 
-__all__ = ["FAMILIES", "HF_CLASSES", "is_family", "spec_from_family_config", "from_family_names",
+__all__ = ["FAMILIES", "HF_CLASSES", "is_family", "arch_from_family_config", "from_family_names",
            "to_family_names", "family_problems", "family_hf_config", "mtp_note", "family_of"]

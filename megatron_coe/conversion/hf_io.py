@@ -10,7 +10,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from megatron_coe.conversion.spec import ConversionError
+from megatron_coe.conversion.hf_config import ConversionError
 
 INDEX = "model.safetensors.index.json"
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_template")
@@ -197,7 +197,7 @@ CONFIG_DTYPES = ("float32", "bfloat16", "float16")
 def check_hf_config(cfg: dict, cfg_path: str, supported_types: Iterable[str]) -> None:
     """Types and ranges of the ``config.json`` fields the importer uses, one line naming the field.
 
-    Unknown ``model_type`` values are left to ``ArchSpec.from_hf_config`` (its message lists the
+    Unknown ``model_type`` values are left to ``hf_config.from_hf_config`` (its message lists the
     supported ones)."""
     if cfg.get("model_type") not in tuple(supported_types):
         return

@@ -32,7 +32,8 @@ from megatron_coe import checkpointing
 from megatron_coe.arch import RECORD_KEY, ModelArch
 from megatron_coe.checkpointing import META, SHARDING_METADATA, CheckpointError
 from megatron_coe.conversion import mapping
-from megatron_coe.conversion.spec import ArchSpec, ConversionError
+from megatron_coe.conversion import hf_config
+from megatron_coe.conversion.hf_config import ConversionError
 
 LAYER_PREFIX = "decoder.layers."
 # keys of models with dense layers (Megatron's non-homogeneous layers): decoder.layers.{l}.suffix
@@ -94,11 +95,12 @@ def _dcp_planner_cls():
 class MegatronCheckpoint:
     """A published trainer checkpoint, read one layer at a time.
 
-    Attributes: ``path`` (iteration directory), ``meta`` (``coe_checkpoint.json``), ``spec``
-    (``ArchSpec``), ``tensors`` ({key: (global shape, dtype)} of the model tensors).
+    Attributes: ``path`` (iteration directory), ``meta`` (``coe_checkpoint.json``), ``arch``
+    (the architecture record, ``ModelArch``), ``dtype`` (the stored weights'), ``tensors``
+    ({key: (global shape, dtype)} of the model tensors).
     """
 
-    def __init__(self, path: str, spec: Optional[ArchSpec] = None):
+    def __init__(self, path: str, arch: Optional[ModelArch] = None):
         import torch.distributed.checkpoint as dcp
 
         self.path = find_checkpoint_dir(path)
@@ -120,8 +122,9 @@ class MegatronCheckpoint:
             if key.startswith("optimizer.") or "_extra_state" in key or not hasattr(m, "size"):
                 continue
             self.tensors[key] = (tuple(m.size), m.properties.dtype)
-        self.spec = spec or spec_from_meta(self.meta, self.tensors, self.path)
-        self._check_matches_spec()
+        self.arch = arch or arch_from_meta(self.meta, self.tensors, self.path)
+        self.dtype = _stored_dtype(self.tensors) or "float32"
+        self._check_matches_record()
 
     def _check_shard_files(self, md) -> None:
         files = {info.relative_path for info in md.storage_data.values()}
@@ -146,18 +149,18 @@ class MegatronCheckpoint:
         return any(_PER_LAYER_RE.match(k) for k in self.tensors)
 
     def expected_shapes(self) -> Dict[str, tuple]:
-        """{checkpoint key: global shape} that ``self.spec`` implies (aliases resolved from the file)."""
+        """{checkpoint key: global shape} that ``self.arch`` implies (aliases resolved from the file)."""
         inverse = {}
         for key in self.layer_keys():
             m = _PER_LAYER_RE.match(key)
             suffix = m.group(2) if m else key[len(LAYER_PREFIX):]
             inverse[mapping.canonical_suffix(suffix)] = suffix
         out = {}
-        L, E = self.spec.num_layers, self.spec.num_experts
-        per_layer = any(not v for v in self.spec.moe_pattern())
+        L, E = self.arch.num_layers, self.arch.num_moe_experts
+        per_layer = any(not v for v in self.arch.moe_layer_pattern())
         for layer in range(L if per_layer else 1):
             lead, prefix = ((), f"{LAYER_PREFIX}{layer}.") if per_layer else ((L,), LAYER_PREFIX)
-            for canon, shape in layer_shapes(self.spec, layer).items():
+            for canon, shape in layer_shapes(self.arch, layer).items():
                 m = mapping._EXPERT_RE.match(canon)
                 if m:
                     if m.group(1) != "0":
@@ -165,10 +168,10 @@ class MegatronCheckpoint:
                     out[prefix + mapping.STACKED_EXPERT_PREFIX + m.group(2)] = lead + (E,) + shape
                 else:
                     out[prefix + inverse.get(canon, canon)] = lead + shape
-        out.update(canonical_shapes(self.spec)["non_layer"])
+        out.update(canonical_shapes(self.arch)["non_layer"])
         return out
 
-    def _check_matches_spec(self) -> None:
+    def _check_matches_record(self) -> None:
         expected = self.expected_shapes()
         problems = []
         for key, shape in expected.items():
@@ -245,29 +248,34 @@ def read_meta(path: str) -> dict:
         return checkpointing.read_meta(path)
 
 
-def spec_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ArchSpec:
-    """The ``ArchSpec`` of a checkpoint, from the one architecture record it carries.
+def arch_from_meta(meta: dict, tensors: Optional[dict] = None, path: str = "") -> ModelArch:
+    """The architecture record of a checkpoint (``arch`` in its metadata).
 
-    Trainer checkpoints record ``arch`` (``megatron_coe.arch.ModelArch``); imports whose model the
-    trainer can express do too. Older checkpoints carry ``model_config`` (an ``ArchSpec`` dict,
-    also written by imports) or only the trainer's ``args``, from which the record is rebuilt
+    Trainer checkpoints and imports record ``arch`` (``megatron_coe.arch.ModelArch``). Older
+    imports carry ``model_config`` (``hf_config.from_legacy_model_config``), older trainer
+    checkpoints only the trainer's ``args``, from which the record is rebuilt
     (``ModelArch.from_checkpoint_meta``: options added since get the values that code built).
-    The export's dtype is the stored weights' (``tensors``).
     """
-    dtype = _stored_dtype(tensors)
-    if not isinstance(meta.get(RECORD_KEY), dict) and isinstance(meta.get("model_config"), dict):
-        spec = ArchSpec.from_dict(meta["model_config"])
-    else:
-        spec = _spec_from_record(meta, path, dtype or "float32")
+    where = f"{path}/{META}" if path else META
+    try:
+        if not isinstance(meta.get(RECORD_KEY), dict) and isinstance(meta.get("model_config"), dict):
+            arch = hf_config.from_legacy_model_config(meta["model_config"])
+        else:
+            arch = _arch_from_record(meta, where)
+    except ConversionError as e:
+        raise ConversionError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{where}: cannot read the recorded model ({type(e).__name__}: "
+                              f"{e})") from None
     if tensors is not None:
         emb = tensors.get("embedding.word_embeddings.weight")
-        if emb is not None and emb[0][0] != spec.vocab_size:
+        if emb is not None and emb[0][0] != arch.vocab_size:
             raise ConversionError(
                 f"checkpoint {path}: embedding has {emb[0][0]} rows but {META} records vocab_size "
-                f"{spec.vocab_size}")
+                f"{arch.vocab_size}")
         if "output_layer.weight" not in tensors and emb is not None:
-            spec = spec.replace(tie_word_embeddings=True)
-    return spec
+            arch = arch.replace(untie_embeddings_and_output_weights=False)
+    return arch
 
 
 def _stored_dtype(tensors: Optional[dict]) -> Optional[str]:
@@ -277,84 +285,80 @@ def _stored_dtype(tensors: Optional[dict]) -> Optional[str]:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
 
 
-def _spec_from_record(meta: dict, path: str, dtype: str) -> ArchSpec:
-    where = f"{path}/{META}" if path else META
+def _arch_from_record(meta: dict, where: str) -> ModelArch:
     if not isinstance(meta.get(RECORD_KEY), dict) and not isinstance(meta.get("args"), dict):
-        raise ConversionError(f"{where} records neither the model ({RECORD_KEY}) nor trainer args")
+        raise ConversionError(f"records neither the model ({RECORD_KEY}) nor trainer args")
     if meta.get("vocab_size") is None and not (meta.get(RECORD_KEY) or {}).get("vocab_size"):
-        raise ConversionError(f"{where} records no vocab_size")
+        raise ConversionError("records no vocab_size")
     args = meta.get("args") or {}
     if args.get("moe_router_load_balancing_type") == "sinkhorn":
-        raise ConversionError(f"{where}: cannot convert this Megatron model: sinkhorn routing "
-                              "is not supported")
-    try:
-        arch = ModelArch.from_checkpoint_meta(meta)
-        if arch.vocab_size is None:
-            arch = arch.replace(vocab_size=meta.get("vocab_size"))
-        return ArchSpec.from_arch(arch, dtype=dtype)
-    except ConversionError as e:
-        raise ConversionError(f"{where}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{where}: cannot read the recorded model ({type(e).__name__}: "
-                              f"{e})") from None
+        raise ConversionError("cannot convert this Megatron model: sinkhorn routing is not "
+                              "supported")
+    arch = ModelArch.from_checkpoint_meta(meta)
+    if arch.vocab_size is None:
+        arch = arch.replace(vocab_size=meta.get("vocab_size"))
+    return hf_config.check_convertible(arch)
 
 
 # --------------------------------------------------------------------------- shapes
-def layer_shapes(spec: ArchSpec, layer_idx: int) -> dict:
+def layer_shapes(arch: ModelArch, layer_idx: int) -> dict:
     """{canonical suffix: shape} of global layer ``layer_idx`` (CoE layer or dense MLP)."""
-    shapes = canonical_shapes(spec)
-    return shapes["layer"] if spec.is_moe_layer(layer_idx) else shapes["dense_layer"]
+    shapes = canonical_shapes(arch)
+    return shapes["layer"] if arch.is_moe_layer(layer_idx) else shapes["dense_layer"]
 
 
-def canonical_shapes(spec: ArchSpec) -> dict:
-    """{"layer": {canonical suffix: shape}, "non_layer": {key: shape}} of ``spec``."""
-    H, s = spec.hidden_size, spec
-    norm = [("weight",), ("weight", "bias")][spec.normalization == "LayerNorm"]
+def canonical_shapes(arch: ModelArch) -> dict:
+    """{"layer": {canonical suffix: shape}, "non_layer": {key: shape}} of ``arch``."""
+    s = arch
+    H, heads = s.hidden_size, s.num_attention_heads
+    norm = [("weight",), ("weight", "bias")][s.normalization == "LayerNorm"]
     layer = {}
     for n in ("input_layernorm", "pre_mlp_layernorm"):
         layer.update({f"{n}.{w}": (H,) for w in norm})
     a = "self_attention."
-    if s.attention == "mha":
-        d = s.mha_head_dim
-        layer[a + "linear_qkv.weight"] = ((s.num_attention_heads + 2 * s.kv_groups) * d, H)
-        if s.qk_layernorm:
+    if not s.multi_latent_attention:
+        d, groups = s.resolved("kv_channels"), s.resolved("num_query_groups")
+        layer[a + "linear_qkv.weight"] = ((heads + 2 * groups) * d, H)
+        if s.qk_layernorm_on:
             layer.update({f"{a}{n}.{w}": (d,) for n in ("q_layernorm", "k_layernorm") for w in norm})
-        layer[a + "linear_proj.weight"] = (H, s.num_attention_heads * d)
+        layer[a + "linear_proj.weight"] = (H, heads * d)
     else:
-        qd = s.num_attention_heads * (s.qk_nope_head_dim + s.qk_rope_head_dim)
+        qd = heads * (s.qk_head_dim + s.qk_pos_emb_head_dim)
         if s.q_lora_rank is None:
             layer[a + "linear_q_proj.weight"] = (qd, H)
         else:
             layer[a + "linear_q_down_proj.weight"] = (s.q_lora_rank, H)
             layer[a + "linear_q_up_proj.weight"] = (qd, s.q_lora_rank)
-            if s.qk_layernorm:
+            if s.qk_layernorm_on:
                 layer.update({f"{a}q_layernorm.{w}": (s.q_lora_rank,) for w in norm})
-        layer[a + "linear_kv_down_proj.weight"] = (s.kv_lora_rank + s.qk_rope_head_dim, H)
-        if s.qk_layernorm:
+        layer[a + "linear_kv_down_proj.weight"] = (s.kv_lora_rank + s.qk_pos_emb_head_dim, H)
+        if s.qk_layernorm_on:
             layer.update({f"{a}kv_layernorm.{w}": (s.kv_lora_rank,) for w in norm})
         layer[a + "linear_kv_up_proj.weight"] = (
-            s.num_attention_heads * (s.qk_nope_head_dim + s.v_head_dim), s.kv_lora_rank)
-        layer[a + "linear_proj.weight"] = (H, s.num_attention_heads * s.v_head_dim)
-    g = 2 if s.gated else 1
+            heads * (s.qk_head_dim + s.v_head_dim), s.kv_lora_rank)
+        layer[a + "linear_proj.weight"] = (H, heads * s.v_head_dim)
+    g = 2 if s.gated_linear_unit else 1
     dense = dict(layer)
-    ffn = s.ffn_hidden_size or 4 * H
+    ffn = s.resolved("ffn_hidden_size")
     dense.update({"mlp.linear_fc1.weight": (g * ffn, H), "mlp.linear_fc2.weight": (H, ffn)})
+    E = s.num_moe_experts
     for t in range(s.num_routers):
-        layer[f"mlp.routers.{t}.weight"] = (s.num_experts, H)
-        if s.expert_bias:
-            layer[f"mlp.routers.{t}.expert_bias"] = (s.num_experts,)
-    g = 2 if s.gated else 1
-    for e in range(s.num_experts):
-        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc1.weight"] = (g * s.moe_ffn_hidden_size, H)
-        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc2.weight"] = (H, s.moe_ffn_hidden_size)
-    if s.shared_expert_size:
-        layer["mlp.shared_experts.linear_fc1.weight"] = (g * s.shared_expert_size, H)
-        layer["mlp.shared_experts.linear_fc2.weight"] = (H, s.shared_expert_size)
+        layer[f"mlp.routers.{t}.weight"] = (E, H)
+        if s.moe_router_enable_expert_bias:
+            layer[f"mlp.routers.{t}.expert_bias"] = (E,)
+    moe_size = s.resolved("moe_ffn_hidden_size")
+    for e in range(E):
+        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc1.weight"] = (g * moe_size, H)
+        layer[f"{mapping.EXPERT_PREFIX}{e}.linear_fc2.weight"] = (H, moe_size)
+    shared = s.moe_shared_expert_intermediate_size
+    if shared:
+        layer["mlp.shared_experts.linear_fc1.weight"] = (g * shared, H)
+        layer["mlp.shared_experts.linear_fc2.weight"] = (H, shared)
     non_layer = {"embedding.word_embeddings.weight": (s.vocab_size, H),
                  "decoder.final_layernorm.weight": (H,)}
     if s.normalization == "LayerNorm":
         non_layer["decoder.final_layernorm.bias"] = (H,)
-    if not s.tie_word_embeddings:
+    if s.untie_embeddings_and_output_weights:
         non_layer["output_layer.weight"] = (s.vocab_size, H)
     return {"layer": layer, "dense_layer": dense, "non_layer": non_layer}
 
@@ -432,16 +436,12 @@ def _copy_shard(sh, tensors: Dict[str, torch.Tensor], layer_idx: int) -> None:
     local.copy_(piece)
 
 
-def import_meta(spec: ArchSpec, args_dict: dict, layout: dict, extra: Optional[dict] = None) -> dict:
-    """Metadata of an imported (weights-only) checkpoint; ``checkpointing.save`` adds the rest.
-
-    ``arch``: the architecture record (what ``--load`` checks), when the trainer can express the
-    model; ``model_config``: the Hugging Face side's spec (what a re-export reads)."""
-    meta = dict(consumed_train_samples=0, vocab_size=spec.vocab_size, layout=layout,
-                args=args_dict, model_config=spec.to_dict(), weights_only=True)
-    try:
-        meta[RECORD_KEY] = spec.to_arch().to_dict()
-    except ConversionError:
-        pass
+def import_meta(arch: ModelArch, args_dict: dict, layout: dict, extra: Optional[dict] = None) -> dict:
+    """Metadata of an imported (weights-only) checkpoint; ``checkpointing.save`` adds the rest:
+    the architecture record (what ``--load`` checks and a re-export reads) and the trainer
+    options that build it."""
+    meta = dict(consumed_train_samples=0, vocab_size=arch.vocab_size, layout=layout,
+                args=args_dict, weights_only=True)
+    meta[RECORD_KEY] = arch.to_dict()
     meta.update(extra or {})
     return meta
