@@ -34,10 +34,10 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from megatron_coe import checkpointing as fmt
+from megatron_coe.testing.tools import reaped, survivors_of_kill, tagged
 from megatron_coe.testing.train_args import explicit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,18 +95,6 @@ def intact(root: Path, iteration: int) -> None:
     path = fmt.find_checkpoint(str(root))
     fmt.verify(path, fmt.read_meta(path))
     assert not list(root.glob("*.tmp"))
-
-
-def tagged(tag: str) -> list:
-    """Live processes started with ``COE_FAULT_TEST=tag`` (a trainer and anything it forked)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("COE_FAULT_TEST") == tag and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +380,7 @@ def test_writer_processes_die_with_their_rank_on_sigkill(tmp_path):
                                       "--save-interval", 1], patch=_SLOW_WRITER),
                             cwd=ROOT, env=_env(tag), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
-    try:
+    with reaped(proc, tag):
         deadline = time.time() + 120
         while "writer stalled" not in log.read_text():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -405,15 +393,8 @@ def test_writer_processes_die_with_their_rank_on_sigkill(tmp_path):
         # forked writers only: no spawn-mode server (the old results Manager) that could
         # outlive the rank or hang its exit
         assert not [p for p in writers if "spawn_main" in " ".join(p.cmdline())], writers
-        proc.kill()
-        proc.wait(timeout=10)
-        gone, alive = psutil.wait_procs(writers, timeout=5)
+        alive = survivors_of_kill(proc, writers)
         assert alive == [], f"writer processes outlived their rank: {alive}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in tagged(tag):
-            p.kill()
     intact_published = fmt.find_checkpoint(str(save))
     assert intact_published == str(save / "iter_0000001")
     fmt.verify(intact_published, fmt.read_meta(intact_published))

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megatron_coe.testing.tools import load_tool
 from megatron_coe.testing.train_args import explicit
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # subprocesses are forked after tokenizing
@@ -67,14 +68,11 @@ def tool(name: str, *argv):
     """(returncode, stdout, stderr, seconds) of ``tools/<name>.py argv`` run in this process
     (its ``main`` returns the exit status; no interpreter start-up per case), umask 022."""
     import contextlib
-    import importlib.util
     import io
     import signal
 
     if name not in _TOOLS:
-        spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-        _TOOLS[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_TOOLS[name])
+        _TOOLS[name] = load_tool(name, f"tool_{name}")
     out, err = io.StringIO(), io.StringIO()
     handler, mask = signal.getsignal(signal.SIGTERM), os.umask(0o022)
     t0 = time.time()

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from megatron_coe.conversion.hf_config import ConversionError
 from megatron_coe.testing.configs import tiny_config
 from megatron_coe.testing.distributed import run_distributed
+from megatron_coe.testing.tools import hf_tensors, load_tool
 
 from megatron_coe.testing.data import gsm8k_subset  # noqa: E402
 
@@ -47,22 +47,6 @@ MLA = ("--multi-latent-attention --q-lora-rank 16 --kv-lora-rank 16 --qk-head-di
        "--qk-pos-emb-head-dim 4 --v-head-dim 8 --qk-layernorm").split()
 PROMPT = "Natalia sold 48 clips"
 NEW_TOKENS = 8
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _safetensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _causal(s: int) -> torch.Tensor:
@@ -151,7 +135,7 @@ def trained(request, gsm8k, tmp_path_factory) -> dict:
 def exported(trained) -> dict:
     """The trained checkpoint exported through the CLI (tokenizer found from the run's data path)."""
     out = trained["root"] / "hf"
-    assert _tool("convert_to_hf").main(["--load", str(trained["ckpt"]), "--save", str(out),
+    assert load_tool("convert_to_hf").main(["--load", str(trained["ckpt"]), "--save", str(out),
                                         "--no-progress"]) == 0
     return dict(trained, hf=out)
 
@@ -205,7 +189,7 @@ def test_round_trip_hf_megatron_hf_is_bit_identical(exported):
     """HF -> Megatron saved from EP=2 (MLA: EP=2 x PP=2) -> HF."""
     hf, root = exported["hf"], exported["root"]
     pp = 2 if exported["kind"] == "mla" else 1
-    assert _tool("convert_from_hf").main(["--load", str(hf), "--save", str(root / "back"),
+    assert load_tool("convert_from_hf").main(["--load", str(hf), "--save", str(root / "back"),
                                           "--expert-model-parallel-size", "2",
                                           "--pipeline-model-parallel-size", str(pp)]) == 0
     meta = json.loads((root / "back/iter_0000000/coe_checkpoint.json").read_text())
@@ -215,7 +199,7 @@ def test_round_trip_hf_megatron_hf_is_bit_identical(exported):
     from megatron_coe.conversion.export import export_checkpoint
 
     export_checkpoint(str(root / "back"), str(root / "hf2"), tokenizer=str(hf), show_progress=False)
-    a, b = _safetensors(hf), _safetensors(root / "hf2")
+    a, b = hf_tensors(hf), hf_tensors(root / "hf2")
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
@@ -308,7 +292,7 @@ def test_upcycled_coe_routes_like_source_and_trains(stock_moe, gsm8k):
     from transformers import DeepseekV2ForCausalLM
 
     root = stock_moe["root"]
-    assert _tool("convert_from_hf").main(["--load", str(stock_moe["hf"]), "--save", str(root / "up"),
+    assert load_tool("convert_from_hf").main(["--load", str(stock_moe["hf"]), "--save", str(root / "up"),
                                           "--expert-model-parallel-size", "2",
                                           "--upcycle-iterations", "2"]) == 0
     meta = json.loads((root / "up/iter_0000000/coe_checkpoint.json").read_text())

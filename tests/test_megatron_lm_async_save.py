@@ -19,10 +19,10 @@ import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 from megatron_coe import checkpointing as fmt
+from megatron_coe.testing.tools import reaped, survivors_of_kill, tagged
 from megatron_coe.testing.train_args import explicit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,17 +92,6 @@ def _losses(path: Path) -> dict:
     return out
 
 
-def _tagged(tag: str) -> list:
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.environ().get("COE_FAULT_TEST") == tag:
-                found.append(p)
-        except (psutil.Error, OSError):
-            pass
-    return found
-
-
 def _published(save: Path, iteration: int) -> None:
     path = fmt.find_checkpoint(str(save))
     assert path == str(save / f"iter_{iteration:07d}")
@@ -140,24 +129,17 @@ def test_sigkill_during_async_save_keeps_published_checkpoint_and_resumes_bit_ex
         _command(["--async-save", "--train-iters", 3, "--save-interval", 1, "--save", save,
                   "--metrics-file", metrics], patch=SLOW_WRITER),
         cwd=ROOT, env=_env(tag), stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    try:
+    with reaped(proc, tag):
         deadline = time.time() + 180
         # the writer of iteration 2 stalls in the background while iteration 3 trains
         while not ("writer stalled" in log.read_text() and metrics.exists()
                    and 3 in _losses(metrics)):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
-        writers = [p for p in _tagged(tag) if p.pid != proc.pid]
+        writers = [p for p in tagged(tag) if p.pid != proc.pid]
         assert writers, "no writer process found"
-        proc.kill()
-        proc.wait(timeout=10)
-        _, alive = psutil.wait_procs(writers, timeout=5)
+        alive = survivors_of_kill(proc, writers)
         assert alive == [], f"writer processes outlived their rank: {alive}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in _tagged(tag):
-            p.kill()
     _published(save, 1)  # iteration 2 never published; iteration 1 intact
     assert (save / "iter_0000002.tmp").exists() and not (save / "iter_0000002").exists()
 

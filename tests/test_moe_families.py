@@ -15,7 +15,6 @@ random weights (no downloads), saved, and imported by ``tools/convert_from_hf.py
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import torch
 
 from megatron_coe.arch import ModelArch
 from megatron_coe.testing.distributed import run_distributed
+from megatron_coe.testing.tools import hf_tensors, load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 16
@@ -59,22 +59,6 @@ FAMILIES = {
                 dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                      intermediate_size=16), True),
 }
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _safetensors(path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def _hf_model(family: str, overrides=None):
@@ -139,7 +123,7 @@ def imported(request, tmp_path_factory):
         logits = model(tokens).logits
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        rc = _tool("convert_from_hf").main(["--load", str(root / "hf"), "--save", str(root / "ckpt"),
+        rc = load_tool("convert_from_hf").main(["--load", str(root / "hf"), "--save", str(root / "ckpt"),
                                             "--expert-model-parallel-size", "2"])
     assert rc == 0, log.getvalue()
     return dict(family=family, root=root, hf=root / "hf", ckpt=root / "ckpt", tokens=tokens,
@@ -172,7 +156,7 @@ def test_round_trip_is_bit_identical_in_the_stock_class(imported):
     result = export_checkpoint(str(imported["ckpt"]), str(imported["root"] / "hf2"),
                                show_progress=False, log=lambda *a: None)
     assert result.format == imported["family"]
-    a, b = _safetensors(imported["hf"]), _safetensors(imported["root"] / "hf2")
+    a, b = hf_tensors(imported["hf"]), hf_tensors(imported["root"] / "hf2")
     if imported["family"] == "deepseek_v3":  # the MTP layer is dropped on import (one line)
         assert a.pop("model.layers.2.eh_proj.weight") is not None
     assert a.keys() == b.keys()
@@ -221,7 +205,7 @@ def test_upcycle_to_coe2_routes_like_source_and_trains(imported):
     family, root = imported["family"], imported["root"]
     extra = ["--upcycle-topk", "2"] if family == "deepseek_v3" else []  # keeps 2 per group
     with contextlib.redirect_stdout(io.StringIO()):
-        assert _tool("convert_from_hf").main(["--load", str(imported["hf"]), "--save", str(root / "up"),
+        assert load_tool("convert_from_hf").main(["--load", str(imported["hf"]), "--save", str(root / "up"),
                                               "--expert-model-parallel-size", "2",
                                               "--upcycle-iterations", "2"] + extra) == 0
     ckpt = MegatronCheckpoint(str(root / "up"))
@@ -266,7 +250,7 @@ def test_upcycle_to_coe2_routes_like_source_and_trains(imported):
 def test_unsupported_source_config_is_refused_in_one_line(family, overrides, field, tmp_path, capsys):
     _hf_model(family, overrides).save_pretrained(str(tmp_path / "hf"))
     capsys.readouterr()  # transformers' progress bar
-    rc = _tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")])
+    rc = load_tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and field in err, err
     assert not (tmp_path / "ck" / "iter_0000000").exists()
@@ -278,7 +262,7 @@ def test_bad_field_value_is_named(tmp_path, capsys):
     cfg["num_local_experts"] = "four"
     (tmp_path / "hf/config.json").write_text(json.dumps(cfg))
     capsys.readouterr()
-    assert _tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")]) == 2
+    assert load_tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "ck")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "num_local_experts must be a positive integer, got 'four'" in err, err
 
@@ -299,7 +283,7 @@ def test_upcycled_coe2_with_dense_layers_exports_as_coe(family, tmp_path):
     _hf_model(family).save_pretrained(str(tmp_path / "hf"))
     extra = ["--upcycle-topk", "2"] if family == "deepseek_v3" else []
     with contextlib.redirect_stdout(io.StringIO()):
-        assert _tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "up"),
+        assert load_tool("convert_from_hf").main(["--load", str(tmp_path / "hf"), "--save", str(tmp_path / "up"),
                                               "--expert-model-parallel-size", "2",
                                               "--upcycle-iterations", "2"] + extra) == 0
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))

@@ -19,7 +19,6 @@ model's (fp32, max abs diff <= 1e-4):
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked a
 
 from megatron_coe.testing.data import gsm8k_subset  # noqa: E402
 from megatron_coe.testing.distributed import run_distributed  # noqa: E402
+from megatron_coe.testing.tools import load_tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ, TOL = 32, 1e-4
@@ -67,13 +67,6 @@ def _cases():
 
 
 CASES = _cases()
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _train_worker(rank, world, argv, tokens):
@@ -174,7 +167,7 @@ def test_trained_checkpoint_exports_its_function(case, data, tmp_path, capsys):
         assert (reloaded - logits).abs().max().item() <= 1e-5
     capsys.readouterr()
     out = tmp_path / "hf"
-    assert _tool("convert_to_hf").main(["--load", str(ckpt), "--save", str(out),
+    assert load_tool("convert_to_hf").main(["--load", str(ckpt), "--save", str(out),
                                         "--no-progress"]) == 0
     printed = capsys.readouterr().out.splitlines()
     cfg, model = _load_declared(out)

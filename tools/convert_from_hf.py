@@ -26,30 +26,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_coe.cli import OneLineParser, one_line  # noqa: E402
 
 PROG = "convert_from_hf"  # the prefix of every error line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block): ``prog: error: ... (see --help)``."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def one_line(error) -> str:
-    """A (possibly multi-line, bulleted) message as one line."""
-    parts = [p.strip() for p in str(error).splitlines()]
-    parts = [p[2:] if p.startswith("- ") else p for p in parts if p]
-    return "; ".join(parts).replace(":;", ":")
-
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[1],
@@ -114,7 +99,6 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path}; train from it with --load {args.save} (weights only: iteration 0, new optimizer)")
     return 0
-
 
 if __name__ == "__main__":  # required: dist_checkpointing's writer spawns a process importing __main__
     sys.exit(main())

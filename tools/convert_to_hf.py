@@ -38,23 +38,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_coe.cli import OneLineParser, one_line  # noqa: E402
 
 PROG = "convert_to_hf"  # the prefix of every error line
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block): ``prog: error: ... (see --help)``."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def one_line(error) -> str:
-    """A (possibly multi-line, bulleted) message as one line."""
-    parts = [p.strip() for p in str(error).splitlines()]
-    parts = [p[2:] if p.startswith("- ") else p for p in parts if p]
-    return "; ".join(parts).replace(":;", ":")
-
 
 def main(argv=None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[1],
@@ -103,7 +89,6 @@ def main(argv=None) -> int:
           f"AutoModelForCausalLM.from_pretrained({result.path!r}{load_hint}) (and "
           f"AutoTokenizer.from_pretrained({result.path!r}{load_hint}))")
     return 0
-
 
 if __name__ == "__main__":  # required: dist_checkpointing's writer spawns a process importing __main__
     sys.exit(main())

@@ -43,6 +43,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
+from megatron_coe.cli import OneLineParser
 from megatron_coe.data.tokenizer import CoETokenizer, load_tokenizer, train_bpe_tokenizer
 
 META_FORMAT = "megatron-coe-indexed-dataset/1"
@@ -463,15 +464,8 @@ def preprocess(
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="preprocess_data.py",
         description="Tokenize JSONL(.gz) / Parquet / text files into a Megatron indexed dataset "
         "(<prefix>.bin, <prefix>.idx) plus <prefix>.meta.json.",
