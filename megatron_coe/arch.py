@@ -301,17 +301,15 @@ class ModelArch:
                              rotary_base: Optional[float] = None,
                              rotary_percent: float = 1.0) -> "ModelArch":
         """The record of a built ``CoE*TransformerConfig`` (+ the ``GPTModel`` arguments)."""
-        import torch.nn.functional as F
-
         c = config
         mla = bool(getattr(c, "multi_latent_attention", False))
         kw = {}
         for f in option_fields():
             if f.metadata["config"] and hasattr(c, f.name):
                 kw[f.name] = getattr(c, f.name)
+        # the activation is derived (gated: silu, else gelu); converters refuse any other
+        # (``conversion/hf_config.from_megatron_config``)
         kw["gated_linear_unit"] = bool(c.gated_linear_unit)
-        if c.activation_func is not (F.silu if c.gated_linear_unit else F.gelu):
-            kw["gated_linear_unit"] = bool(c.gated_linear_unit)  # checked by the HF translator
         kw.update(multi_latent_attention=mla, qk_layernorm=bool(c.qk_layernorm),
                   max_position_embeddings=max_position_embeddings,
                   untie_embeddings_and_output_weights=bool(untie_embeddings_and_output_weights),
