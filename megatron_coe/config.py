@@ -19,6 +19,13 @@ from megatron_coe.compat import require_transformer_engine
 from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
 
 
+# Megatron-Core's fused kernels (and its default GPU initialisation) are CUDA-only: the config
+# fields that keep a model on its unfused CPU paths (the trainer without CUDA; every import).
+CPU_UNFUSED = dict(use_cpu_initialization=True, bias_dropout_fusion=False,
+                   masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
+                   bias_activation_fusion=False)
+
+
 class CoEConfigError(ValueError):
     """A CoE configuration that cannot run; the message says which field to change."""
 

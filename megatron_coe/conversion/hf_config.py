@@ -148,14 +148,12 @@ def megatron_config(arch: ModelArch, dtype: str = "float32", **overrides):
     ``to_config_kwargs`` plus CPU-safe runtime settings; ``overrides`` win)."""
     import torch
 
-    from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
+    from megatron_coe.config import CPU_UNFUSED, CoEMLATransformerConfig, CoETransformerConfig
 
-    kw = dict(arch.to_config_kwargs(),
+    kw = dict(arch.to_config_kwargs(), **CPU_UNFUSED,
               moe_token_dispatcher_type="alltoall", add_bias_linear=False,
-              params_dtype=getattr(torch, dtype), use_cpu_initialization=True,
-              gradient_accumulation_fusion=False, bias_dropout_fusion=False,
-              masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-              bias_activation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0)
+              params_dtype=getattr(torch, dtype), gradient_accumulation_fusion=False,
+              hidden_dropout=0.0, attention_dropout=0.0)
     kw.update(overrides)
     cls = CoEMLATransformerConfig if arch.multi_latent_attention else CoETransformerConfig
     return cls(**kw)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
+from megatron_coe.config import CPU_UNFUSED, CoEMLATransformerConfig, CoETransformerConfig
 
 CPU_SAFE = dict(
-    use_cpu_initialization=True,
+    CPU_UNFUSED,
     add_bias_linear=False,  # bias + SequentialMLP at TP=1 hits an in-place-on-view error (mlp.py:247)
     gradient_accumulation_fusion=False,
-    bias_dropout_fusion=False,
-    masked_softmax_fusion=False,
-    apply_rope_fusion=False,
-    persist_layer_norm=False,
     hidden_dropout=0.0,
     attention_dropout=0.0,
 )

@@ -15,7 +15,7 @@ import torch
 
 from megatron_coe.arch import ModelArch
 from megatron_coe.compat import cuda_device_redirect, have_transformer_engine, install_cpu_compat
-from megatron_coe.config import CoEMLATransformerConfig, CoETransformerConfig
+from megatron_coe.config import CPU_UNFUSED, CoEMLATransformerConfig, CoETransformerConfig
 from megatron_coe.training import precision
 from megatron_coe.training.errors import SetupError
 from megatron_coe.training.options import OPTIONS, TrainArgs
@@ -226,9 +226,7 @@ def _build_model_config(args: TrainArgs):
     # bf16 / FP8: dtypes, transformer_impl and, for FP8, grouped GEMM + router padding + fusion
     kw.update(precision_plan(args).config)
     if not use_cuda():  # Megatron-Core's fused kernels are CUDA-only
-        kw.update(use_cpu_initialization=True, bias_dropout_fusion=False,
-                  masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-                  bias_activation_fusion=False)
+        kw.update(CPU_UNFUSED)
     if args.multi_latent_attention:
         return CoEMLATransformerConfig(**kw)
     return CoETransformerConfig(**kw)
