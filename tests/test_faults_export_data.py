@@ -310,6 +310,12 @@ IMPORT_CASES = {
     "head_dim": (dict(head_dim=16), "has shape [32, 32] but config.json implies"),
     "model_type": (dict(model_type="llama"), "config.json: unsupported Hugging Face model_type 'llama'"),
     "missing_field": (dict(hidden_size=None), "config.json: the field 'hidden_size' is missing"),
+    # models the architecture record (so the trainer) cannot express are refused, not converted
+    "hidden_act": (dict(hidden_act="relu"), "config.json: cannot convert this Hugging Face model: "
+                                            "hidden_act 'relu'"),
+    "rope_interleaved": (dict(rope_interleaved=True), "config.json: cannot convert this Hugging Face "
+                                                      "model: rope_interleaved (interleaved RoPE) has "
+                                                      "no trainer option"),
 }
 
 
