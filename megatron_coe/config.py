@@ -60,6 +60,12 @@ class CoEConfigMixin:
     coe_shared_router: bool = default_of("coe_shared_router")
     """Ablation: one router module shared by all passes instead of one independent router per pass."""
 
+    coe_router_init_method: str = "normal"
+    """Initialisation of the routers' weights: ``normal`` (Megatron's ``init_method``, N(0,
+    ``init_method_std``)) or ``kaiming_uniform`` (``torch.nn.Linear``'s default, U(+-1/sqrt(hidden)):
+    the paper's published HF code). Initialisation only: the function and the checkpoint keys are
+    the same."""
+
     def __post_init__(self):
         validate_coe_config(self)
         super().__post_init__()  # Megatron-Core's own checks

@@ -111,6 +111,10 @@ class TrainArgs(_ArchOptions):
                                  model=True, group=M)
     init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M,
                                  valid='> 0')
+    coe_router_init_method: str = opt(
+        "normal", "Router weight init: normal (Megatron's, N(0, --init-method-std)) or "
+        "kaiming_uniform (torch.nn.Linear's default U(+-1/sqrt(hidden)), as the paper's code).",
+        choices=["normal", "kaiming_uniform"], model=True, group=M)
     hidden_dropout: float = opt(0.1, "Dropout on hidden states.", model=True, group=M,
                                 valid='[0, 1)')
     attention_dropout: float = opt(0.1, "Dropout on attention probabilities.", model=True, group=M,

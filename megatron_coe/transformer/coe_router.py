@@ -7,10 +7,14 @@ The only difference is where the losses are *recorded*: Megatron's tracker keeps
 layer and name, so C passes of one layer would be summed together. The forward runs inside
 ``compat.router_losses.metric_names_suffixed("_pass{t}")`` (t = 1..C), giving one tracker entry
 per (layer, pass): ``load_balancing_loss_pass1``, ``z_loss_pass2``, ...
+
+Initialisation: Megatron's (``init_method``), or with ``coe_router_init_method='kaiming_uniform'``
+``torch.nn.Linear``'s default, as the paper's published code builds its gates.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,6 +43,17 @@ class CoETopKRouter(TopKRouter):
         super().__init__(config=config, pg_collection=pg_collection,
                          **supported_kwargs(TopKRouter.__init__, kwargs))
         self.pass_number = 1
+
+    def reset_parameters(self):
+        """Megatron's initialisation; ``kaiming_uniform`` then redraws the weight as
+        ``torch.nn.Linear`` does (U(+-1/sqrt(hidden)))."""
+        super().reset_parameters()
+        if (self.config.perform_initialization
+                and getattr(self.config, "coe_router_init_method", "normal") == "kaiming_uniform"):
+            with torch.no_grad():
+                weight = torch.empty_like(self.weight, dtype=torch.float32)
+                torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                self.weight.copy_(weight)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         with metric_names_suffixed(pass_metric_name("", self.pass_number)):
