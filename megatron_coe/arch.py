@@ -37,15 +37,17 @@ DEEPSEEK_V2_LATENT_EPS = 1e-6
 
 
 def _f(default, help, *, arg=None, flag=None, type=None, choices=None, valid=None, shape=False,
-       config=True):
+       function=False, config=True):
     """One architecture field. ``arg``: the trainer option / Megatron-LM ``args`` name (default:
     the field name); ``flag``: the command-line flag (default ``--`` + arg with dashes);
+    ``shape``: changes parameter shapes or state-dict keys; ``function``: changes what the model
+    computes without changing a shape (a ``--load`` compares both, ``check_compatible``);
     ``config``: passed to ``TransformerConfig`` under the field's name as is."""
     if type is None:
         type = default.__class__
     return field(default=default, metadata=dict(help=help, arg=arg, flag=flag, type=type,
                                                 choices=choices, valid=valid, shape=shape,
-                                                config=config))
+                                                function=function or shape, config=config))
 
 
 @dataclass
@@ -68,7 +70,7 @@ class ModelArch:
     normalization: str = _f("LayerNorm", "Norm layer.", choices=["LayerNorm", "RMSNorm"],
                             shape=True)
     layernorm_epsilon: float = _f(1e-5, "Epsilon of the input, pre-MLP and final norms.",
-                                  flag="--norm-epsilon", valid="> 0")
+                                  flag="--norm-epsilon", valid="> 0", function=True)
     gated_linear_unit: bool = _f(False, "SwiGLU expert/FFN activation (gated SiLU; off: GeLU).",
                                  arg="swiglu", shape=True, config=False)
     # ------------------------------------------------------------------ attention
@@ -80,7 +82,7 @@ class ModelArch:
         "off otherwise.", type=bool, shape=True, config=False)
     mla_latent_norm_epsilon: float = _f(
         DEEPSEEK_V2_LATENT_EPS, "Epsilon of the MLA latent norms (DeepSeek-V2 hard-codes 1e-6; "
-        "--norm-epsilon is the other norms').", valid="> 0", config=False)
+        "--norm-epsilon is the other norms').", valid="> 0", config=False, function=True)
     q_lora_rank: Optional[int] = _f(None, "MLA query low-rank dim (unset: no q compression).",
                                     type=int, valid=">= 1", shape=True, config=False)
     kv_lora_rank: int = _f(32, "MLA key/value low-rank dim.", valid=">= 1", shape=True,
@@ -93,21 +95,23 @@ class ModelArch:
     # ------------------------------------------------------------------ positions
     position_embedding_type: str = _f("rope", "Position embedding: rope, or yarn (YaRN-scaled "
                                       "RoPE; multi-latent attention only).",
-                                      choices=["rope", "yarn"], config=False)
-    rotary_base: float = _f(10000.0, "RoPE base (theta).", valid="> 0", config=False)
+                                      choices=["rope", "yarn"], config=False, function=True)
+    rotary_base: float = _f(10000.0, "RoPE base (theta).", valid="> 0", config=False, function=True)
     rotary_percent: float = _f(1.0, "Fraction of the head dim that gets RoPE (standard "
-                               "attention).", valid="(0, 1]", config=False)
-    rotary_scaling_factor: float = _f(1.0, "YaRN scaling factor.", valid=">= 1", config=False)
-    mscale: float = _f(1.0, "YaRN mscale (multi-latent attention).", valid=">= 0", config=False)
+                               "attention).", valid="(0, 1]", config=False, function=True)
+    rotary_scaling_factor: float = _f(1.0, "YaRN scaling factor.", valid=">= 1", config=False,
+                                      function=True)
+    mscale: float = _f(1.0, "YaRN mscale (multi-latent attention).", valid=">= 0", config=False,
+                       function=True)
     mscale_all_dim: float = _f(0.0, "YaRN mscale_all_dim (multi-latent attention).",
-                               valid=">= 0", config=False)
+                               valid=">= 0", config=False, function=True)
     original_max_position_embeddings: Optional[int] = _f(
         None, "YaRN: the original context length (default 4096).", type=int, valid=">= 1",
-        arg="yarn_original_max_position_embeddings", config=False)
+        arg="yarn_original_max_position_embeddings", config=False, function=True)
     beta_fast: Optional[float] = _f(None, "YaRN beta_fast (default 32).", type=float,
-                                    valid="> 0", arg="yarn_beta_fast", config=False)
+                                    valid="> 0", arg="yarn_beta_fast", config=False, function=True)
     beta_slow: Optional[float] = _f(None, "YaRN beta_slow (default 1).", type=float,
-                                    valid="> 0", arg="yarn_beta_slow", config=False)
+                                    valid="> 0", arg="yarn_beta_slow", config=False, function=True)
     max_position_embeddings: Optional[int] = _f(
         None, "Context length the model is declared for (exported as max_position_embeddings; "
         "default --seq-length).", type=int, valid=">= 1", config=False)
@@ -118,7 +122,7 @@ class ModelArch:
     num_moe_experts: Optional[int] = _f(None, "Routed experts per layer (required: this trainer "
                                          "builds MoE/CoE layers only).", arg="num_experts",
                                          type=int, valid=">= 1", shape=True)
-    moe_router_topk: int = _f(2, "Experts per token in each CoE pass.", valid=">= 1")
+    moe_router_topk: int = _f(2, "Experts per token in each CoE pass.", valid=">= 1", function=True)
     moe_ffn_hidden_size: Optional[int] = _f(None, "Routed expert FFN size (default "
                                             "ffn_hidden_size).", type=int, valid=">= 1",
                                             shape=True)
@@ -126,16 +130,16 @@ class ModelArch:
         None, "Total FFN size of the shared expert(s); unset = no shared expert.", type=int,
         valid=">= 1", shape=True)
     moe_router_score_function: str = _f("softmax", "Router score function.",
-                                        choices=["softmax", "sigmoid"])
+                                        choices=["softmax", "sigmoid"], function=True)
     moe_router_pre_softmax: bool = _f(False, "Softmax over all experts before top-k (no "
-                                      "renormalisation of the top-k weights).")
+                                      "renormalisation of the top-k weights).", function=True)
     moe_router_topk_scaling_factor: Optional[float] = _f(
         None, "Multiply the routing weights by this (DeepSeek's routed_scaling_factor).",
-        type=float, valid="> 0")
+        type=float, valid="> 0", function=True)
     moe_router_num_groups: Optional[int] = _f(None, "Group-limited routing: expert groups.",
-                                              type=int, valid=">= 1")
+                                              type=int, valid=">= 1", function=True)
     moe_router_group_topk: Optional[int] = _f(None, "Group-limited routing: groups selected "
-                                              "per token.", type=int, valid=">= 1")
+                                              "per token.", type=int, valid=">= 1", function=True)
     moe_router_enable_expert_bias: bool = _f(False, "Aux-loss-free expert bias (updated once "
                                              "per step in finalize_model_grads).", shape=True)
     moe_layer_freq: object = _f(
@@ -146,9 +150,9 @@ class ModelArch:
     # ------------------------------------------------------------------ chain of experts
     coe_iterations: int = _f(1, "C: chained routing passes per CoE layer (1 = one pass).",
                              valid=">= 1", shape=True)
-    coe_inner_residual: bool = _f(True, "Residual around each CoE pass (paper: on).")
+    coe_inner_residual: bool = _f(True, "Residual around each CoE pass (paper: on).", function=True)
     coe_outer_residual: bool = _f(False, "Residual around the whole CoE layer (paper: off; "
-                                  "Megatron's standard MoE: on).")
+                                  "Megatron's standard MoE: on).", function=True)
     coe_shared_router: bool = _f(False, "One router shared by all passes (ablation).",
                                  shape=True)
     # ------------------------------------------------------------------ not options
@@ -412,6 +416,43 @@ class ModelArch:
                 out.append((arg_name(f), flag_of(f), getattr(self, f.name),
                             getattr(other, f.name)))
         return out
+
+    def function_differences(self, other: "ModelArch") -> list:
+        """``[(option name, flag, self's value, other's value)]`` of the fields that change what
+        the model computes but no shape (``function`` and not ``shape`` in the field's metadata:
+        residuals, norm eps, RoPE/YaRN, routing) and differ. A field the built model does not use
+        on either side is not compared (YaRN without MLA, ``--rotary-percent`` with MLA, the
+        latent-norm eps without latent norms, the YaRN window without YaRN); an unset value
+        equals the value it builds (YaRN defaults, no top-k scaling = 1)."""
+        mla = self.multi_latent_attention or other.multi_latent_attention
+        yarn = "yarn" in (self.position_embedding_type, other.position_embedding_type)
+        unused = set()
+        if not mla:
+            unused |= {"rotary_scaling_factor", "mscale", "mscale_all_dim"}
+        else:
+            unused.add("rotary_percent")
+        if not yarn:
+            unused |= {"original_max_position_embeddings", "beta_fast", "beta_slow"}
+        if not (self.latent_norms or other.latent_norms):
+            unused.add("mla_latent_norm_epsilon")
+        out = []
+        for f in option_fields():
+            if not f.metadata["function"] or f.metadata["shape"] or f.name in unused:
+                continue
+            a, b = self._function_value(f.name), other._function_value(f.name)
+            if a != b:
+                out.append((arg_name(f), flag_of(f), getattr(self, f.name),
+                            getattr(other, f.name)))
+        return out
+
+    def _function_value(self, name: str):
+        value = getattr(self, name)
+        if value is None and name in ("original_max_position_embeddings", "beta_fast",
+                                      "beta_slow"):
+            return float(YARN_DEFAULTS[name])
+        if value is None and name == "moe_router_topk_scaling_factor":
+            return 1.0
+        return value
 
     def num_parameters(self, vocab_size: Optional[int] = None) -> dict:
         """Parameter counts of the built model (``GPTModel`` from ``build_coe_gpt_model``):

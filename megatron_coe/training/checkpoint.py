@@ -67,17 +67,19 @@ def read_meta(path: str) -> dict:
 
 
 def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) -> None:
-    """Refuse a checkpoint whose model shape differs from this run's, naming every field.
+    """Refuse a checkpoint whose model differs from this run's, naming every field.
 
     The checkpoint's model is its architecture record (``ModelArch.from_checkpoint_meta``: the
     recorded ``arch``, or for older and Megatron-LM checkpoints, their ``args``). First, a
-    checkpoint in a format the installed Megatron-Core cannot read is refused (compat)."""
+    checkpoint in a format the installed Megatron-Core cannot read is refused (compat). A
+    different shape is always refused; a different function with equal shapes (the record's
+    ``function`` fields: residuals, norm eps, RoPE/YaRN, routing) is refused in one line unless
+    ``--override-checkpoint-arch`` says this run changes it on purpose (then one note line)."""
     unreadable = common_state_unreadable(path)
     if unreadable:
         raise CheckpointError(f"--load: checkpoint {path} cannot be loaded: {unreadable}.")
-    saved = ModelArch.from_checkpoint_meta(meta)
-    diffs = [(name, flag, a, b)
-             for name, flag, a, b in saved.shape_differences(ModelArch.from_args(args))]
+    saved, ours = ModelArch.from_checkpoint_meta(meta), ModelArch.from_args(args)
+    diffs = [(name, flag, a, b) for name, flag, a, b in saved.shape_differences(ours)]
     if meta["vocab_size"] != vocab_size:
         diffs.append(("padded vocab size", "tokenizer", meta["vocab_size"], vocab_size))
     if diffs:
@@ -85,6 +87,19 @@ def check_compatible(meta: dict, args: TrainArgs, vocab_size: int, path: str) ->
                           for name, flag, a, b in diffs)
         raise CheckpointError(f"checkpoint {path} has a different model shape than this run:\n"
                               f"{lines}\nUse the checkpoint's values or a different --load.")
+    changed = "; ".join(f"{name} ({flag}): checkpoint {a!r}, this run {b!r}"
+                        for name, flag, a, b in saved.function_differences(ours))
+    if not changed:
+        return
+    if getattr(args, "override_checkpoint_arch", False):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: --override-checkpoint-arch: training checkpoint {path} with this run's "
+                  f"values of {changed}", flush=True)
+        return
+    raise CheckpointError(f"--load: checkpoint {path} computes a different function than this "
+                          f"run: {changed}; give the checkpoint's values (or "
+                          "--use-checkpoint-args), or --override-checkpoint-arch to change them "
+                          "on purpose")
 
 
 def _rng_state() -> dict:

@@ -292,6 +292,12 @@ class TrainArgs(_ArchOptions):
                                     "--ffn-hidden-size, --kv-channels, --seq-length, "
                                     "--max-position-embeddings and the dispatcher only when "
                                     "not given.", group=C)
+    override_checkpoint_arch: bool = opt(False, "With --load: train on with this run's values "
+                                         "of the architecture fields that change the function "
+                                         "but no shape (residuals, norm eps, RoPE/YaRN, "
+                                         "routing) where they differ from the checkpoint's "
+                                         "(one note line); without it such a --load is "
+                                         "refused. Shapes must match either way.", group=C)
     async_save: bool = opt(False, "Write checkpoints in the background (Megatron-Core's async "
                            "dist_checkpointing): training goes on while the files are written; "
                            "the checkpoint is published (iter_N.tmp renamed, tracker updated) "
