@@ -26,6 +26,8 @@ import sys
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_coe.envcheck import require_environment  # noqa: E402  (one line, no traceback,
+require_environment()  # noqa: E402                    outside the project's environment)
 
 
 def main(argv=None) -> int:

@@ -50,6 +50,11 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_coe.envcheck import require_environment  # noqa: E402  (one line, no traceback,
+require_environment()  # noqa: E402                    outside the project's environment)
 
 # Before anything imports Megatron: its jit_fuser is torch.compile (very slow to warm up on CPU).
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -58,7 +63,6 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 

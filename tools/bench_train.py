@@ -29,13 +29,18 @@ Usage (repository root)::
 
 from __future__ import annotations
 
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_coe.envcheck import require_environment  # noqa: E402  (one line, no traceback,
+require_environment()  # noqa: E402                    outside the project's environment)
+
 import argparse
 import json
-import os
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The test command: set up the test environment(s) if needed, then run the default (CPU) test
 # suite in each, one after the other. Extra arguments go to pytest (e.g. `-m slow`).
-#   (a) 016: ./.venv           Python 3.11, torch 2.13.0 CPU, megatron-core 0.16.1
-#   (b) 019: ./.venv-mcore019  Python 3.12, torch 2.13.0,     megatron-core 0.19.2
-# MCORE_ENV=016 or MCORE_ENV=019 runs one environment alone. Exits non-zero if any environment
-# cannot be set up (e.g. no Python 3.12) or any test fails; the last line totals both runs.
+#   (a) 016: ./.venv           Python 3.11, torch 2.13.0, megatron-core 0.16.1
+#   (b) 019: ./.venv-mcore019  Python 3.12, torch 2.13.0, megatron-core 0.19.2
+# MCORE_ENV=016 or MCORE_ENV=019 sets up and runs that environment alone (the cross-version test
+# then runs only if the other environment already exists; otherwise it is skipped saying so).
+# Exits non-zero if any environment cannot be set up (e.g. no Python 3.12) or any test fails.
+# Prints each environment's 15 slowest tests and wall time; the last line totals both runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 envs=${MCORE_ENV:-016 019}
@@ -16,12 +18,13 @@ summaries=()
 for env in $envs; do
   case "$env" in 016|019) ;; *) echo "[tests] error: MCORE_ENV='$env': use 016, 019 or '016 019'" >&2; exit 2 ;; esac
 done
-# Both environments are set up before any suite runs: tests/test_cross_version.py runs the other
-# release's interpreter (under CI=true it fails when that environment is missing).
+# Every requested environment is set up before any suite runs: tests/test_cross_version.py runs
+# the other release's interpreter (with both requested and CI=true it fails when one is missing).
 declare -A ready
-for env in 016 019; do
+for env in $envs; do
   if bash tools/setup_env.sh "$env"; then ready[$env]=1; else ready[$env]=0; fi
 done
+export COE_TEST_ENVS="$envs"  # read by tests/test_cross_version.py
 for env in $envs; do
   case "$env" in
     016) venv=.venv ;;
@@ -36,8 +39,9 @@ for env in $envs; do
   desc=$("$venv/bin/python" -c 'import sys, importlib.metadata as m; print("Python %d.%d.%d," % sys.version_info[:3], "torch", m.version("torch") + ",", "megatron-core", m.version("megatron-core"))')
   echo "[tests] environment $env ($venv): $desc"
   start=$(date +%s)
-  "$venv/bin/python" -m pytest -q -ra "$@" 2>&1 | tee "$logdir/$env.log"
+  "$venv/bin/python" -m pytest -q -ra --durations=15 "$@" 2>&1 | tee "$logdir/$env.log"
   rc=${PIPESTATUS[0]}
+  echo "[tests] environment $env: $(( $(date +%s) - start )) s wall"
   line=$(grep -E "^=* ?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran" "$logdir/$env.log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
   summaries+=("$env: ${line:-no pytest summary} (exit $rc, $(( $(date +%s) - start )) s wall, $desc)")
   [ "$rc" -eq 0 ] || status=$rc
