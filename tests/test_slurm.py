@@ -160,6 +160,64 @@ def test_dry_run_resolves_master_and_layout(cluster, tmp_path):
     assert f"logs={tmp_path}/coe-dry_{r.job_id}" in r.output
 
 
+LAUNCH_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_DUMP_ON_TIMEOUT",
+              "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def _env_printer(path: Path) -> Path:
+    """A stand-in for the interpreter: each rank prints the launch variables it was started with
+    (what the trainer's CUDA context and ProcessGroupNCCL would read) and exits 0."""
+    path.write_text("#!/bin/bash\nfor v in " + " ".join(LAUNCH_ENV) + "; do\n"
+                    "  echo \"rank $RANK env $v=${!v-unset}\"\ndone\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_gpu_mode_exports_the_launch_environment_to_every_rank(cluster, tmp_path):
+    """GPU mode (DEVICE=gpu; the emulated nodes have no GPUs, whose count is then not checked):
+    every rank starts with CUDA_DEVICE_MAX_CONNECTIONS=1 already in its environment (CUDA reads
+    it when the context is created, so the trainer cannot set it reliably), and the NCCL flight
+    recorder is both armed (dump on timeout) and given a trace buffer (without
+    TORCH_NCCL_TRACE_BUFFER_SIZE the dump records nothing), dumping into the job directory.
+    The variables are blanked in the submitting environment, so the values come from the script."""
+    printer = _env_printer(tmp_path / "print-env")
+    blank = {v: "" for v in LAUNCH_ENV}
+    env = dict(DEVICE="gpu", CONFIG=TINY_CONFIG, EP="2", RUN_DIR=str(tmp_path),
+               PYTHON=str(printer), **blank)
+    r = cluster.submit(PRETRAIN, sbatch_args=NODES_2, env=env, name="coe-gpu-env", cwd=REPO,
+                       timeout=30)
+    assert r.returncode == 0, _explain(r, cluster)
+    job_dir = tmp_path / f"coe-gpu-env_{r.job_id}"
+    expected = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+                "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+                "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": f"{job_dir}/nccl_trace_rank_"}
+    seen = {}
+    for rank, name, value in re.findall(r"^rank (\d+) env (\w+)=(.*)$", r.output, re.M):
+        seen.setdefault(name, {})[rank] = value
+    for name, value in expected.items():
+        assert seen.get(name) == {"0": value, "1": value}, (name, seen, r.output)
+    assert "device=gpu backend=nccl" in r.output, r.output
+
+
+@pytest.mark.timeout(60)
+def test_gpu_mode_site_settings_win_and_an_empty_trace_buffer_is_flagged(cluster, tmp_path):
+    """A site's own values are kept (each variable only defaults); a dump flag without a trace
+    buffer is named in the job log with the variable to set."""
+    printer = _env_printer(tmp_path / "print-env")
+    env = dict(DEVICE="gpu", CONFIG=TINY_CONFIG, EP="2", RUN_DIR=str(tmp_path),
+               PYTHON=str(printer), CUDA_DEVICE_MAX_CONNECTIONS="8",
+               TORCH_NCCL_DUMP_ON_TIMEOUT="1", TORCH_NCCL_TRACE_BUFFER_SIZE="0",
+               TORCH_NCCL_DEBUG_INFO_TEMP_FILE="")
+    r = cluster.submit(PRETRAIN, sbatch_args=NODES_2, env=env, name="coe-gpu-env2", cwd=REPO,
+                       timeout=30)
+    assert r.returncode == 0, _explain(r, cluster)
+    assert re.search(r"^rank 0 env CUDA_DEVICE_MAX_CONNECTIONS=8$", r.output, re.M), r.output
+    assert re.search(r"^rank 1 env TORCH_NCCL_TRACE_BUFFER_SIZE=0$", r.output, re.M), r.output
+    assert ("warning: TORCH_NCCL_DUMP_ON_TIMEOUT=1 with TORCH_NCCL_TRACE_BUFFER_SIZE=0 records "
+            "nothing to dump") in r.output, r.output
+
+
 def _stand_in_repo(root: Path, converter: bool) -> Path:
     """A directory that passes convert.sbatch's repository check, with or without a converter
     that prints its arguments (the real tools/convert_to_hf.py may not exist yet)."""
