@@ -14,9 +14,17 @@ Package layout:
 __version__ = "0.1.0"
 
 import logging as _logging
+import warnings as _warnings
 
 # torch's CUDA wheels (the Python 3.12 environment) log "No CUDA runtime is found, using
 # CUDA_HOME=..." when torch.utils.cpp_extension is imported on a machine without a GPU: one stray
 # line in every process, before the one line a user error prints. Nothing in it needs acting on;
 # real errors of that module are still shown.
 _logging.getLogger("torch.utils.cpp_extension").setLevel(_logging.ERROR)
+
+# Megatron-Core warns at import time, in every process and from four modules, that Transformer
+# Engine and Apex are not installed: expected on CPU, where its torch implementations are used.
+# Filtered here because this package is imported before Megatron-Core by every entry point; the
+# trainer prints one line of its own instead (megatron_coe.compat.te_absent.cpu_note).
+_warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed",
+                         category=UserWarning)

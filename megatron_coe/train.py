@@ -148,6 +148,7 @@ def _main(argv: list | None) -> int:
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     from megatron_coe.compat import install_cpu_compat
+    from megatron_coe.compat.te_absent import cpu_note
     from megatron_coe.training.trainer import (
         EXIT_NON_FINITE, CollectiveError, NonFiniteError, NothingToTrain, Trainer, preflight)
 
@@ -155,6 +156,8 @@ def _main(argv: list | None) -> int:
     try:
         pre = preflight(args, int(os.environ.get("WORLD_SIZE", "1")))  # user errors, fast
         install_cpu_compat()
+        if rank == 0 and cpu_note():
+            print(cpu_note(), flush=True)
         _init_distributed(args, rank)
         from megatron_coe.checkpointing import lock_collective
 

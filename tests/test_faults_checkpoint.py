@@ -332,7 +332,7 @@ def test_load_of_an_empty_directory_warns_or_exits(tmp_path):
                     "--load or drop that flag to train from scratch"), line
     rc, out, _ = run([*TINY, "--train-iters", 1, "--load", tmp_path / "typo"])
     assert rc == 0, out[-3000:]
-    assert (f"warning: --load {tmp_path / 'typo'} does not exist: training from scratch "
+    assert (f"starting from scratch: --load {tmp_path / 'typo'} does not exist "
             "(--exit-on-missing-checkpoint makes this an error)") in out.splitlines(), out
 
 

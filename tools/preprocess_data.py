@@ -18,6 +18,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_coe.envcheck import require_environment  # noqa: E402  (one line, no traceback,
+require_environment()  # noqa: E402                    outside the project's environment)
 
 from megatron_coe.data.preprocess import main  # noqa: E402
 

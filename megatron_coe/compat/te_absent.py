@@ -33,6 +33,15 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def cpu_note() -> str | None:
+    """The one line a CPU run prints about the GPU packages (Megatron-Core's own import-time
+    warnings about them are filtered in ``megatron_coe/__init__.py``); None on a GPU machine."""
+    if torch.cuda.is_available():
+        return None
+    return ("no GPU: Megatron-Core runs with its torch implementations on CPU (Transformer Engine "
+            "and Apex are GPU packages and are not needed here)")
+
+
 class TransformerEngineUnavailable(RuntimeError):
     """The Transformer Engine spec or FP8 was requested where TE or a CUDA GPU is missing."""
 

@@ -127,14 +127,16 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
 
 
 def _report_missing_checkpoint(args: TrainArgs) -> None:
-    """--load found nothing: an error with --exit-on-missing-checkpoint, else a warning line."""
+    """--load found nothing: an error with --exit-on-missing-checkpoint, else one information
+    line (a first run's --load is empty; a warning only when unpublished iterations are there)."""
     why = checkpointing.describe_missing(args.load)
     if args.exit_on_missing_checkpoint:
         raise ckpt.CheckpointError(f"{why}; --exit-on-missing-checkpoint is set: fix --load or "
                                    "drop that flag to train from scratch")
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {why}: training from scratch (--exit-on-missing-checkpoint makes this "
-              "an error)", flush=True)
+        level = "warning: " if "not a published checkpoint" in why else ""
+        print(f"{level}starting from scratch: {why} (--exit-on-missing-checkpoint makes this an "
+              "error)", flush=True)
 
 
 def _first_sentence(error: BaseException) -> str:
