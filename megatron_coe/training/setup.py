@@ -41,9 +41,6 @@ def check_runtime(args: TrainArgs) -> None:
                              "which is not importable here: install it (requirements-gpu.txt) "
                              "or use --transformer-impl local.")
         return
-    if args.bf16:
-        raise SetupError("--bf16 is for GPU runs; this machine has no CUDA device and CPU runs "
-                         "train in fp32. Drop --bf16.")
     if args.transformer_impl == "transformer_engine":
         raise SetupError("--transformer-impl transformer_engine needs a CUDA GPU; use "
                          "--transformer-impl local on CPU.")

@@ -38,8 +38,24 @@ class ChainOfExpertsLayer(MoELayer):
     Buffers:
         tokens_per_expert_per_pass ``[C, num_experts]``: tokens each pass routed to each expert on
         this rank since the last ``reset_routing_stats()`` (counted once per training step, also
-        under activation recompute; not saved in checkpoints).
+        under activation recompute; not saved in checkpoints). float32 in every precision: exact
+        up to 2**24 tokens per (pass, expert) between resets (the trainer resets every
+        ``--log-interval`` steps).
+
+    Count buffers stay float32 under bf16/fp16: ``Float16Module`` calls ``module.bfloat16()``,
+    which casts every floating buffer, and a bf16 counter is exact only up to 256 (from 256 to
+    512 it holds even numbers only: one more token is rounded away). ``_apply`` (what
+    ``.bfloat16()``, ``.half()``, ``.to(dtype)`` and ``.cuda()`` run) moves these buffers but
+    never changes their dtype: ``tokens_per_expert_per_pass`` here and, in this layer's routers,
+    Megatron's ``local_tokens_per_expert`` (expert-bias counts), ``expert_bias``,
+    ``global_tokens_per_expert`` and ``ga_steps`` (global aux loss); see ``FLOAT32_BUFFERS``.
     """
+
+    # Buffers of this layer and of its routers (Megatron's TopKRouter) that hold token counts or
+    # the expert bias: float32 whatever the model's dtype (Megatron keeps only expert_bias float32,
+    # and only by converting it back before each forward/save/load).
+    FLOAT32_BUFFERS = ("tokens_per_expert_per_pass", "local_tokens_per_expert", "expert_bias",
+                       "global_tokens_per_expert", "ga_steps")
 
     def __init__(self, config, submodules: Optional[MoESubmodules] = None, layer_number=None,
                  pg_collection=None, **kwargs):
@@ -74,6 +90,28 @@ class ChainOfExpertsLayer(MoELayer):
             torch.zeros(self.num_passes, config.num_moe_experts, dtype=torch.float32),
             persistent=False,
         )
+
+    def _apply(self, fn, *args, **kwargs):
+        """``nn.Module._apply`` with the ``FLOAT32_BUFFERS`` of this layer and its routers held
+        out of the conversion, then moved to where ``fn`` puts tensors (device only: their
+        dtype and values are kept)."""
+        held = []
+        for module in self.modules():  # this layer, its routers (and nothing else has these)
+            for name in self.FLOAT32_BUFFERS:
+                buf = module._buffers.get(name)
+                if buf is not None and buf.dtype == torch.float32:
+                    held.append((module, name, buf))
+                    module._buffers[name] = None  # nn.Module._apply skips None buffers
+        try:
+            result = super()._apply(fn, *args, **kwargs)
+        finally:
+            for module, name, buf in held:
+                module._buffers[name] = buf
+        for module, name, buf in held:
+            target = fn(buf.new_empty(0))  # where (and as what) fn puts a tensor of this kind
+            if target.device != buf.device:
+                module._buffers[name] = buf.to(device=target.device)
+        return result
 
     # ----------------------------------------------------------------------------- routers
     def router_for_pass(self, pass_index: int):
