@@ -328,3 +328,134 @@ def test_protocol2_smoke(gsm8k_small, tmp_path):
     assert "stage 0: coe2_4_32" not in again.stdout  # stage 0 is not measured twice
     assert "nothing to train" in (work / "runs/moe_8_32_lr3e-3_seed1/train.log").read_text()
     assert "COMPLETE" in (out / "results.md").read_text().splitlines()[0]
+
+
+# --------------------------------------------------------------------------- protocol 3
+def _protocol3():
+    sys.path.insert(0, str(BENCH.parent))
+    import protocol3
+
+    return protocol3
+
+
+def _curve(final: float, steps: int = 1000, every: int = 25) -> list:
+    """A smooth synthetic validation curve ending at ``final``."""
+    return [[i, final + 2.0 * (1 - i / steps) ** 2] for i in range(every, steps + 1, every)]
+
+
+def test_protocol3_rules_by_hand():
+    """score_at and protocol 3's verdicts on synthetic curves, each rule branch once."""
+    from megatron_coe.analysis import paired
+
+    p3 = _protocol3()
+    c = [[25, 9.0], [50, 3.0], [75, 2.0], [100, 1.0], [125, 0.5]]
+    assert paired.score_at(c, 100) == 2.0           # validations at 50, 75, 100
+    assert paired.score_at(c, 110) is None          # no validation at 110: not reached
+    assert paired.score_at([[25, 1.0]], 25) is None  # fewer than 3 points
+
+    curves = {}
+    offsets = [-0.05, -0.04, -0.06, -0.05, -0.045]
+    for s, off in enumerate(offsets, 1):
+        curves[p3.run_name(p3.MOE2, p3.LR, s)] = _curve(3.0 + 0.001 * s)
+        curves[p3.run_name(p3.COE2, p3.LR, s)] = _curve(3.0 + 0.001 * s + off)
+        curves[p3.run_name(p3.MOE4, p3.LR, s)] = _curve(2.9 + 0.001 * s)
+        curves[p3.run_name(p3.COE4, p3.LR, s)] = _curve(2.9 + 0.001 * s + 0.04 * (-1) ** s)
+    for s in range(1, 4):
+        curves[p3.run_name(p3.INIT, p3.LR, s)] = _curve(3.0 + 0.001 * s + offsets[s - 1]
+                                                         + 0.002 * (-1) ** s)
+    v = p3.verdicts(curves)
+    assert v["Q1@1000"]["verdict"] == "REPRODUCED" and v["Q1@500"]["verdict"] == "REPRODUCED"
+    assert v["depth@1000"] == pytest.approx(0.1)
+    assert v["Q2@1000"]["verdict"] == "INCONCLUSIVE"   # +-0.04: the interval reaches below -0.03
+    assert v["Q3@1000"]["verdict"] == "NO EFFECT >= 0.02"
+    assert v["lr_check"]["done"] is False and "not finished" in v["lr_check"]["text"]
+    eff = v["efficiency"]["Q1@1000"]
+    assert len(eff["values"]) + len(eff["lower_bounds"]) == 5  # CoE ahead: MoE never gets there
+    # Q2 clearly not reproduced, but the LR check finds a better rate: inconclusive
+    for s in range(1, 6):
+        curves[p3.run_name(p3.COE4, p3.LR, s)] = _curve(2.9 + 0.001 * s + 0.005 + 0.001 * s)
+    assert p3.verdicts(curves)["Q2@1000"]["verdict"] == "NOT REPRODUCED"
+    ref500 = paired.score_at(curves[p3.run_name(p3.COE4, p3.LR, 1)], 500)
+    for (arm, lr), delta in zip(p3.LR_CHECK, (0.0, -0.05)):
+        curves[p3.run_name(arm, lr, 1)] = [[i, x + delta] for i, x in
+                                           curves[p3.run_name(p3.COE4, p3.LR, 1)] if i <= 500]
+    v = p3.verdicts(curves)
+    assert v["lr_check"]["done"] and v["lr_check"]["flag"]
+    assert v["lr_check"]["rows"][1]["score500"] == pytest.approx(ref500 - 0.05)
+    assert v["Q2@1000"]["verdict"] == "INCONCLUSIVE" and "under-tuned" in v["Q2@1000"]["reason"]
+    # a planned run missing: no verdict
+    del curves[p3.run_name(p3.MOE2, p3.LR, 5)]
+    assert p3.verdicts(curves)["Q1@1000"]["verdict"] == "IN PROGRESS"
+
+
+def test_protocol3_arms_differ_only_in_their_fields():
+    """Every arm is BASE (protocol 2's, at 1000 steps and lr 3e-3) with its declared fields; the
+    committed configs are the generated ones; every trainer option is set."""
+    import dataclasses
+
+    from megatron_coe.training.options import TrainArgs, parse_args
+
+    p2, p3 = _protocol2(), _protocol3()
+    names = {f.name for f in dataclasses.fields(TrainArgs)}
+    assert not names - set(p3.BASE) - p2.RUNTIME_OPTIONS
+    base = parse_args(["--config", str(p3.CONFIG_DIR / "coe2_4_32.yaml")]).to_dict()
+    assert (base["train_iters"], base["lr"], base["lr_warmup_fraction"], base["lr_decay_style"],
+            base["eval_interval"]) == (1000, 3e-3, 0.1, "constant", 25)
+    for arm in p3.ARMS:
+        path = p3.CONFIG_DIR / f"{arm}.yaml"
+        assert path.read_text() == p3.config_yaml(arm), f"{path} is stale: run --write-configs"
+        d = parse_args(["--config", str(path)]).to_dict()
+        assert {k for k in d if d[k] != base[k]} == set(p3.ARMS[arm].fields), arm
+    assert len(p3.RUNS) == 25 and len(set(p3.RUNS)) == 25
+
+
+def test_protocol3_report_recomputes_from_committed_curves():
+    """The committed results.csv of protocol 3 follows from the committed curves by the rules."""
+    p3 = _protocol3()
+    rows = list(csv.DictReader(open(p3.RESULTS_DIR / "results.csv")))
+    v = p3.verdicts(p3.read_curves(p3.RESULTS_DIR / "curves"))
+    assert len(rows) == 5
+    for r in rows:
+        dec = v[f"{r['question']}@{r['step']}"]
+        assert r["verdict"] == dec["verdict"], r
+        assert int(r["n"]) == dec["stats"]["n"]
+        if dec["stats"]["mean"] is not None:
+            assert float(r["d_mean"]) == pytest.approx(dec["stats"]["mean"], abs=1e-12)
+    summaries = {p.stem for p in (p3.RESULTS_DIR / "runs").glob("*.json")}
+    assert summaries == {p.stem for p in (p3.RESULTS_DIR / "curves").glob("*.csv")}
+
+
+@pytest.mark.timeout(600)
+def test_protocol3_smoke(gsm8k_small, tmp_path):
+    """Protocol 3 end to end on a GSM8K slice (2 runs of 4 steps, 1 process): summaries and
+    curves written where they are committed, the report IN PROGRESS with no verdict, a second
+    invocation skips the finished runs."""
+    p2, p3 = _protocol2(), _protocol3()
+    sizes = p2.split_sizes(gsm8k_small["train"], gsm8k_small["test"], 128, "98,2,0")
+    gbs = 4
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--protocol", "3", "--max-runs", "2", "--nproc", "1",
+            "--train-data", gsm8k_small["train"], "--test-data", gsm8k_small["test"],
+            "--out", out, "--work-dir", work, "--set", "train_iters=4", "eval_interval=1",
+            "save_interval=4", "micro_batch_size=2", f"global_batch_size={gbs}",
+            f"eval_iters={sizes['valid_sequences'] // gbs}", "expert_model_parallel_size=1",
+            "log_interval=1"]
+    proc = _bench(args, timeout=400)
+    names = [p3.run_name(p3.COE2, p3.LR, 1), p3.run_name(p3.MOE2, p3.LR, 1)]
+    for n in names:
+        s = json.loads((out / "runs" / f"{n}.json").read_text())
+        assert s["iterations"] == 4 and len(s["code_commit"]) == 40
+        rows = list(csv.DictReader(open(out / "curves" / f"{n}.csv")))
+        assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+        assert all(0 < float(r["valid_lm_loss"]) < 10 for r in rows)
+    text = (out / "results.md").read_text()
+    assert text.splitlines()[0].endswith("IN PROGRESS: 2 of 25 runs finished") and text in proc.stdout
+    verdicts = [r["verdict"] for r in csv.DictReader(open(out / "results.csv"))]
+    assert verdicts == ["IN PROGRESS"] * 5  # no verdict from 2 runs
+    for png in ("paired_difference.png", "valid_loss_zoom.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = _bench(args[:2] + ["--max-runs", "1"] + args[4:], timeout=300)
+    for n in names:
+        assert f"{n}: training" not in again.stdout
+    assert f"{p3.run_name(p3.COE4, p3.LR, 1)}: training" in again.stdout
+    assert "3 of 25 runs finished" in (out / "results.md").read_text()

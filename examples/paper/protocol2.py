@@ -107,7 +107,7 @@ BASE = {
     "moe_router_bias_update_rate": 1.0e-3, "moe_grouped_gemm": False,
     # chain of experts (BASE is the CoE-2(4/32) arm)
     "coe_iterations": 2, "coe_inner_residual": True, "coe_outer_residual": False,
-    "coe_shared_router": False,
+    "coe_shared_router": False, "coe_router_init_method": "normal",
     # layout: 2 CPU processes, EP=2 (DP=2 for the dense part), fp32
     "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
     "expert_model_parallel_size": 2, "expert_tensor_parallel_size": None,
@@ -130,7 +130,7 @@ BASE = {
     "skip_train": False, "log_interval": 25,
     # checkpoints and stopping
     "save_interval": 100, "no_load_optim": False, "no_load_rng": False,
-    "use_checkpoint_args": False, "async_save": False, "exit_on_missing_checkpoint": False,
+    "use_checkpoint_args": False, "override_checkpoint_arch": False, "async_save": False, "exit_on_missing_checkpoint": False,
     "exit_signal_handler": True, "exit_interval": None, "exit_duration_in_mins": None,
     "exit_time_margin_mins": 5.0,
 }
@@ -332,15 +332,20 @@ def _watch_records(path: Path, times: list, stop: threading.Event):
 
 
 class Runner:
-    def __init__(self, opts):
+    """Trains, resumes and summarises runs of a protocol (``arms``: its arm table;
+    ``config_of``: arm -> full option dict; protocol 3 passes its own, and a summaries directory
+    that is committed)."""
+
+    def __init__(self, opts, arms: dict = None, config_of=None, summaries_dir: Path = None):
         self.opts = opts
         self.work = Path(opts.work_dir)
-        self.summaries_dir = self.work / "summaries"
+        self.arms, self.config_of = arms or ARMS, config_of or arm_config
+        self.summaries_dir = summaries_dir or self.work / "summaries"
         self.skipped = set()
 
     # ---- one training run
     def run_config(self, arm: str, lr: float, seed: int, run_dir: Path, extra: dict) -> Path:
-        cfg = arm_config(arm)
+        cfg = self.config_of(arm)
         cfg.update(seed=seed, lr=lr, data_path=[self.opts.train_prefix])
         cfg.update(self.opts.overrides)
         cfg.update(extra)
@@ -386,9 +391,9 @@ class Runner:
         stop.set()
         return rc, t0
 
-    def run(self, arm: str, lr: float, seed: int):
+    def run(self, arm: str, lr: float, seed: int, extra: dict = None, name: str = None):
         """Train one (arm, lr, seed) unless its summary exists; returns the summary or None."""
-        name = run_name(arm, lr, seed)
+        name = name or run_name(arm, lr, seed)
         spath = self.summaries_dir / f"{name}.json"
         if spath.exists():
             if name not in self.skipped:  # stage 2 meets the stage-1 runs again
@@ -396,8 +401,8 @@ class Runner:
                 self.skipped.add(name)
             return json.loads(spath.read_text())
         run_dir = self.work / "runs" / name
-        rb.log(f"{name}: training ({ARMS[arm].label}, lr {lr:g}, seed {seed})")
-        rc, t0 = self.train(name, arm, lr, seed, run_dir)
+        rb.log(f"{name}: training ({self.arms[arm].label}, lr {lr:g}, seed {seed})")
+        rc, t0 = self.train(name, arm, lr, seed, run_dir, extra)
         if rc != 0 and STOP["signal"]:
             rb.log(f"{name}: interrupted after {time.time() - t0:.0f} s (the trainer saves a "
                    "checkpoint on SIGTERM); the next invocation resumes it")

@@ -562,8 +562,8 @@ def parse(argv=None):
 
 
 def split_protocol(argv: list) -> tuple:
-    """``--protocol N`` (1: this module's benchmark, the default; 2: ``protocol2.py``) and the
-    remaining arguments."""
+    """``--protocol N`` (1: this module's benchmark, the default; 2: ``protocol2.py``; 3:
+    ``protocol3.py``) and the remaining arguments."""
     rest, protocol, it = [], "1", iter(argv)
     for a in it:
         if a == "--protocol":
@@ -572,9 +572,10 @@ def split_protocol(argv: list) -> tuple:
             protocol = a.split("=", 1)[1]
         else:
             rest.append(a)
-    if protocol not in ("1", "2"):
+    if protocol not in ("1", "2", "3"):
         sys.exit(f"run_benchmark.py: error: --protocol {protocol!r}: choose 1 (the first CPU/GPU "
-                 "benchmark, the default) or 2 (examples/paper/protocol2.py)")
+                 "benchmark, the default), 2 (examples/paper/protocol2.py) or 3 "
+                 "(examples/paper/protocol3.py)")
     return int(protocol), rest
 
 
@@ -601,11 +602,11 @@ def epochs_note(opts, models: dict) -> None:
 
 def main(argv=None) -> int:
     protocol, argv = split_protocol(list(sys.argv[1:] if argv is None else argv))
-    if protocol == 2:
+    if protocol in (2, 3):
         sys.path.insert(0, str(HERE))
-        import protocol2
+        import importlib
 
-        return protocol2.main(argv)
+        return importlib.import_module(f"protocol{protocol}").main(argv)
     opts, cfg = parse(argv)
     models = opts.models_cfg
     out = Path(opts.out)

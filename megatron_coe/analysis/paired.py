@@ -1,4 +1,5 @@
-"""Statistics of the paper benchmark's second protocol (``examples/paper/protocol2.py``).
+"""Statistics of the paper benchmark's second and third protocols (``examples/paper/protocol2.py``,
+``protocol3.py``).
 
 Owns the numbers that decide the CoE vs MoE comparison, so that they are defined in one place
 and tested by hand (``tests/test_paper_smoke.py``):
@@ -9,7 +10,9 @@ and tested by hand (``tests/test_paper_smoke.py``):
   reaches a given loss (linear interpolation between validations), over the step at which the
   other model had that loss; > 1 means the other model needs fewer steps than the baseline;
 * ``decide``: the decision rules fixed before any result (``RULES``), and
-  ``seeds_to_decide``: how many paired seeds the observed spread would need for a decision.
+  ``seeds_to_decide``: how many paired seeds the observed spread would need for a decision;
+* protocol 3: ``score_at`` (a run's score at a given step), ``decide_init`` and ``RULES3`` /
+  ``RULES3_TEXT``, fixed before protocol 3's first result.
 
 Pure Python (no torch), deterministic.
 """
@@ -45,6 +48,29 @@ RULES_TEXT = (
     "need to decide.")
 
 
+RULES3 = dict(RULES, init_equivalence=0.02, lr_check_margin=0.03)
+
+RULES3_TEXT = (
+    "Score of a run at step s: the mean of its validation losses at s-50, s-25 and s (validation "
+    "every 25 steps on the whole held-out split). All runs: 10% warmup (100 steps) then a "
+    "constant LR of 3e-3, 1000 steps, the rate protocol 2's sweep chose for both main arms. "
+    "Q1 (2 layers) and Q2 (4 layers): d = CoE-2(4/32) minus paper MoE(8/32) per paired seed, 5 "
+    "seeds, at s = 500 and s = 1000 (the paper's point; the primary verdict). REPRODUCED at this "
+    "scale if d < 0 in 5 of 5 seeds and the 95% t-interval of mean(d) lies below 0. NOT "
+    "REPRODUCED if the interval lies above -0.03 AND depth helps in this regime (the 2-layer "
+    "paper MoE minus the 4-layer paper MoE >= 0.05 at the same step, mean over 5 paired seeds). "
+    "Otherwise INCONCLUSIVE, with the seeds the observed spread would need. Q2 only: if the LR "
+    "check (the 4-layer CoE at seed 1 with 1.5e-3 and 6e-3, stopped at step 500) finds a rate "
+    "whose score at 500 is lower than 3e-3's by more than 0.03, a REPRODUCED or NOT REPRODUCED "
+    "verdict becomes INCONCLUSIVE (the arm may be under-tuned). Q3 (router init): d = CoE-2(4/32) "
+    "with the paper code's router init (torch.nn.Linear's kaiming-uniform) minus with ours "
+    "(N(0, 0.02)), 3 paired seeds, at s = 1000: PAPER INIT BETTER if the 95% interval lies below "
+    "0, OURS BETTER if it lies above 0, NO EFFECT >= 0.02 if it lies inside (-0.02, +0.02), "
+    "otherwise INCONCLUSIVE. Step efficiency (the MoE's steps to reach CoE's loss at s, over s) "
+    "is reported at 250, 500 and 1000 without a verdict. No verdict before every run a question "
+    "needs has finished.")
+
+
 def t975(df: int) -> float:
     """Two-sided 95% Student-t quantile for ``df`` degrees of freedom (normal beyond 30)."""
     if df < 1:
@@ -58,6 +84,15 @@ def last_k_mean(curve: Sequence[Sequence[float]], k: int = 3) -> Optional[float]
     if len(pts) < k:
         return None
     return statistics.mean(v for _, v in pts[-k:])
+
+
+def score_at(curve: Sequence[Sequence[float]], step: int, k: int = 3) -> Optional[float]:
+    """Mean of the last ``k`` validation losses at iterations <= ``step``; None unless the curve
+    has a validation at ``step`` itself (the run got there) and ``k`` points up to it."""
+    pts = [(int(i), float(v)) for i, v in curve if int(i) <= step]
+    if not pts or max(i for i, _ in pts) != step:
+        return None
+    return last_k_mean(pts, k)
 
 
 def paired_interval(diffs: Sequence[float]) -> dict:
@@ -173,4 +208,31 @@ def decide(coe_minus_moe: Sequence[float], depth_gain: Optional[float],
     out["reason"] = "; ".join(why) + (
         f"; with the observed spread (std {st['std']:.4f}) about {need} paired seeds would "
         "decide" if need else "; the observed spread does not give a seed count that decides")
+    return out
+
+
+def decide_init(paper_minus_ours: Sequence[float], complete: bool) -> dict:
+    """Protocol 3's Q3 (``RULES3_TEXT``): the paper code's router init minus ours, paired."""
+    st = paired_interval(paper_minus_ours)
+    eq = RULES3["init_equivalence"]
+    out = {"stats": st, "verdict": None, "reason": ""}
+    if not complete:
+        out.update(verdict="IN PROGRESS", reason=f"{st['n']} paired seed(s) finished; no verdict "
+                   "until the planned runs are done")
+    elif st["n"] < 2:
+        out.update(verdict="NO VERDICT", reason="needs at least 2 paired seeds")
+    elif st["hi"] < 0:
+        out.update(verdict="PAPER INIT BETTER",
+                   reason=f"the 95% interval [{st['lo']:+.4f}, {st['hi']:+.4f}] lies below 0")
+    elif st["lo"] > 0:
+        out.update(verdict="OURS BETTER",
+                   reason=f"the 95% interval [{st['lo']:+.4f}, {st['hi']:+.4f}] lies above 0")
+    elif -eq < st["lo"] and st["hi"] < eq:
+        out.update(verdict=f"NO EFFECT >= {eq}",
+                   reason=f"the 95% interval [{st['lo']:+.4f}, {st['hi']:+.4f}] lies inside "
+                          f"(-{eq}, +{eq})")
+    else:
+        out.update(verdict="INCONCLUSIVE",
+                   reason=f"the 95% interval [{st['lo']:+.4f}, {st['hi']:+.4f}] contains 0 and "
+                          f"reaches beyond +-{eq}")
     return out
