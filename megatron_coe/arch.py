@@ -258,6 +258,14 @@ class ModelArch:
                      f"{self.num_layers}; give one 0/1 entry per layer")
         elif self.num_layers and 1 not in self.moe_layer_pattern():
             p.append(f"--moe-layer-freq {self.moe_layer_freq} makes no layer a MoE layer")
+        if (self.multi_latent_attention and self.position_embedding_type == "rope"
+                and self.mscale_all_dim and self.rotary_scaling_factor > 1):
+            p.append(f"--mscale-all-dim {self.mscale_all_dim:g} with --position-embedding-type "
+                     f"rope and --rotary-scaling-factor {self.rotary_scaling_factor:g}: "
+                     "Megatron-Core scales MLA attention by YaRN's mscale whatever the RoPE "
+                     "type, so the model would be neither plain RoPE nor YaRN; for plain RoPE "
+                     "set --mscale-all-dim 0 (or --rotary-scaling-factor 1), else use "
+                     "--position-embedding-type yarn")
         if self.multi_latent_attention and self.rotary_percent != 1.0:
             p.append("--rotary-percent applies to standard attention only (MLA has "
                      "--qk-pos-emb-head-dim); leave it at 1.0")

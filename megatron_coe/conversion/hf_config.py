@@ -77,10 +77,6 @@ def check_convertible(arch: ModelArch) -> ModelArch:
     if a.multi_latent_attention:
         if a.kv_channels not in (None, a.v_head_dim):
             problems.append("MLA with kv_channels != v_head_dim is not supported")
-        if (a.position_embedding_type == "rope" and a.mscale_all_dim
-                and a.rotary_scaling_factor > 1):
-            problems.append("mscale_all_dim with rope_type='rope' (softmax scale mscale) is "
-                            "not supported")
     if a.moe_router_score_function == "sigmoid" and a.moe_router_pre_softmax:
         problems.append("pre_softmax with sigmoid scores is not supported")
     if a.vocab_size is None:

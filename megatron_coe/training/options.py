@@ -14,7 +14,8 @@ checkpoint must agree on all of them (``checkpoint.check_compatible``).
 ``valid=`` is the option's range (``'>= 1'``, ``'> 0'``, ``'[0, 1)'``; None, the unset value of an
 optional option, is always allowed, and a float must be finite). ``parse_args`` checks every value
 against it, and the few rules between options that need nothing but the options (``--min-lr <=
---lr``, the ``--split`` string, LR warmup shorter than the decay), once, before anything else runs:
+--lr``, the ``--split`` string, LR warmup shorter than the decay, the architecture record's
+``ModelArch.check``), once, before anything else runs:
 an ``OptionError`` naming the flag, the value and the valid range. Rules that need the world size,
 the data or the machine live with their owners (model config ``__post_init__``; parallel layout,
 batch arithmetic and memory in ``setup.check_layout``).
@@ -33,6 +34,7 @@ from typing import Any, Optional
 import yaml
 
 from megatron_coe import arch
+from megatron_coe.cli import OneLineParser
 
 
 class OptionError(ValueError):
@@ -411,7 +413,8 @@ def load_yaml(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # one-line errors, and a negative value in any notation (--lr -1e-3) reaches the range check
+    parser = OneLineParser(
         prog="coe-train", argument_default=argparse.SUPPRESS,
         description="Train a Chain-of-Experts GPT with Megatron-Core. Options may also come from "
                     "--config FILE.yaml (same names); flags override the file.")
@@ -483,6 +486,9 @@ def validate(args: TrainArgs) -> TrainArgs:
     """Ranges, then the rules between options that need only the options (see the docstring)."""
     check_ranges(args)
     check_required(args)
+    problems = arch.ModelArch.from_args(args).check()  # the rules between architecture fields
+    if problems:
+        raise OptionError(problems[0])
     if args.split is None and args.data_path and not (args.train_data_path
                                                       or args.valid_data_path):
         args.split = LEGACY_SPLIT  # Megatron-LM's value for --data-path without --split
