@@ -19,11 +19,13 @@ OUT=${OUT:-runs/quickstart}
 PREFIX=data/processed/gsm8k_train_v1k    # the data_path of examples/tiny/*.yaml
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
 
-# 1. Tokenize GSM8K once (byte-level BPE with a 1024-token vocabulary; ~15-30 s).
-if [[ ! -f $PREFIX.idx || ! -f $PREFIX.tokenizer.json ]]; then
+# 1. Tokenize GSM8K once (byte-level BPE with a 1024-token vocabulary; ~15-30 s). A re-run keeps
+#    the complete data set; an incomplete one (a file missing) is made again (--overwrite: the
+#    preprocessor refuses to replace an existing prefix without it).
+if [[ ! -f $PREFIX.bin || ! -f $PREFIX.idx || ! -f $PREFIX.meta.json || ! -f $PREFIX.tokenizer.json ]]; then
     echo "== preprocessing data/gsm8k/train.jsonl.gz -> $PREFIX"
     "$PY" tools/preprocess_data.py --input data/gsm8k/train.jsonl.gz \
-        --json-keys question answer --vocab-size 1024 --output-prefix "$PREFIX"
+        --json-keys question answer --vocab-size 1024 --output-prefix "$PREFIX" --overwrite
 fi
 
 # 2. Train: 2 processes, expert parallelism 2, checkpoint at the end (and every 100 steps);

@@ -129,6 +129,7 @@ def test_preprocess_round_trip(data):
     assert meta["tokenizer"] == {
         "fingerprint": tok.fingerprint(), "vocab_size": 512, "eod": 0,
         "eod_token": "<|endoftext|>", "path": data["tok_path"], "trained_here": True,
+        "copied_from": None,
     }
     assert meta["sources"][0]["documents"] == 200 and meta["json_keys"] == KEYS
     on_disk = json.load(open(pp.meta_path(data["a"])))
@@ -137,6 +138,11 @@ def test_preprocess_round_trip(data):
     assert (info.num_documents, info.num_tokens) == (200, meta["num_tokens"])
     assert data["meta_b"]["tokenizer"]["trained_here"] is False
     assert data["meta_b"]["tokenizer"]["fingerprint"] == tok.fingerprint()
+    # the given tokenizer is kept beside the data, byte for byte (the trainer's default)
+    assert data["meta_b"]["tokenizer"]["path"] == pp.trained_tokenizer_path(data["b"])
+    assert data["meta_b"]["tokenizer"]["copied_from"] == data["tok_path"]
+    with open(pp.trained_tokenizer_path(data["b"]), "rb") as f, open(data["tok_path"], "rb") as g:
+        assert f.read() == g.read()
 
 
 def test_text_input_cli_and_workers(data, tmp_path, monkeypatch, capsys):

@@ -408,6 +408,64 @@ def test_damaged_idx_refused_at_start(data, tmp_path, damage):
     assert "training from iteration" not in out
 
 
+def _gsm8k_test_jsonl(path: Path, n: int) -> Path:
+    with gzip.open(ROOT / "data/gsm8k/test.jsonl.gz", "rt") as f, open(path, "w") as out:
+        for _, line in zip(range(n), f):
+            out.write(line)
+    return path
+
+
+def test_data_preprocessed_with_a_given_tokenizer_trains_without_the_flag(data, tmp_path):
+    """--tokenizer-model is kept beside the data (<prefix>.tokenizer.json, byte-identical), as a
+    tokenizer trained by preprocess_data.py is: training on the prefix alone works (it was refused:
+    tokenizer file <prefix>.tokenizer.json does not exist, unless --tokenizer-model was given again)."""
+    src = _gsm8k_test_jsonl(tmp_path / "test.jsonl", 80)
+    given = Path(data + ".tokenizer.json")
+    prefix = tmp_path / "d" / "gsm8k_test"
+    rc, out, err, _ = tool("preprocess_data", "--input", src, "--json-keys", "question", "answer",
+                           "--tokenizer-model", given, "--output-prefix", prefix)
+    assert rc == 0, out + err
+    kept = Path(f"{prefix}.tokenizer.json")
+    assert kept.read_bytes() == given.read_bytes()
+    meta = json.loads(Path(f"{prefix}.meta.json").read_text())
+    assert meta["tokenizer"]["path"] == str(kept) and meta["tokenizer"]["copied_from"] == str(given)
+    assert f"tokenizer copied from {given}" in out
+    rc, out, err, _ = _train(str(prefix), tmp_path)  # no --tokenizer-model
+    assert rc == 0, out + err
+    assert "training from iteration 0 to 2" in out and "iter 2/2" in out, out
+
+
+def test_preprocess_refuses_to_replace_an_existing_prefix(data, tmp_path):
+    """An output prefix holding any file a run writes is replaced only with --overwrite (one line,
+    nothing changed); the prefix's own tokenizer given as --tokenizer-model is no conflict."""
+    src = _gsm8k_test_jsonl(tmp_path / "test.jsonl", 40)
+    prefix = _copy_prefix(data, tmp_path / "d")
+    before = snapshot(tmp_path / "d")
+    argv = ["--input", src, "--json-keys", "question", "answer", "--output-prefix", prefix]
+    rc, out, err, _ = tool("preprocess_data", *argv, "--vocab-size", "300")
+    assert rc == 1, out + err
+    assert one_error_line(err, "preprocess_data.py") == (
+        f"preprocess_data.py: error: --output-prefix {prefix} already holds gsm8k.bin, gsm8k.idx, "
+        "gsm8k.meta.json, gsm8k.tokenizer.json: choose another prefix, or pass --overwrite to "
+        "replace them")
+    assert snapshot(tmp_path / "d") == before
+    # one file of a prefix is enough; the prefix's own tokenizer is kept, not a conflict
+    for suffix in (".bin", ".meta.json"):
+        os.remove(prefix + suffix)
+    own_tokenizer = ["--tokenizer-model", prefix + ".tokenizer.json"]
+    rc, out, err, _ = tool("preprocess_data", *argv, *own_tokenizer)
+    assert rc == 1 and one_error_line(err, "preprocess_data.py").endswith(
+        f"--output-prefix {prefix} already holds gsm8k.idx: choose another prefix, or pass "
+        "--overwrite to replace them"), err
+    rc, out, err, _ = tool("preprocess_data", *argv, *own_tokenizer, "--overwrite")
+    assert rc == 0, out + err
+    after = snapshot(tmp_path / "d")
+    assert after["gsm8k.tokenizer.json"] == before["gsm8k.tokenizer.json"]
+    assert after["gsm8k.idx"] != before["gsm8k.idx"]  # 40 test problems, not 200 train ones
+    assert json.loads(Path(prefix + ".meta.json").read_text())["num_documents"] == 40
+    assert sorted(after) == sorted(before)  # no temporary left behind
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "txt", "txt.gz", "bad_gzip", "truncated_gzip"])
 def test_preprocess_bad_input_names_file_and_line(tmp_path, kind):
     src = tmp_path / f"input.{'jsonl.gz' if 'gzip' in kind else kind}"
@@ -448,6 +506,19 @@ def test_preprocess_bad_input_names_file_and_line(tmp_path, kind):
     ("convert_to_hf", ["--load", "x", "--save", "y", "--dtype", "fp8"], "argument --dtype: invalid choice"),
     ("preprocess_data", ["--input", "x.jsonl", "--output-prefix", "y", "--vocab-size", "abc"],
      "argument --vocab-size: invalid int value: 'abc'"),
+    # negative values in any notation reach the option's own check (they were "expected one
+    # argument": argparse took -1e3 for an unknown option)
+    ("convert_from_hf", ["--load", "x", "--save", "y", "--seq-length", "-1e3"],
+     "argument --seq-length: invalid positive_int value: '-1e3'"),
+    ("convert_from_hf", ["--load", "x", "--save", "y", "--upcycle-topk", "-2"],
+     "argument --upcycle-topk: must be a positive integer, got -2"),
+    ("preprocess_data", ["--input", "x.jsonl", "--output-prefix", "y", "--vocab-size", "-1e3"],
+     "argument --vocab-size: invalid int value: '-1e3'"),
+    ("preprocess_data", ["--input", "x.jsonl", "--output-prefix", "y", "--vocab-size", "300",
+                         "--log-interval", "-1.5e-1"],
+     "argument --log-interval: must be a finite number of seconds >= 0, got -0.15"),
+    ("preprocess_data", ["--input", "x.jsonl", "--output-prefix", "y", "--vocab-size", "-300"],
+     "argument --vocab-size: must be >= 258 (256 byte symbols and the special tokens), got -300"),
 ])
 def test_cli_usage_errors_are_one_line(tmp_path, name, argv, want):
     rc, _, err, seconds = tool(name, *argv)

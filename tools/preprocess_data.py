@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Tokenize a corpus into a Megatron indexed dataset (<prefix>.bin/.idx + <prefix>.meta.json).
 
-Thin CLI over ``megatron_coe.data.preprocess`` (see its docstring for formats and outputs).
+Thin CLI over ``megatron_coe.data.preprocess`` (see its docstring for formats and outputs). The
+data's tokenizer is always written beside it (<prefix>.tokenizer.json: trained here, or a copy of
+--tokenizer-model), so training on --data-path <prefix> needs no --tokenizer-model. An existing
+prefix is replaced only with --overwrite.
 
 Examples:
     # GSM8K train split, training a 4096-token byte-level BPE on it

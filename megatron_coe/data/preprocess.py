@@ -21,9 +21,14 @@ Outputs, all named from ``output_prefix`` (note: the prefix is used as is; Megat
 * ``<prefix>.bin``, ``<prefix>.idx``: the dataset; pass ``<prefix>`` as the data path.
 * ``<prefix>.meta.json``: tokenizer fingerprint, vocab size, eod id, document and token counts,
   the sources; ``datasets.validate_data_prefix`` checks it against the training tokenizer.
-* ``<prefix>.tokenizer.json``: only when no tokenizer is given and a byte-level BPE is trained on
-  the corpus (``vocab_size``). Use it for training (``--tokenizer-model``) and for preprocessing
-  further splits with the same vocabulary.
+* ``<prefix>.tokenizer.json``: the tokenizer of the data, always: the byte-level BPE trained on
+  the corpus (``vocab_size``), or a byte-identical copy of the given ``tokenizer_model`` (the
+  trainer and the HF exporter find it there, so ``--data-path <prefix>`` needs no
+  ``--tokenizer-model``). Use it for preprocessing further splits with the same vocabulary.
+
+An output prefix that already holds any of these files is refused unless ``overwrite``
+(``--overwrite``), the HF exporter's rule: nothing is replaced by surprise. The tokenizer given as
+``tokenizer_model`` may itself be ``<prefix>.tokenizer.json``: it is kept, not a conflict.
 
 Files are written under temporary names and renamed at the end, so an interrupted run never leaves
 a ``.bin``/``.idx`` pair that looks complete.
@@ -37,6 +42,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -44,7 +50,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_coe.cli import OneLineParser
-from megatron_coe.data.tokenizer import CoETokenizer, load_tokenizer, train_bpe_tokenizer
+from megatron_coe.data.tokenizer import (MIN_BPE_VOCAB, CoETokenizer, TokenizerError,
+                                         load_tokenizer,
+                                         resolve_tokenizer_path, train_bpe_tokenizer)
 
 META_FORMAT = "megatron-coe-indexed-dataset/1"
 JOIN = "\n"
@@ -318,7 +326,32 @@ def meta_path(prefix: str) -> str:
 
 
 def trained_tokenizer_path(prefix: str) -> str:
+    """``<prefix>.tokenizer.json``: the data's tokenizer (trained here or copied, see the module
+    docstring); the trainer's default ``--tokenizer-model`` for ``--data-path <prefix>``."""
     return prefix + ".tokenizer.json"
+
+
+OUTPUT_SUFFIXES = (".bin", ".idx", ".meta.json", ".tokenizer.json")
+
+
+def check_output_prefix(output_prefix: str, overwrite: bool = False,
+                        tokenizer_model: Optional[str] = None) -> None:
+    """``PreprocessError`` (one line) when ``output_prefix`` already holds files a run would
+    replace and ``overwrite`` is off; ``tokenizer_model`` may be the prefix's own tokenizer."""
+    keep = None
+    if tokenizer_model:
+        try:
+            keep = os.path.realpath(resolve_tokenizer_path(tokenizer_model))
+        except TokenizerError:
+            keep = None  # reported when the tokenizer is loaded
+    existing = [output_prefix + s for s in OUTPUT_SUFFIXES if os.path.lexists(output_prefix + s)
+                and os.path.realpath(output_prefix + s) != keep]
+    if existing and not overwrite:
+        names = ", ".join(os.path.basename(p) for p in existing)
+        raise PreprocessError(
+            f"--output-prefix {output_prefix} already holds {names}: choose another prefix, or "
+            "pass --overwrite to replace them"
+        )
 
 
 def preprocess(
@@ -331,12 +364,14 @@ def preprocess(
     text_mode: str = "block",
     log: Callable[[str], None] = _stderr,
     log_interval_s: float = 5.0,
+    overwrite: bool = False,
 ) -> dict:
-    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx/.meta.json``; returns the metadata.
+    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx/.meta.json/.tokenizer.json``; returns
+    the metadata.
 
-    Give either ``tokenizer_model`` (a ``tokenizer.json`` or a directory holding one) or
-    ``vocab_size`` (train a byte-level BPE on the inputs, saved as
-    ``<output_prefix>.tokenizer.json``).
+    Give either ``tokenizer_model`` (a ``tokenizer.json`` or a directory holding one; copied to
+    ``<output_prefix>.tokenizer.json``) or ``vocab_size`` (train a byte-level BPE on the inputs,
+    saved there). An existing output is replaced only with ``overwrite``.
     """
     t0 = time.time()
     json_keys = list(json_keys) or ["text"]
@@ -348,46 +383,56 @@ def preprocess(
             raise PreprocessError(
                 f"--output-prefix {output_prefix} ends with {suffix}: give the prefix only"
             )
+    check_output_prefix(output_prefix, overwrite, tokenizer_model)
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
 
-    # Tokenizer
-    stats: dict = {}
-    tokenizer_file: Optional[str]
-    if tokenizer_model:
-        tokenizer = load_tokenizer(tokenizer_model)
-        tokenizer_file = tokenizer.path
-        log(f"tokenizer: {tokenizer}")
-    elif vocab_size:
-        tokenizer_file = trained_tokenizer_path(output_prefix)
-        log(f"training a byte-level BPE tokenizer (vocab_size={vocab_size}) on {len(inputs)} file(s)")
-        t_tok = time.time()
-        tokenizer = train_bpe_tokenizer(
-            (d.text for d in _iter_corpus(inputs, json_keys, text_mode)), vocab_size, tokenizer_file
-        )
-        log(f"tokenizer trained in {time.time() - t_tok:.1f}s: {tokenizer}")
-    else:
-        raise PreprocessError(
-            "no tokenizer: give --tokenizer-model PATH (an existing tokenizer.json) or "
-            "--vocab-size N (train a byte-level BPE on the inputs)"
-        )
-
-    # Megatron-Core is imported only now: importing it takes seconds.
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    bin_final, idx_final = output_prefix + ".bin", output_prefix + ".idx"
+    # Every output is written under a temporary name and published at the end, the tokenizer
+    # first: an interrupted or failed run leaves nothing under the prefix's names.
     tag = f".tmp{os.getpid()}"
+    tokenizer_file = trained_tokenizer_path(output_prefix)
+    bin_final, idx_final = output_prefix + ".bin", output_prefix + ".idx"
+    tok_tmp: Optional[str] = tokenizer_file + tag  # None: the given tokenizer is tokenizer_file
     bin_tmp, idx_tmp = bin_final + tag, idx_final + tag
-    builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
-    eod = tokenizer.eod
-    n_docs = n_tokens = n_bytes = 0
-    per_source: dict = {p: {"path": p, "documents": 0, "tokens": 0} for p in inputs}
-    last_log = time.time()
-    t_enc = time.time()
+    tokenizer_source: Optional[str] = None  # the given tokenizer file, copied beside the data
+    stats: dict = {}
+    builder = None
     ok = False
     try:
+        if tokenizer_model:
+            tokenizer = load_tokenizer(tokenizer_model)
+            if os.path.realpath(tokenizer.path) != os.path.realpath(tokenizer_file):
+                tokenizer_source = tokenizer.path
+                shutil.copyfile(tokenizer_source, tok_tmp)  # byte for byte: same fingerprint
+            else:
+                tok_tmp = None
+            log(f"tokenizer: {tokenizer}")
+        elif vocab_size:
+            log(f"training a byte-level BPE tokenizer (vocab_size={vocab_size}) on "
+                f"{len(inputs)} file(s)")
+            t_tok = time.time()
+            tokenizer = train_bpe_tokenizer(
+                (d.text for d in _iter_corpus(inputs, json_keys, text_mode)), vocab_size, tok_tmp
+            )
+            tokenizer.path = tokenizer_file
+            log(f"tokenizer trained in {time.time() - t_tok:.1f}s: {tokenizer}")
+        else:
+            raise PreprocessError(
+                "no tokenizer: give --tokenizer-model PATH (an existing tokenizer.json) or "
+                "--vocab-size N (train a byte-level BPE on the inputs)"
+            )
+
+        # Megatron-Core is imported only now: importing it takes seconds.
+        import numpy as np
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+        dtype = DType.optimal_dtype(tokenizer.vocab_size)
+        builder = IndexedDatasetBuilder(bin_tmp, dtype=dtype)
+        eod = tokenizer.eod
+        n_docs = n_tokens = n_bytes = 0
+        per_source: dict = {p: {"path": p, "documents": 0, "tokens": 0} for p in inputs}
+        last_log = time.time()
+        t_enc = time.time()
         docs = _iter_corpus(inputs, json_keys, text_mode, stats)
         for batch, ids_batch in _encoded_batches(docs, tokenizer, workers):
             for doc, ids in zip(batch, ids_batch):
@@ -415,9 +460,11 @@ def preprocess(
                 builder.data_file.close()
             except Exception:
                 pass
-            for p in (bin_tmp, idx_tmp):
-                if os.path.exists(p):
+            for p in (tok_tmp, bin_tmp, idx_tmp):
+                if p is not None and os.path.exists(p):
                     os.remove(p)
+    if tok_tmp is not None:
+        os.replace(tok_tmp, tokenizer_file)
     os.replace(bin_tmp, bin_final)
     os.replace(idx_tmp, idx_final)
 
@@ -440,6 +487,7 @@ def preprocess(
             "eod_token": tokenizer.eod_token,
             "path": tokenizer_file,
             "trained_here": not tokenizer_model,
+            "copied_from": tokenizer_source,
         },
         "sources": [
             {**per_source[p], "bytes": os.path.getsize(p)} for p in inputs
@@ -481,13 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain text: one document per blank-line-separated block, or per line")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-model", metavar="PATH",
-                   help="existing Hugging Face tokenizer.json (or a directory holding one)")
+                   help="existing Hugging Face tokenizer.json (or a directory holding one); "
+                   "copied to <output-prefix>.tokenizer.json, where training finds it")
     g.add_argument("--vocab-size", type=int, metavar="N",
                    help="without --tokenizer-model: train a byte-level BPE of N tokens on the "
                    "inputs, saved as <output-prefix>.tokenizer.json")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, metavar="PREFIX",
-                   help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json (no suffix is appended)")
+                   help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json, PREFIX.tokenizer.json "
+                   "(no suffix is appended)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an existing PREFIX (refused without it)")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
                    help="tokenizer processes (the Rust tokenizer may also use threads; set "
@@ -504,8 +556,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give --tokenizer-model or --vocab-size, not both")
     if not args.tokenizer_model and not args.vocab_size:
         parser.error("give --tokenizer-model PATH or --vocab-size N")
+    if args.vocab_size is not None and args.vocab_size < MIN_BPE_VOCAB:
+        parser.error(f"argument --vocab-size: must be >= {MIN_BPE_VOCAB} (256 byte symbols and "
+                     f"the special tokens), got {args.vocab_size}")
     if args.workers < 1:
-        parser.error("--workers must be >= 1")
+        parser.error(f"argument --workers: must be >= 1, got {args.workers}")
+    if not 0 <= args.log_interval < float("inf"):
+        parser.error(f"argument --log-interval: must be a finite number of seconds >= 0, got "
+                     f"{args.log_interval:g}")
     try:
         meta = preprocess(
             args.input,
@@ -516,14 +574,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             workers=args.workers,
             text_mode=args.text_mode,
             log_interval_s=args.log_interval,
+            overwrite=args.overwrite,
         )
     except (PreprocessError, ValueError, OSError) as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 1
+    tok = meta["tokenizer"]
     print(
         f"wrote {args.output_prefix}.bin, {args.output_prefix}.idx, "
-        f"{meta_path(args.output_prefix)}: {meta['num_documents']} documents, "
-        f"{meta['num_tokens']} tokens, vocab_size {meta['tokenizer']['vocab_size']}, "
-        f"eod {meta['tokenizer']['eod']}, tokenizer {meta['tokenizer']['path']}"
+        f"{meta_path(args.output_prefix)}, {tok['path']}: {meta['num_documents']} documents, "
+        f"{meta['num_tokens']} tokens, vocab_size {tok['vocab_size']}, eod {tok['eod']}, "
+        + (f"tokenizer copied from {tok['copied_from']}" if tok["copied_from"]
+           else "tokenizer trained here" if tok["trained_here"] else "tokenizer kept")
     )
     return 0
