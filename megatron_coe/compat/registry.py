@@ -105,6 +105,15 @@ REGISTRY: Tuple[Entry, ...] = (
            "transformer/multi_latent_attention.py: MLASelfAttention._resolve_qk_norm_config"),
           ">=0.19", "MLA with latent norms and no query compression builds no q norm "
                     "(DeepSeek-V2; 0.16's behaviour) instead of a TE-fused one"),
+    # ---------------------------------------------------------------- float32_buffers
+    Entry("float16.float32_count_buffers", "float32_buffers", "adaptation",
+          ("transformer/module.py: Float16Module.__init__ module.bfloat16() / .half() (casts "
+           "every floating buffer)",
+           "transformer/moe/router.py: TopKRouter local_tokens_per_expert, "
+           "global_tokens_per_expert, ga_steps (float32 counts; only expert_bias is converted "
+           "back, _maintain_float32_expert_bias)"),
+          ALL, "the CoE layer's per-pass counts and its routers' count buffers and expert bias "
+               "stay float32 (exact) in a bf16/fp16 model"),
     # ---------------------------------------------------------------- router_losses
     Entry("router.pass_metric_names", "router_losses", "patch",
           ("transformer/moe/router.py: save_to_aux_losses_tracker (<0.18) / "

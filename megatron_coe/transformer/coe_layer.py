@@ -25,11 +25,12 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.typed_torch import apply_module
 
+from megatron_coe.compat.float32_buffers import Float32Buffers
 from megatron_coe.compat.moe_specs_and_signatures import supported_kwargs
 from megatron_coe.transformer.coe_router import CoETopKRouter
 
 
-class ChainOfExpertsLayer(MoELayer):
+class ChainOfExpertsLayer(Float32Buffers, MoELayer):
     """Megatron-Core ``MoELayer`` that runs ``config.coe_iterations`` chained routing passes.
 
     Shapes: input and output ``[s, b, h]`` (``s`` is the local sequence shard under sequence
@@ -44,10 +45,10 @@ class ChainOfExpertsLayer(MoELayer):
 
     Count buffers stay float32 under bf16/fp16: ``Float16Module`` calls ``module.bfloat16()``,
     which casts every floating buffer, and a bf16 counter is exact only up to 256 (from 256 to
-    512 it holds even numbers only: one more token is rounded away). ``_apply`` (what
-    ``.bfloat16()``, ``.half()``, ``.to(dtype)`` and ``.cuda()`` run) moves these buffers but
-    never changes their dtype: ``tokens_per_expert_per_pass`` here and, in this layer's routers,
-    Megatron's ``local_tokens_per_expert`` (expert-bias counts), ``expert_bias``,
+    512 it holds even numbers only: one more token is rounded away). ``.bfloat16()``,
+    ``.half()``, ``.to(dtype)`` and ``.cuda()`` move these buffers but never change their dtype
+    (``compat.float32_buffers``): ``tokens_per_expert_per_pass`` here and, in this layer's
+    routers, Megatron's ``local_tokens_per_expert`` (expert-bias counts), ``expert_bias``,
     ``global_tokens_per_expert`` and ``ga_steps`` (global aux loss); see ``FLOAT32_BUFFERS``.
     """
 
@@ -90,28 +91,7 @@ class ChainOfExpertsLayer(MoELayer):
             torch.zeros(self.num_passes, config.num_moe_experts, dtype=torch.float32),
             persistent=False,
         )
-
-    def _apply(self, fn, *args, **kwargs):
-        """``nn.Module._apply`` with the ``FLOAT32_BUFFERS`` of this layer and its routers held
-        out of the conversion, then moved to where ``fn`` puts tensors (device only: their
-        dtype and values are kept)."""
-        held = []
-        for module in self.modules():  # this layer, its routers (and nothing else has these)
-            for name in self.FLOAT32_BUFFERS:
-                buf = module._buffers.get(name)
-                if buf is not None and buf.dtype == torch.float32:
-                    held.append((module, name, buf))
-                    module._buffers[name] = None  # nn.Module._apply skips None buffers
-        try:
-            result = super()._apply(fn, *args, **kwargs)
-        finally:
-            for module, name, buf in held:
-                module._buffers[name] = buf
-        for module, name, buf in held:
-            target = fn(buf.new_empty(0))  # where (and as what) fn puts a tensor of this kind
-            if target.device != buf.device:
-                module._buffers[name] = buf.to(device=target.device)
-        return result
+        self.keep_float32(*self.FLOAT32_BUFFERS)
 
     # ----------------------------------------------------------------------------- routers
     def router_for_pass(self, pass_index: int):
