@@ -105,9 +105,13 @@ def published_iterations(root: str) -> list:
                   if (m := _ITER_DIR.match(n)) and is_published(os.path.join(root, n)))
 
 
-def find_checkpoint(load: str) -> Optional[str]:
+def find_checkpoint(load: str, recover: bool = False) -> Optional[str]:
     """The checkpoint ``load`` names: ``load`` itself if it is an iteration directory, else the
-    one the tracker of ``load`` names; None when ``load`` holds no tracker (or does not exist)."""
+    one the tracker of ``load`` names; None when ``load`` holds no tracker (or does not exist).
+
+    ``recover`` (the trainer's ``--load``): a root whose tracker is lost (a copy that missed one
+    file) but that holds published iterations gives the newest of them whose files verify
+    (``recover_untracked``), never None; ``untracked_note`` is the line that says so."""
     if os.path.exists(load) and not os.path.isdir(load):
         raise CheckpointError(f"{load} is a file, not a checkpoint directory: pass the --save "
                               "directory of a run or one of its iter_* directories")
@@ -115,7 +119,7 @@ def find_checkpoint(load: str) -> Optional[str]:
         return load
     iteration = read_tracker(load)
     if iteration is None:
-        return None
+        return recover_untracked(load) if recover else None
     path = iteration_dir(load, iteration)
     if is_published(path):
         return path
@@ -125,13 +129,59 @@ def find_checkpoint(load: str) -> Optional[str]:
                           f"is missing or has no {META}{_older_hint(load, iteration)}")
 
 
+_RECOVERED: dict = {}  # realpath of a root without tracker -> (iteration, [(skipped, why)])
+
+
+def recover_untracked(load: str) -> Optional[str]:
+    """The newest published iteration of ``load`` (a root without tracker) whose metadata and
+    files verify; None when it holds no published iteration. When every one is damaged:
+    ``CheckpointError`` listing them (never a silent start from scratch)."""
+    found = published_iterations(load)
+    if not found:
+        return None
+    skipped = []
+    for it in reversed(found):
+        path = iteration_dir(load, it)
+        meta = read_meta_quiet(path)
+        if meta is None or not isinstance(meta.get("iteration"), int):
+            skipped.append((it, f"{META} is damaged"))
+            continue
+        problems = _check_files(path, meta.get("files") or {}, range_all=True)
+        if problems:
+            skipped.append((it, sorted(problems)[0]))
+            continue
+        _RECOVERED[os.path.realpath(load)] = (it, skipped)
+        return path
+    listed = "; ".join(f"iter_{it:07d}: {why}" for it, why in skipped)
+    raise CheckpointError(
+        f"--load {load} has no {TRACKER} and none of its {len(found)} checkpoint(s) verifies "
+        f"({listed}): nothing to resume and its iterations must not be replaced by a new run; "
+        f"pass a checkpoint to --load, or to start over use an empty --save (or remove "
+        f"{os.path.join(load, 'iter_*')})")
+
+
+def untracked_note(load: str) -> Optional[str]:
+    """The one line about a ``recover_untracked`` resume of ``load`` (None if it was not one)."""
+    got = _RECOVERED.get(os.path.realpath(load))
+    if got is None:
+        return None
+    it, skipped = got
+    damaged = ("; skipped damaged " + ", ".join(f"iter_{s:07d} ({why})" for s, why in skipped)
+               if skipped else "")
+    return (f"note: --load {load} has no {TRACKER} (lost or not copied): resuming the newest "
+            f"checkpoint whose checksums verify, iteration {it} ({iteration_dir(load, it)})"
+            f"{damaged}; the next save writes the tracker again")
+
+
 def describe_missing(load: str) -> str:
     """Why ``find_checkpoint(load)`` found nothing, for the warning / error line."""
     if not os.path.exists(load):
         return f"--load {load} does not exist"
     unpublished = [n for n in sorted(os.listdir(load)) if n.startswith("iter_")]
     if unpublished:
-        return (f"--load {load} has no {TRACKER}; its {', '.join(unpublished[:3])} "
+        shown = (unpublished if len(unpublished) <= 4
+                 else [*unpublished[:2], f"... ({len(unpublished) - 3} more)", unpublished[-1]])
+        return (f"--load {load} has no {TRACKER}; its {', '.join(shown)} "
                 f"{'are' if len(unpublished) > 1 else 'is'} not a published checkpoint "
                 "(pass an iter_* directory to load it explicitly)")
     return f"--load {load} holds no checkpoint ({TRACKER} is missing)"
@@ -479,8 +529,38 @@ class SaveLock:
         self.fd = None
 
 
+_STALE = re.compile(r"^iter_(\d{7})\.(tmp|old)$")
+
+
+def remove_stale(root: str) -> list:
+    """Remove what interrupted saves left in ``root``; only while this process holds its
+    ``SaveLock`` (no other run can be writing there, so they are provably dead): every
+    ``iter_N.tmp`` (never published), an ``iter_N.old`` whose ``iter_N`` is published (the copy a
+    re-save keeps until the tracker moves) and the tracker's temporary. Returns their names."""
+    removed = []
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return removed
+    for name in names:
+        m = _STALE.match(name)
+        path = os.path.join(root, name)
+        if m and (m.group(2) == "tmp" or is_published(iteration_dir(root, int(m.group(1))))):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name == TRACKER + ".tmp":
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        else:
+            continue
+        if not os.path.exists(path):
+            removed.append(name)
+    return removed
+
+
 def lock_collective(root: Optional[str], flag: str = "--save") -> Optional[SaveLock]:
-    """Rank 0 takes ``SaveLock(root)``; every rank raises the same error when it is held."""
+    """Rank 0 takes ``SaveLock(root)``; every rank raises the same error when it is held. With
+    the lock held, rank 0 removes the temporaries of interrupted saves (``remove_stale``) and
+    says so in one line."""
     if not root:
         return None
     rank, world, dist = _dist()
@@ -490,6 +570,12 @@ def lock_collective(root: Optional[str], flag: str = "--save") -> Optional[SaveL
             lock = SaveLock(root, flag)
         except CheckpointError as e:
             message = str(e)
+        if lock is not None:
+            removed = remove_stale(root)
+            if removed:
+                print(f"note: removed {len(removed)} temporary file(s) left in {flag} {root} by "
+                      f"an interrupted save ({', '.join(removed)}): this run holds its lock, so "
+                      "no other run is writing them", flush=True)
     if dist is not None:
         box = [message]
         dist.broadcast_object_list(box, src=0)
@@ -622,6 +708,60 @@ def save(root: str, iteration: int, write: Callable[[str], None], meta: Optional
     except BaseException as e:  # noqa: BLE001 - torch's CheckpointException is a BaseException;
         error = e               # every rank must learn about any failure (see _agree)
     return finish(root, iteration, tmp, meta, error)
+
+
+def existing_iterations(root: str) -> list:
+    """Iterations with an ``iter_N`` (or a re-save's ``iter_N.old``) directory under ``root``,
+    published or not, ascending."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    out = set()
+    for n in names:
+        m = _ITER_DIR.match(n) or (_STALE.match(n) if n.endswith(".old") else None)
+        if m and os.path.isdir(os.path.join(root, n)):
+            out.add(int(m.group(1)))
+    return sorted(out)
+
+
+def _iterations_text(its: list) -> str:
+    names = [f"iter_{it:07d}" for it in its]
+    if len(names) > 4:
+        names = [*names[:2], f"... ({len(names) - 3} more)", names[-1]]
+    return ", ".join(names)
+
+
+def refuse_replacing(root: str, iteration: int) -> None:
+    """A save never replaces a checkpoint directory that its run did not write: ``iter_N`` (or
+    ``iter_N.old``) of ``root`` existing before this save is refused in one line. (A trainer run
+    saves each iteration once; the HF importer checks its ``--save`` itself.)"""
+    if iteration in existing_iterations(root):
+        raise CheckpointError(
+            f"--save {root} already holds {iteration_dir(root, iteration)}, which this run did "
+            f"not write: a save never replaces another run's checkpoint; resume that run with "
+            f"--load {root}, or choose another --save")
+
+
+def refuse_overlap(root: str, start: int, end: int) -> None:
+    """Before training: ``root`` must hold no iteration this run could save (``start`` <
+    N <= ``end``); a run that would replace another run's checkpoints is refused at start."""
+    clash = [it for it in existing_iterations(root) if start < it <= end]
+    recovered, skipped = _RECOVERED.get(os.path.realpath(root), (None, []))
+    damaged = {it: why for it, why in skipped if it in clash}
+    if damaged:  # a lost tracker, resumed below damaged iterations this run would replace
+        listed = "; ".join(f"{iteration_dir(root, it)}: {why}" for it, why in damaged.items())
+        raise CheckpointError(
+            f"--save {root} has no {TRACKER}; its newest intact checkpoint is iteration "
+            f"{recovered}, but this run would replace the damaged {listed}: a save never "
+            f"replaces another run's checkpoint; remove the damaged directory to resume "
+            f"iteration {recovered}, or choose another --save")
+    if clash:
+        raise CheckpointError(
+            f"--save {root} already holds {_iterations_text(clash)}, which this run (iterations "
+            f"{start + 1}-{end}) would replace: a save never replaces another run's checkpoint; "
+            f"resume the newest with --load {iteration_dir(root, max(clash))}, or choose another "
+            f"--save (or remove those iter_* directories)")
 
 
 def begin(root: str, iteration: int) -> str:

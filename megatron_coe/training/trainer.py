@@ -21,8 +21,11 @@ Faults (``train.main`` turns each into one line and an exit status):
 * non-finite values (``--check-for-nan-in-loss-and-grad``, on by default): after every step the
   lm loss, each aux loss and the gradient norm are checked, the verdicts combined in the step's
   loss all-reduce (all ranks stop at the same step), and the run raises ``NonFiniteError`` (exit
-  3) without saving; before every save all parameters are checked finite across ranks, so no
-  published checkpoint holds NaN/Inf;
+  3) without saving; before every save (whether or not the per-step check is on) all
+  parameters are checked finite across ranks, so no published checkpoint holds NaN/Inf;
+* other runs' checkpoints: a lost tracker resumes the newest iteration that verifies (one note
+  line; all damaged: refused), and no save replaces an ``iter_N`` this run did not write
+  (refused at start for the iterations the run covers, and again at each save);
 * nothing to train: ``preflight`` raises ``NothingToTrain`` (exit 0) when the ``--load``
   checkpoint is already at ``--train-iters``, before anything is built;
 * a hung or dead peer: a collective that times out (``--distributed-timeout-minutes``) or loses
@@ -112,13 +115,24 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     data.validate_data(args, tokenizer)
     vocab_size = setup.padded_vocab_size(tokenizer.vocab_size, args)
     resume_from = ckpt.find_checkpoint(args.load) if args.load else None
+    if args.load and resume_from is None and os.path.isdir(args.load):
+        # a lost tracker: the newest iteration that verifies (or a refusal), never a new run
+        resume_from = checkpointing.recover_untracked(args.load)
+        note = checkpointing.untracked_note(args.load)
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(note, flush=True)
+    start = 0
     if resume_from:  # a wrong shape fails here, before any tensor is built or read
         meta = ckpt.read_meta(resume_from)
         ckpt.check_compatible(meta, args, vocab_size, resume_from)
         check_something_to_train(meta, args, resume_from)
+        if not (args.no_load_optim or meta.get("weights_only")):
+            start = int(meta.get("iteration", 0))
     elif args.load:
         _report_missing_checkpoint(args)
     if args.save:  # a file, read-only or full --save is found now, not after the steps are spent
+        # no save of this run may replace a checkpoint it did not write
+        checkpointing.refuse_overlap(args.save, start, args.train_iters)
         need = ckpt.estimated_bytes(args, model_config, vocab_size)
         if resume_from:
             need = max(need, checkpointing.checkpoint_bytes(resume_from))
@@ -364,13 +378,16 @@ class Trainer:
         t0 = metrics.now()
         with self.doing(f"checkpoint save at iteration {self.iteration}"), \
                 self.params_gathered():
-            if self.args.check_for_nan_in_loss_and_grad and not self._all_parameters_finite():
+            # whatever --check-for-nan-in-loss-and-grad says: no published checkpoint holds
+            # NaN/Inf
+            if not self._all_parameters_finite():
                 raise NonFiniteError(
                     f"non-finite parameters at iteration {self.iteration}: checkpoint not saved; "
                     f"{self._last_published()} (lower --lr or check --init-method-std and the "
                     "data)")
             if self.async_queue is not None:  # at most one background save at a time
                 self.finalize_async_saves(blocking=True)
+            checkpointing.refuse_replacing(self.args.save, self.iteration)  # another run's
             path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed,
                                         self.model, self.optimizer, self.scheduler, self.args,
                                         self.vocab_size, self.layout,
