@@ -57,8 +57,23 @@ _REQUIRED = {
 }
 
 
+# Every model_type the importer reads: this project's CoE exports (hf_config) and the families.
+IMPORTABLE_MODEL_TYPES = hf_config.COE_MODEL_TYPES + FAMILIES
+
+
 def is_family(model_type) -> bool:
     return model_type in FAMILIES
+
+
+def check_importable(cfg: dict, cfg_path: str) -> None:
+    """``ConversionError`` (one line) for a ``config.json`` whose ``model_type`` the importer does
+    not read; the list it gives is ``IMPORTABLE_MODEL_TYPES``."""
+    mtype = cfg.get("model_type")
+    if mtype not in IMPORTABLE_MODEL_TYPES:
+        raise ConversionError(
+            f"{cfg_path}: unsupported Hugging Face model_type {mtype!r}: supported are "
+            f"{', '.join(IMPORTABLE_MODEL_TYPES)} (the CoE exports of this project and the stock "
+            f"MoE families {', '.join(FAMILIES)})")
 
 
 def _yarn(cfg: dict, problems: list) -> Optional[dict]:
@@ -414,5 +429,6 @@ def family_of(cfg: dict) -> Optional[str]:
     return t if t in FAMILIES else None
 
 
-__all__ = ["FAMILIES", "HF_CLASSES", "is_family", "arch_from_family_config", "from_family_names",
-           "to_family_names", "family_problems", "family_hf_config", "mtp_note", "family_of"]
+__all__ = ["FAMILIES", "HF_CLASSES", "IMPORTABLE_MODEL_TYPES", "check_importable", "is_family",
+           "arch_from_family_config", "from_family_names", "to_family_names", "family_problems",
+           "family_hf_config", "mtp_note", "family_of"]

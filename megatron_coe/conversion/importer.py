@@ -118,6 +118,7 @@ class HFSource:
         # config.json fields, the model Megatron-Core would build, and every tensor's name and shape.
         self.config = hf_io.read_hf_config(path)
         cfg_path = os.path.join(path, "config.json")
+        families.check_importable(self.config, cfg_path)  # the one list of importable types
         hf_io.check_hf_config(self.config, cfg_path, COE_MODEL_TYPES + (MODEL_TYPE_STOCK,))
         self.family = families.family_of(self.config)  # a stock family (families.py) or None
         self.stock = self.family is not None
