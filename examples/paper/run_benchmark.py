@@ -540,6 +540,14 @@ def parse(argv=None):
         import torch
 
         opts.scale = "gpu" if torch.cuda.is_available() else "cpu"
+    elif opts.scale == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("run_benchmark.py: error: --scale gpu trains the paper-size models (hours of "
+                     "CPU each) and runs only on a CUDA GPU; this machine has none. "
+                     "examples/paper/gpu_plan.py prints their FLOPs, time and memory estimates; "
+                     "--scale cpu runs the CPU-scale models")
     cfg = SCALES[opts.scale]
     models = cfg["models"]
     if opts.models:
