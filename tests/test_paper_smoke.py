@@ -488,3 +488,33 @@ def test_gpu_scale_protocol_plan_and_refusal_on_cpu():
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and "needs" not in proc.stdout
         assert "runs only on a CUDA GPU" in lines[0] and "gpu_plan.py" in lines[0]
+
+
+def test_results_page_numbers_follow_from_the_committed_csv():
+    """RESULTS.md's protocol-2 verdict, depth gain and ablation orderings are recomputed from
+    the committed per-run scores (results/protocol2/runs.csv) by the committed rules."""
+    from megatron_coe.analysis import paired
+
+    runs = list(csv.DictReader(open(BENCH.parent / "results/protocol2/runs.csv")))
+
+    def scores(arm, lr=3e-3):
+        return {int(r["seed"]): float(r["score"]) for r in runs
+                if r["arm"] == arm and float(r["lr"]) == pytest.approx(lr)}
+
+    def diff(a, b, lr_a=3e-3):
+        sa, sb = scores(a, lr_a), scores(b)
+        return paired.paired_interval([sa[s] - sb[s] for s in sorted(sa) if s in sb])
+
+    page = (BENCH.parent / "RESULTS.md").read_text()
+    main = diff("coe2_4_32", "moe_8_32")
+    depth = -diff("moe_8_32_4layers", "moe_8_32")["mean"]
+    dec = paired.decide(main["values"], depth, complete=True)
+    assert dec["verdict"] == "NOT REPRODUCED" and "**NOT REPRODUCED**" in page
+    assert f"+{main['mean']:.3f} [+{main['lo']:.3f}, +{main['hi']:.3f}]" in page
+    assert f"| depth doubling gain (MoE) | 0.087 | {depth:.3f}" in page
+    for a, b, lr_a in (("coe2_4_32_shared_router", "coe2_4_32", 3e-3),
+                       ("coe2_4_24", "coe2_4_32", 3e-3),
+                       ("coe2_4_32_outer_residual", "coe2_4_32", 3e-3),
+                       ("megatron_moe_8_32", "moe_8_32", 1.5e-3)):
+        st = diff(a, b, lr_a)
+        assert f"{st['mean']:+.3f} [{st['lo']:+.3f}, {st['hi']:+.3f}]" in page, (a, st)
