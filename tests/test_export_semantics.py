@@ -35,6 +35,9 @@ CASES = {  # name: (config overrides, expected model type)
     "no_latent_norms": (dict(coe_iterations=2, qk_layernorm=False), "coe_megatron"),
     "latent_eps_1e-5": (dict(coe_iterations=2, mla_latent_norm_epsilon=1e-5), "coe_megatron"),
     "layernorm": (dict(coe_iterations=2, normalization="LayerNorm"), "coe_megatron"),
+    # a dense first layer (first_k_dense_replace 1): the published code loads it but its decoder
+    # layer calls self.mlp(h, _iter) on the dense MLP too, which fails (it was coe_deepseekv2)
+    "dense_first": (dict(coe_iterations=2, moe_layer_freq=[0, 1]), "coe_megatron"),
     "megatron_moe": (dict(coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True),
                      "deepseek_v2"),
     # main norms' eps 1e-5 (rms_norm_eps), latent norms DeepSeek-V2's 1e-6: still exact
@@ -73,7 +76,8 @@ def _export_worker(rank, world, overrides, save, tokens):
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
     with torch.no_grad():
         logits = model(tokens, torch.arange(s)[None].expand(tokens.shape[0], -1), mask)
-    return logits, result.format, hf_config.published_problems(spec), hf_config.stock_deepseek_v2_problems(spec)
+    return (logits, result.format, hf_config.published_problems(spec),
+            hf_config.stock_deepseek_v2_problems(spec), lines)
 
 
 @pytest.mark.timeout(300)
@@ -83,12 +87,22 @@ def test_export_computes_the_megatron_function_under_its_declared_type(case, tmp
 
     overrides, want_type = CASES[case]
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
-    logits, fmt, published, stock = run_distributed(
+    logits, fmt, published, stock, lines = run_distributed(
         _export_worker, 1, overrides=overrides, save=str(tmp_path / "hf"), tokens=tokens)[0]
     cfg = json.loads((tmp_path / "hf/config.json").read_text())
     assert cfg["model_type"] == want_type, (case, published, stock)
+    notes = [line for line in lines if line.startswith("note: exporting as")]
     if want_type == "coe_megatron":
         assert published, "the own type is used only with a reason"
+        assert notes == [f"note: exporting as this project's own model type 'coe_megatron' "
+                         f"(remote code), not 'coe_deepseekv2': {published[0]}"], lines
+    else:
+        assert not notes, lines
+    if case == "dense_first":
+        assert (cfg["first_k_dense_replace"], cfg["moe_layer_freq"]) == (1, 1)
+        assert published == ["the published CoE code runs no dense layer (its decoder layer passes "
+                             "the CoE iteration to every MLP); this model has dense layer(s) [0] "
+                             "(--moe-layer-freq)"]
     if want_type == "coe_deepseekv2":
         assert not published and cfg["qk_layernorm"] and cfg["latent_norm_eps"] == 1e-6
     if want_type == "deepseek_v2":

@@ -21,8 +21,8 @@ Hugging Face ``model_type`` values:
   inner residual off, outer residual on) that it can express exactly (see
   ``stock_deepseek_v2_problems``);
 * ``coe_megatron``: this project's own type for an MLA model that the published
-  ``coe_deepseekv2`` semantics would compute differently (``published_problems``: no latent norms,
-  latent eps other than DeepSeek-V2's 1e-6, LayerNorm, ...). Its remote code computes exactly what
+  ``coe_deepseekv2`` semantics would compute differently or cannot run (``published_problems``: no
+  latent norms, latent eps other than DeepSeek-V2's 1e-6, LayerNorm, dense layers, ...). Its remote code computes exactly what
   Megatron computes; the borrowed names are never written for a model they do not describe.
 
 This package never imports the trainer (``megatron_coe.training``).
@@ -211,9 +211,13 @@ def published_problems(arch: ModelArch) -> list:
         p.append("group-limited routing is not part of the published CoE model")
     if a.moe_router_enable_expert_bias:
         p.append("DeepSeek-V2 has no expert bias (--moe-router-enable-expert-bias)")
-    if isinstance(dense_layer_keys(a)["moe_layer_freq"], list):
-        p.append("the published CoE model places dense layers by first_k_dense_replace and an "
-                 "integer moe_layer_freq; this model's pattern needs a list")
+    dense = [i for i, moe in enumerate(a.moe_layer_pattern()) if not moe]
+    if dense:
+        # Its decoder layer calls self.mlp(h, _iter) for every layer, which the dense CoeMLP
+        # (first_k_dense_replace) does not take: such a model loads there but cannot run.
+        p.append(f"the published CoE code runs no dense layer (its decoder layer passes the CoE "
+                 f"iteration to every MLP); this model has dense layer(s) {dense} "
+                 f"(--moe-layer-freq)")
     if _shared_not_multiple(a):
         p.append(f"DeepSeek-V2 counts shared experts in units of the routed expert size "
                  f"({a.resolved('moe_ffn_hidden_size')}); the shared expert size "
