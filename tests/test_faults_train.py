@@ -1,10 +1,13 @@
 """Fault injection for the trainer (``python -m megatron_coe.train``): one test per fault class.
 
-Each test asserts the exit status, the one line the run prints, a time bound and that no data was
-lost (the published checkpoint is intact and finite). All runs are tiny (mock data, CPU, gloo).
+Each test asserts the exit status, the one line the run prints, that it ends (in a time bounded
+by a multiple of a baseline measured in the same test, ``baseline_seconds``, never by a fixed
+number of seconds) and that no data was lost (the published checkpoint is intact and finite). All
+runs are tiny (mock data, CPU, gloo).
 
 * NaN/Inf: ``--lr 1e4`` makes the gradient norm NaN at step 2: every rank exits 3 at that step
-  with one line naming it, and the latest published checkpoint is the last finite one;
+  with one line naming it, and the latest published checkpoint is the last finite one; with the
+  per-step check off the run trains on but still never publishes a non-finite checkpoint;
 * bad options: every numeric option just outside its range (generated from the option table),
   and a list of the bad values an operator typed, each one line and exit 2 before anything runs;
 * a finished run started again: "nothing to train", exit 0 within seconds, checkpoint untouched;
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +42,7 @@ from megatron_coe.training.options import parse_args as parse_args_as_given
 from test_train import TINY, _launch_ranks, kill_tree, launch, metrics, run
 
 MOCK = [*TINY, "--mock-data", "--eval-iters", "0", "--log-interval", "1"]
+HANG_S = 600  # stops a hung process; a guard, not a speed claim
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,7 +58,17 @@ def launch_ranks(args: list, nproc: int, logs: list) -> list:
     return _launch_ranks(args, nproc, logs, one_group=False)
 
 
-def wait_for_steps(path: Path, n: int, procs: list, logs: list, timeout: float = 180) -> None:
+def baseline_seconds() -> float:
+    """Seconds this machine takes now to start a Python process that imports what every rank
+    imports first (torch, Megatron-Core): the unit of the time bounds of these tests, so that a
+    loaded machine scales the bound and the measured time alike."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import torch, megatron.core.parallel_state"],
+                   check=True, timeout=HANG_S, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return time.monotonic() - t0
+
+
+def wait_for_steps(path: Path, n: int, procs: list, logs: list, timeout: float = HANG_S) -> None:
     deadline = time.time() + timeout
     while not (path.exists() and len(path.read_text().splitlines()) >= n):
         assert all(p.poll() is None for p in procs) and time.time() < deadline, "\n".join(
@@ -93,7 +109,7 @@ def error_lines(text: str) -> list:
 
 
 # --------------------------------------------------------------------------- NaN / Inf
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpoint(tmp_path):
     """--lr 1e4, EP=2 over 2 ranks, a checkpoint every step: the gradient norm is NaN at step 2;
     both ranks exit 3 there with one line; iter 1 stays the latest and holds no NaN."""
@@ -104,7 +120,7 @@ def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpo
     logs = [tmp_path / "rank0.log", tmp_path / "rank1.log"]
     procs = launch_ranks(args, 2, logs)
     try:
-        rcs = [p.wait(timeout=240) for p in procs]
+        rcs = [p.wait(timeout=HANG_S) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -127,35 +143,79 @@ def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpo
     assert total > 0 and bad == 0, f"{bad}/{total} non-finite tensors in {latest}"
 
 
-@pytest.mark.timeout(300)
-def test_no_check_for_nan_trains_on(tmp_path):
-    """--no-check-for-nan-in-loss-and-grad (Megatron-LM's switch): the NaN run is not stopped."""
-    args = [*MOCK, "--lr", "1e4", "--lr-warmup-iters", "0", "--train-iters", "4",
-            "--no-check-for-nan-in-loss-and-grad"]
-    text = run(args, 1, tmp_path / "run.log", timeout=180)
-    assert "grad norm nan" in text and "non-finite" not in text
+@pytest.mark.timeout(2 * HANG_S)
+def test_no_check_for_nan_trains_on_but_publishes_no_non_finite_checkpoint(tmp_path):
+    """--no-check-for-nan-in-loss-and-grad (Megatron-LM's switch): the NaN run is not stopped at
+    the step, but the save-time check does not depend on that flag: the first save with
+    non-finite parameters stops the run (exit 3, one line), and every published checkpoint is
+    finite (it used to publish one checkpoint per step, NaN ones included, and exit 0)."""
+    save = tmp_path / "ckpt"
+    args = [*MOCK, "--lr", "1e4", "--lr-warmup-iters", "0", "--train-iters", "6",
+            "--no-check-for-nan-in-loss-and-grad", "--save", save, "--save-interval", "1"]
+    text = run(args, 1, tmp_path / "run.log", timeout=HANG_S, expect_rc=3)
+    assert "grad norm nan" in text  # trained on past the first NaN gradient
+    [line] = [x for x in error_lines(text) if "non-finite" in x]
+    m = re.fullmatch(r"coe-train: error: non-finite parameters at iteration (\d+): checkpoint "
+                     r"not saved; last published checkpoint: (\S+) \(lower --lr .*", line)
+    assert m, line
+    stopped, latest = int(m[1]), ckpt.find_checkpoint(str(save))
+    assert latest == m[2] and ckpt.read_meta(latest)["iteration"] == stopped - 1, line
+    assert not list(save.glob(f"iter_{stopped:07d}*"))
+    for it in range(1, stopped):
+        total, bad = non_finite_tensors(str(save / f"iter_{it:07d}"), tmp_path)
+        assert total > 0 and bad == 0, f"{bad}/{total} non-finite tensors in iteration {it}"
 
 
-def test_save_refuses_non_finite_parameters():
-    """The save guard on its own: one NaN parameter on any rank -> NonFiniteError, no save call."""
-    from megatron_coe.training.trainer import NonFiniteError, Trainer
+def _trainer_stub(save: str, iteration: int, check: bool):
+    """A ``Trainer`` with only what ``save()`` reads before writing (no process group)."""
+    from megatron_coe.training.trainer import Trainer
 
     class Args:
-        save, check_for_nan_in_loss_and_grad = "/nonexistent/never-written", True
+        check_for_nan_in_loss_and_grad = check
         overlap_param_gather = async_save = False
 
+    Args.save = save
     trainer = Trainer.__new__(Trainer)
-    trainer.args, trainer.iteration, trainer.last_saved, trainer.rank = Args(), 7, None, 0
+    trainer.args, trainer.iteration, trainer.last_saved, trainer.rank = Args(), iteration, None, 0
     trainer.phase = "test"
+    trainer.async_queue = None
     trainer.model = [torch.nn.Linear(2, 2)]
-    trainer._all_parameters_finite = lambda: not any(  # no process group here
-        not torch.isfinite(p).all() for p in trainer.model[0].parameters())
+    trainer._all_parameters_finite = lambda: all(  # no process group here
+        torch.isfinite(p).all() for p in trainer.model[0].parameters())
+    return trainer
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["per-step-check", "no-per-step-check"])
+def test_save_refuses_non_finite_parameters(check):
+    """The save guard on its own, whatever --check-for-nan-in-loss-and-grad says: one NaN
+    parameter on any rank -> NonFiniteError, no save call."""
+    from megatron_coe.training.trainer import NonFiniteError
+
+    trainer = _trainer_stub("/nonexistent/never-written", 7, check)
     with torch.no_grad():
         trainer.model[0].weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="non-finite parameters at iteration 7: checkpoint "
                                              "not saved"):
         trainer.save()
     assert not Path("/nonexistent/never-written").exists()
+
+
+def test_save_never_replaces_a_checkpoint_this_run_did_not_write(tmp_path):
+    """A save of iteration N when --save already holds an iter_N (published or not) that this
+    run did not write: refused in one line before anything is written (it used to be moved
+    aside and replaced)."""
+    save = tmp_path / "ckpt"
+    (save / "iter_0000007").mkdir(parents=True)
+    (save / "iter_0000007" / "coe_checkpoint.json").write_text('{"iteration": 7}')
+    before = tree_digest(save)
+    trainer = _trainer_stub(str(save), 7, True)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        trainer.save()
+    assert str(err.value) == (
+        f"--save {save} already holds {save}/iter_0000007, which this run did not write: a "
+        f"save never replaces another run's checkpoint; resume that run with --load {save}, or "
+        "choose another --save")
+    assert tree_digest(save) == before and not (save / "iter_0000007.tmp").exists()
 
 
 # --------------------------------------------------------------------------- bad options
@@ -239,30 +299,33 @@ def test_bad_option_is_one_line_and_exit_2(flags, expected, capfd):
     assert expected in err, err
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(2 * HANG_S)
 def test_global_batch_size_0_from_the_command_line(tmp_path):
-    """The real CLI: one line, exit 2, no traceback, no checkpoint, in seconds."""
-    t0 = time.time()
+    """The real CLI: one line, exit 2, no traceback, no checkpoint, before anything runs (the
+    whole output is that line)."""
     text = run([*MOCK, "--global-batch-size", "0", "--save", tmp_path / "ckpt"], 1,
-               tmp_path / "run.log", timeout=60, expect_rc=2)
-    assert time.time() - t0 < 30
+               tmp_path / "run.log", timeout=HANG_S, expect_rc=2)
     assert text.strip() == ("coe-train: error: option global_batch_size (--global-batch-size): "
                             "0 is out of range; valid: >= 1")
     assert not (tmp_path / "ckpt").exists()
 
 
 # --------------------------------------------------------------------------- nothing to train
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_resuming_a_finished_run_exits_0_in_seconds(tmp_path):
+    """Quick: the second start takes less than the first run (which also built, trained and
+    saved), measured in this test."""
     save = tmp_path / "ckpt"
     args = [*MOCK, "--train-iters", "3", "--lr-warmup-iters", "1", "--save", save, "--load", save,
             "--metrics-file", tmp_path / "metrics.jsonl"]
-    run(args, 1, tmp_path / "first.log")
+    t0 = time.monotonic()
+    run(args, 1, tmp_path / "first.log", timeout=HANG_S)
+    first = time.monotonic() - t0
     before = tree_digest(save)
-    t0 = time.time()
-    text = run(args, 1, tmp_path / "again.log", timeout=60)
-    elapsed = time.time() - t0
-    assert elapsed < 30, f"took {elapsed:.1f} s"
+    t0 = time.monotonic()
+    text = run(args, 1, tmp_path / "again.log", timeout=HANG_S)
+    elapsed = time.monotonic() - t0
+    assert elapsed < first, f"took {elapsed:.1f} s, the whole first run {first:.1f} s"
     assert (f"coe-train: nothing to train: checkpoint {save / 'iter_0000003'} is at iteration 3 "
             ">= --train-iters 3") in text, text
     assert "training from iteration" not in text and "Traceback" not in text
@@ -270,31 +333,32 @@ def test_resuming_a_finished_run_exits_0_in_seconds(tmp_path):
 
 
 # --------------------------------------------------------------------------- signals at start-up
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_sigterm_to_torchrun_during_startup_ends_in_bounded_time(tmp_path):
     """SIGTERM to torchrun while its 2 ranks import and build: every process is gone within a
-    bound, and nothing is written."""
+    bound (a multiple of ``baseline_seconds``), and nothing is written."""
+    bound = 5 * baseline_seconds()
     save = tmp_path / "ckpt"
     args = [*MOCK, "--train-iters", "1000", "--expert-model-parallel-size", "2", "--save", save]
     log = tmp_path / "run.log"
     proc = launch(args, 2, log)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + HANG_S
         while len(psutil.Process(proc.pid).children()) < 2:  # ranks started, still importing
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.05)
         ranks = psutil.Process(proc.pid).children()
         time.sleep(1.0)
-        t0 = time.time()
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=90)
-        gone, alive = psutil.wait_procs(ranks, timeout=30)
-        elapsed = time.time() - t0
+        proc.wait(timeout=HANG_S)
+        gone, alive = psutil.wait_procs(ranks, timeout=bound)
+        elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             kill_tree(proc)
     assert not alive, f"ranks still running: {alive}"
-    assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert elapsed < bound, f"took {elapsed:.1f} s (bound {bound:.1f} s)"
     assert not list(save.glob("iter_*")), "a checkpoint was written"
 
 
@@ -308,10 +372,10 @@ def _sigint_once(args: list, log: Path, ready, wait_s: float):
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.01)
         children = psutil.Process(proc.pid).children(recursive=True)
-        t0 = time.time()
+        t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-        elapsed = time.time() - t0
+        rc = proc.wait(timeout=HANG_S)
+        elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             kill_tree(proc)
@@ -321,36 +385,40 @@ def _sigint_once(args: list, log: Path, ready, wait_s: float):
     return rc, elapsed, text, children
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
+    bound = 3 * baseline_seconds()
     rc, elapsed, text, _ = _sigint_once(
         [*MOCK, "--train-iters", "1000", "--save", tmp_path / "ckpt"], tmp_path / "run.log",
-        lambda proc: "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text(), wait_s=60)
-    assert rc == 130 and elapsed < 30, (rc, elapsed, text[-3000:])
+        lambda proc: "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text(), wait_s=HANG_S)
+    assert rc == 130 and elapsed < bound, (rc, elapsed, bound, text[-3000:])
     assert not list((tmp_path / "ckpt").glob("iter_*"))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path):
-    """SIGINT mid-run (data workers running): exit 130 with the one line within seconds, no
-    traceback, nothing published after it, and no helper process outlives the rank."""
+    """SIGINT mid-run (data workers running): exit 130 with the one line within a bound (a
+    multiple of ``baseline_seconds``), no traceback, nothing published after it, and no helper
+    process outlives the rank."""
+    bound = 2 * baseline_seconds()
     log = tmp_path / "run.log"
     rc, elapsed, text, children = _sigint_once(
         [*MOCK, "--train-iters", "100000", "--num-workers", "2", "--save", tmp_path / "ckpt",
-         "--save-interval", "1000"], log, lambda proc: "iter " in log.read_text(), wait_s=120)
-    assert rc == 130 and elapsed < 10, (rc, elapsed, text[-3000:])
+         "--save-interval", "1000"], log, lambda proc: "iter " in log.read_text(), wait_s=HANG_S)
+    assert rc == 130 and elapsed < bound, (rc, elapsed, bound, text[-3000:])
     assert not list((tmp_path / "ckpt").glob("iter_*"))
-    _, alive = psutil.wait_procs(children, timeout=15)  # killed by the rank on its way out
+    _, alive = psutil.wait_procs(children, timeout=bound)  # killed by the rank on its way out
     assert not alive, [p.cmdline() for p in alive]
 
 
 # --------------------------------------------------------------------------- hung / orphaned
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
     """SIGSTOP rank 1 of an EP=2 run with --distributed-timeout-minutes 0.2 (12 s): rank 0 exits
     1 within 12 s plus a margin, naming the iteration and the collective it waited in; the
     published checkpoint is untouched."""
     timeout_s = 12
+    margin = 3 * baseline_seconds()  # exiting after the timeout: a multiple of a start-up
     save = tmp_path / "ckpt"
     args = [*MOCK, "--train-iters", "100000", "--expert-model-parallel-size", "2", "--save", save,
             "--save-interval", "2", "--distributed-timeout-minutes", timeout_s / 60,
@@ -359,14 +427,14 @@ def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
     procs = launch_ranks(args, 2, logs)
     try:
         wait_for_steps(tmp_path / "metrics.jsonl", 3, procs, logs)
-        deadline = time.time() + 60
+        deadline = time.time() + HANG_S
         while ckpt.find_checkpoint(str(save)) is None:
             assert time.time() < deadline, logs[0].read_text()[-3000:]
             time.sleep(0.05)
         procs[1].send_signal(signal.SIGSTOP)
-        t0 = time.time()
-        rc0 = procs[0].wait(timeout=timeout_s + 60)
-        elapsed = time.time() - t0
+        t0 = time.monotonic()
+        rc0 = procs[0].wait(timeout=HANG_S)
+        elapsed = time.monotonic() - t0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -374,7 +442,7 @@ def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
                 p.wait(timeout=30)
     text = logs[0].read_text()
     assert rc0 == 1, text[-3000:]
-    assert elapsed < timeout_s + 20, f"rank 0 took {elapsed:.1f} s to give up"
+    assert elapsed < timeout_s + margin, f"rank 0 took {elapsed:.1f} s to give up ({margin:.1f})"
     [line] = [x for x in error_lines(text) if "timed out" in x]
     assert re.search(r"rank 0: (iteration \d+|checkpoint save at iteration \d+): .*a collective "
                      r"timed out after --distributed-timeout-minutes 0.2: a peer rank is hung",
@@ -386,10 +454,11 @@ def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
     assert total > 0 and bad == 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(2 * HANG_S)
 def test_sigkill_of_torchrun_stops_its_ranks(tmp_path):
-    """SIGKILL to torchrun alone (not its ranks): both ranks are gone within seconds and no
-    checkpoint is published after that."""
+    """SIGKILL to torchrun alone (not its ranks): both ranks are gone within a bound (a multiple
+    of ``baseline_seconds``) and no checkpoint is published after that."""
+    bound = 2 * baseline_seconds()
     save = tmp_path / "ckpt"
     args = [*MOCK, "--train-iters", "100000", "--expert-model-parallel-size", "2", "--save", save,
             "--save-interval", "3", "--metrics-file", tmp_path / "metrics.jsonl"]
@@ -401,10 +470,10 @@ def test_sigkill_of_torchrun_stops_its_ranks(tmp_path):
         ranks = psutil.Process(proc.pid).children()
         assert len(ranks) == 2, ranks
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        t0 = time.time()
-        gone, alive = psutil.wait_procs(ranks, timeout=15)
-        elapsed = time.time() - t0
+        proc.wait(timeout=HANG_S)
+        t0 = time.monotonic()
+        gone, alive = psutil.wait_procs(ranks, timeout=bound)
+        elapsed = time.monotonic() - t0
     finally:
         for r in ranks:
             try:
@@ -412,7 +481,7 @@ def test_sigkill_of_torchrun_stops_its_ranks(tmp_path):
             except psutil.NoSuchProcess:
                 pass
     assert not alive, f"ranks outlived torchrun: {alive}"
-    assert elapsed < 10, f"ranks took {elapsed:.1f} s to stop"
+    assert elapsed < bound, f"ranks took {elapsed:.1f} s to stop (bound {bound:.1f} s)"
     latest = ckpt.find_checkpoint(str(save))
     time.sleep(2)
     assert ckpt.find_checkpoint(str(save)) == latest  # nothing published after the stop
