@@ -349,3 +349,45 @@ def test_probe_worker_on_this_cpu_fails_the_versions_row(tmp_path):
     row = ga.judge_versions(v)
     assert row.status == "FAIL" and "no CUDA device" in row.measured
     assert "TE does not import" in row.measured
+
+
+def test_expert_gradients_are_compared_as_one_set():
+    grads = {"l.mlp.experts.local_experts.1.linear_fc1.weight": torch.full((2,), 1.0),
+             "l.mlp.experts.local_experts.0.linear_fc1.weight": torch.full((2,), 0.0),
+             "l.mlp.router.weight": torch.ones(3)}
+    got = ga.group_experts(grads)
+    assert sorted(got) == ["l.mlp.experts.local_experts.*.linear_fc1.weight", "l.mlp.router.weight"]
+    assert got["l.mlp.experts.local_experts.*.linear_fc1.weight"].tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.timeout(480)
+def test_hf_import_row_machinery_on_the_cpu(tmp_path):
+    """The HF row's CPU half as on the GPU machine (a DeepSeek-V2 model made by transformers,
+    tools/convert_from_hf.py with CUDA hidden), then the GPU half's code with the local spec in
+    fp32: the trainer's build and load of the converted checkpoint gives the HF logits."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", TORCHDYNAMO_DISABLE="1")
+    made = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_acceptance.py"), "--worker",
+                           "hf_make", "--result", str(tmp_path / "made.json"), "--out",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    conv = subprocess.run([sys.executable, "tools/convert_from_hf.py", "--load",
+                           str(tmp_path / "hf"), "--save", str(tmp_path / "hf_ckpt")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    ctx = ga.Context(workdir=tmp_path, quick=False, python=sys.executable,
+                     deadline=time.monotonic() + 300)
+    from megatron_coe.testing.distributed import run_distributed
+
+    got = run_distributed(_hf_load_local, 1, ctx=ctx)[0]
+    assert got["te_experts"] == "GroupedSequentialMLP", got
+    assert got["logits_rel"] < 1e-4, got
+    row = ga.judge_hf_import(dict(got, convert_rc=0))
+    assert row.status == "FAIL" and "experts GroupedSequentialMLP" in row.measured  # not TE
+    assert ga.judge_hf_import(dict(got, convert_rc=0, te_experts="TEGroupedMLP")).status == "PASS"
+
+
+def _hf_load_local(rank, world, ctx):
+    import gpu_acceptance
+
+    return gpu_acceptance.hf_load(ctx, impl="local", bf16=False)

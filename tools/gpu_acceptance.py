@@ -505,7 +505,7 @@ def collect(ctx: Context) -> dict:
             if k in result:
                 m[k] = result[k]
             else:
-                m["_errors"][k] = result.get("_error") or result.get(f"_error_{k}") or \
+                m["_errors"][k] = result.get(f"_error_{k}") or result.get("_error") or \
                     "no measurement"
 
     merge(run_worker("probe", ctx), ("versions",))
@@ -582,7 +582,7 @@ def _experts_class(model) -> Optional[str]:
 
 
 def eps_of(module) -> Optional[float]:
-    for attr in ("eps", "epsilon", "variance_epsilon"):
+    for attr in ("eps", "epsilon", "variance_epsilon", "_eps"):
         value = getattr(module, attr, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -684,10 +684,38 @@ def worker_probe(ctx: Context) -> dict:
     return {"versions": v}
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as the one line a row shows (the traceback goes to the worker's log)."""
+    import traceback
+
+    traceback.print_exc()
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def group_experts(grads: dict) -> dict:
+    """Routed experts' gradients of one layer and linear concatenated into one entry
+    (``...local_experts.*.linear_fc1.weight``): a routing decision that flips between the two
+    implementations moves a few tokens between experts, which the whole set absorbs."""
+    import torch
+
+    out, groups = {}, {}
+    for name, g in grads.items():
+        m = re.match(r"^(.*\.local_experts)\.(\d+)\.(.*)$", name)
+        if m:
+            groups.setdefault(f"{m.group(1)}.*.{m.group(3)}", []).append((int(m.group(2)), g))
+        else:
+            out[name] = g
+    for name, items in groups.items():
+        out[name] = torch.cat([g.reshape(-1) for _, g in sorted(items, key=lambda x: x[0])])
+    return out
+
+
 def worker_model(ctx: Context) -> dict:
     """The layer, buffer and eps rows: the paper-shape one-layer model built by the trainer's own
-    code (``Float16Module``, DDP) with the local spec and with the TE spec, the local weights
-    moved into the TE model through a checkpoint, then the same batch through both."""
+    code (``Float16Module``, DDP) with the TE spec and with the local spec, the local weights
+    moved into the TE model through a checkpoint (the local -> TE key translation at load),
+    then the same batch forward and backward through both."""
     import torch
     import torch.nn.functional as F
 
@@ -697,23 +725,16 @@ def worker_model(ctx: Context) -> dict:
     from megatron_coe.training import checkpoint, setup
     from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 
-    args_local = _paper_args(ctx.workdir, "--transformer-impl", "local")
-    args_te = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine")
-    vocab = setup.padded_vocab_size(MOCK_VOCAB, args_te)
     out: dict = {}
-
-    pg = _init_single_rank(args_local)
-    local = setup.build_model(args_local, setup.build_model_config(args_local), vocab, pg)[0]
-    root = ctx.workdir / "layer_ckpt"
-    layout = dict(world_size=1, tp=1, pp=1, ep=1, dp=1, num_microbatches=None)
-    path = save_model_checkpoint(setup.unwrap(local), ModelArch.from_args(args_local, vocab),
-                                 str(root), layout, {})
-    destroy_parallel()
-    pg = _init_single_rank(args_te)
-    te = setup.build_model(args_te, setup.build_model_config(args_te), vocab, pg)[0]
-    out["latent_eps"] = dict(norm_eps(setup.unwrap(te)), want_latent=LATENT_NORM_EPS,
-                             want_norm=LAYER_NORM_EPS)
-    checkpoint.load_checkpoint(path, [te], None, None, args_te, None)
+    try:
+        args_te = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine")
+        args_local = _paper_args(ctx.workdir, "--transformer-impl", "local")
+        setup.check_runtime(args_te)  # a TE that does not import is refused here, in one line
+        vocab = setup.padded_vocab_size(MOCK_VOCAB, args_te)
+        pg = _init_single_rank(args_te)
+        te = setup.build_model(args_te, setup.build_model_config(args_te), vocab, pg)[0]
+    except Exception as e:  # noqa: BLE001 - every row of this worker reports it
+        return {"_error": one_line(e)}
 
     s, b = args_te.seq_length, args_te.micro_batch_size
     gen = torch.Generator().manual_seed(7)
@@ -721,6 +742,33 @@ def worker_model(ctx: Context) -> dict:
     labels = torch.roll(tokens, -1, dims=1)
     pos = torch.arange(s, device="cuda")[None].expand(b, -1)
     mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda"), diagonal=1)
+
+    try:
+        out["latent_eps"] = dict(norm_eps(setup.unwrap(te)), want_latent=LATENT_NORM_EPS,
+                                 want_norm=LAYER_NORM_EPS)
+    except Exception as e:  # noqa: BLE001
+        out["_error_latent_eps"] = one_line(e)
+
+    layers = [mod for mod in setup.unwrap(te).modules() if isinstance(mod, ChainOfExpertsLayer)]
+    try:
+        # counts start from zero: read them after n forwards of one batch (counted with autograd
+        # on, once per step as in training; the graphs are dropped)
+        n_fwd = 8
+        te.train()
+        for _ in range(n_fwd):
+            te(tokens, pos, mask)
+        names = getattr(ChainOfExpertsLayer, "FLOAT32_BUFFERS", ("tokens_per_expert_per_pass",))
+        dtypes = {n: str(t.dtype) for n, t in te.named_buffers() if n.split(".")[-1] in names}
+        counts = [lay.tokens_per_expert_per_pass for lay in layers]
+        out["buffers"] = dict(
+            dtypes=dtypes,
+            count_sum=sum(float(c.double().sum()) for c in counts) if counts else None,
+            expected_sum=float(n_fwd * b * s * args_te.moe_router_topk
+                               * args_te.coe_iterations * len(layers)))
+    except Exception as e:  # noqa: BLE001
+        out["_error_buffers"] = one_line(e)
+    for lay in layers:  # the comparison below starts from zero counts, as the local model does
+        lay.tokens_per_expert_per_pass.zero_()
 
     def fwd_bwd(model):
         model.train()
@@ -730,31 +778,26 @@ def worker_model(ctx: Context) -> dict:
         loss.backward()
         return logits.detach().float(), float(loss)
 
-    # counts start from zero in the TE model: read the buffers after n forwards of one batch
-    # (counted with autograd on, once per step as in training; the graphs are dropped)
-    n_fwd = 8
-    te.train()
-    for _ in range(n_fwd):
-        te(tokens, pos, mask)
-    layers = [mod for mod in setup.unwrap(te).modules() if isinstance(mod, ChainOfExpertsLayer)]
-    names = getattr(ChainOfExpertsLayer, "FLOAT32_BUFFERS", ("tokens_per_expert_per_pass",))
-    dtypes = {n: str(t.dtype) for n, t in te.named_buffers() if n.split(".")[-1] in names}
-    counts = [lay.tokens_per_expert_per_pass for lay in layers]
-    out["buffers"] = dict(
-        dtypes=dtypes, count_sum=sum(float(c.double().sum()) for c in counts) if counts else None,
-        expected_sum=float(n_fwd * b * s * args_te.moe_router_topk * args_te.coe_iterations
-                           * len(layers)))
-    for lay in layers:  # the comparison below starts from the same zero counts as the local run
-        lay.tokens_per_expert_per_pass.zero_()
-
-    logits_l, loss_l = fwd_bwd(local)
-    logits_t, loss_t = fwd_bwd(te)
-    g_l, g_t = grads_by_name(local), grads_by_name(te)
-    common = [n for n in g_t if n in g_l and g_t[n].shape == g_l[n].shape]
-    out["layer"] = dict(te_experts=_experts_class(setup.unwrap(te)),
-                        local_experts=_experts_class(setup.unwrap(local)),
-                        loss_te=loss_t, loss_local=loss_l, logits_rel=_rel(logits_t, logits_l),
-                        grads_rel={n: _rel(g_t[n], g_l[n]) for n in common})
+    try:
+        destroy_parallel()
+        pg = _init_single_rank(args_local)
+        local = setup.build_model(args_local, setup.build_model_config(args_local), vocab, pg)[0]
+        layout = dict(world_size=1, tp=1, pp=1, ep=1, dp=1, num_microbatches=None)
+        path = save_model_checkpoint(setup.unwrap(local), ModelArch.from_args(args_local, vocab),
+                                     str(ctx.workdir / "layer_ckpt"), layout, {})
+        checkpoint.load_checkpoint(path, [te], None, None, args_te, None)
+        logits_l, loss_l = fwd_bwd(local)
+        logits_t, loss_t = fwd_bwd(te)
+        g_l, g_t = group_experts(grads_by_name(local)), group_experts(grads_by_name(te))
+        common = [n for n in g_t if n in g_l and g_t[n].shape == g_l[n].shape]
+        out["layer"] = dict(te_experts=_experts_class(setup.unwrap(te)),
+                            local_experts=_experts_class(setup.unwrap(local)),
+                            loss_te=loss_t, loss_local=loss_l,
+                            logits_rel=_rel(logits_t, logits_l),
+                            grads_rel={n: _rel(g_t[n], g_l[n]) for n in common},
+                            not_compared=sorted(set(g_t) ^ set(g_l)))
+    except Exception as e:  # noqa: BLE001
+        out["_error_layer"] = one_line(e)
     return out
 
 
@@ -785,7 +828,10 @@ def worker_hf_make(ctx: Context) -> dict:
     return {"hf_made": True}
 
 
-def worker_hf_load(ctx: Context) -> dict:
+def hf_load(ctx: Context, impl: str = "transformer_engine", bf16: bool = True) -> dict:
+    """The converted checkpoint (``hf_ckpt``) built and loaded as the trainer does
+    (``--use-checkpoint-args``), its logits against the Hugging Face model's (``hf_logits.pt``).
+    The GPU row: TE spec in bf16; the CPU test runs the same code with the local spec in fp32."""
     import torch
 
     from megatron_coe.training import checkpoint, setup
@@ -793,24 +839,31 @@ def worker_hf_load(ctx: Context) -> dict:
 
     ckpt = ctx.workdir / "hf_ckpt"
     ref = torch.load(ctx.workdir / "hf_logits.pt")
+    vocab = ref["logits"].shape[-1]
     args = parse_args(["--use-checkpoint-args", "--load", str(ckpt), "--micro-batch-size", "1",
-                       "--train-iters", "1", "--lr", "1e-4", "--bf16", "--moe-router-dtype",
-                       "fp32", "--transformer-impl", "transformer_engine", "--mock-data",
-                       "--vocab-size", "1024"])
+                       "--train-iters", "1", "--lr", "1e-4", "--moe-router-dtype", "fp32",
+                       "--transformer-impl", impl, "--mock-data", "--vocab-size", str(vocab)]
+                      + (["--bf16"] if bf16 else []))
+    setup.check_runtime(args)
     pg = _init_single_rank(args)
-    vocab = setup.padded_vocab_size(1024, args)
-    model = setup.build_model(args, setup.build_model_config(args), vocab, pg)[0]
+    model = setup.build_model(args, setup.build_model_config(args),
+                              setup.padded_vocab_size(vocab, args), pg)[0]
     checkpoint.load_checkpoint(checkpoint.find_checkpoint(str(ckpt)), [model], None, None, args,
                                None)
-    tokens = ref["tokens"].cuda()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokens = ref["tokens"].to(device)
     s = tokens.shape[1]
-    pos = torch.arange(s, device="cuda")[None].expand(tokens.shape[0], -1)
-    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda"), diagonal=1)
+    pos = torch.arange(s, device=device)[None].expand(tokens.shape[0], -1)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), diagonal=1)
     model.eval()
     with torch.no_grad():
-        logits = model(tokens, pos, mask).float().cpu()[..., :ref["logits"].shape[-1]]
-    return {"hf_import": dict(te_experts=_experts_class(setup.unwrap(model)),
-                              logits_rel=_rel(logits, ref["logits"]))}
+        logits = model(tokens, pos, mask).float().cpu()[..., :vocab]
+    return dict(te_experts=_experts_class(setup.unwrap(model)),
+                logits_rel=_rel(logits, ref["logits"]))
+
+
+def worker_hf_load(ctx: Context) -> dict:
+    return {"hf_import": hf_load(ctx)}
 
 
 def _bench_module():
@@ -838,6 +891,9 @@ def worker_perf(ctx: Context) -> dict:
     from megatron_coe.parallel import destroy_parallel
     from megatron_coe.training import metrics, setup
 
+    from megatron_coe.compat import install_cpu_compat
+
+    install_cpu_compat()  # as the trainer's build_model does (the CUDA machine's no-ops)
     bench = _bench_module()
     base = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine")
     shared = base.moe_shared_expert_intermediate_size or 0
