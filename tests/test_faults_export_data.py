@@ -11,7 +11,8 @@ is one line naming the file / field (no traceback), a time bound, and what must 
   written under ``--save``;
 * data: a token id >= the tokenizer's vocabulary in a ``.bin`` and a damaged ``.idx`` are refused
   by the trainer at start-up; non-UTF-8 and damaged gzip input to ``tools/preprocess_data.py``
-  name the file (and line).
+  name the file (and line); an existing output prefix is replaced only with ``--overwrite``; data
+  made with ``--tokenizer-model`` carries that tokenizer, so training on it needs no flag.
 
 Fixtures: 200 GSM8K problems (``megatron_coe.testing.data.gsm8k_subset``) and a 2-step trainer
 checkpoint of a tiny CoE-2 model (one process), both built once per module (~10 s).
