@@ -99,6 +99,9 @@ def _exercise(rank, world_size, directory):
     # DeepSeek-V2 attention as the paper presets build it: latent norms, no query compression
     mla = tiny_config(mla=True, expert_model_parallel_size=2, qk_layernorm=True, q_lora_rank=None)
     build_coe_gpt_model(mla, pg_collection=pg, vocab_size=64, max_sequence_length=8)
+    from megatron_coe.compat.te_layer_spec import te_layer_spec
+
+    te_layer_spec(num_experts=2)  # the TE spec's checkpoint keys, read without TE
     assert tiny_config(cuda_graph_impl="transformer_engine").coe_iterations == 2  # whole layers
     with write_results_queue_swapped(queue.Queue()), cuda_device_redirect():
         assert torch.zeros(1, device="cuda").device.type == "cpu"

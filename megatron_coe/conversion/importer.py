@@ -244,6 +244,11 @@ def save_model_checkpoint(model, arch: ModelArch, save_root: str, layout: dict, 
             dist_checkpointing.save({"model": sharded}, tmp)
 
     meta = import_meta(arch, args_dict, layout, extra_meta) if torch.distributed.get_rank() == 0 else None
+    if meta is not None:  # the local or TE spelling of its norm keys (models.checkpoint_keys)
+        from megatron_coe.models import checkpoint_keys
+
+        meta[checkpoint_keys.RECORD_KEY] = checkpoint_keys.record(
+            model.sharded_state_dict(metadata=checkpointing.SHARDING_METADATA), model.config)
     with as_conversion_errors():
         return checkpointing.save(save_root, 0, write, meta)
 
@@ -363,6 +368,9 @@ def load_checkpoint_into(model, path: str) -> None:
         checkpointing.verify(path, read_meta(path))
     with cuda_device_redirect():
         state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
+        from megatron_coe.training.checkpoint import match_checkpoint_keys
+
+        match_checkpoint_keys(state["model"], model.config, path)  # local / TE norm keys
         loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"])
 

@@ -29,21 +29,15 @@ import torch
 
 from megatron_coe.arch import ModelArch
 from megatron_coe.conversion.hf_config import ConversionError
+from megatron_coe.models import checkpoint_keys
 
 Tensor = torch.Tensor
 
-# dist_checkpointing stores some norms under the key of the fused TE module they live in on GPU
-# (``sharded_state_dict_keys_map`` of the layer spec). Checkpoint suffix -> canonical suffix.
-CHECKPOINT_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
-    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
-    "self_attention.linear_q_up_proj.layer_norm_bias": "self_attention.q_layernorm.bias",
-    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight",
-    "self_attention.linear_kv_up_proj.layer_norm_bias": "self_attention.kv_layernorm.bias",
-}
+# Some norms are saved under the key of the TE linear they are fused into, or under the key the
+# layer spec's ``sharded_state_dict_keys_map`` gives them; a C=1 router under Megatron-Core's
+# MoELayer key. The one table of those spellings (read from Megatron-Core's local and TE layer
+# specs, shared with the trainer's --load) is ``models.checkpoint_keys``: checkpoint suffix ->
+# canonical suffix is ``canonical_suffix`` / ``checkpoint_keys.checkpoint_aliases()``.
 # Routed experts are saved stacked over a global-expert axis (SequentialMLP and TEGroupedMLP alike).
 STACKED_EXPERT_PREFIX = "mlp.experts.experts."
 EXPERT_PREFIX = "mlp.experts.local_experts."
@@ -58,7 +52,8 @@ NON_LAYER = {
 
 
 def canonical_suffix(ckpt_suffix: str) -> str:
-    return CHECKPOINT_ALIASES.get(ckpt_suffix, ckpt_suffix)
+    """A layer tensor's canonical name, whichever layer spec's checkpoint spelled it."""
+    return checkpoint_keys.canonical_suffix(ckpt_suffix)
 
 
 def split_stacked_experts(suffix: str, tensor: Tensor) -> Dict[str, Tensor]:

@@ -150,11 +150,11 @@ class MegatronCheckpoint:
 
     def expected_shapes(self) -> Dict[str, tuple]:
         """{checkpoint key: global shape} that ``self.arch`` implies (aliases resolved from the file)."""
-        inverse = {}
+        inverse = {}  # per layer: a TE checkpoint spells a dense layer's pre-MLP norm otherwise
         for key in self.layer_keys():
             m = _PER_LAYER_RE.match(key)
-            suffix = m.group(2) if m else key[len(LAYER_PREFIX):]
-            inverse[mapping.canonical_suffix(suffix)] = suffix
+            layer, suffix = (int(m.group(1)), m.group(2)) if m else (None, key[len(LAYER_PREFIX):])
+            inverse[(layer, mapping.canonical_suffix(suffix))] = suffix
         out = {}
         L, E = self.arch.num_layers, self.arch.num_moe_experts
         per_layer = any(not v for v in self.arch.moe_layer_pattern())
@@ -167,7 +167,7 @@ class MegatronCheckpoint:
                         continue
                     out[prefix + mapping.STACKED_EXPERT_PREFIX + m.group(2)] = lead + (E,) + shape
                 else:
-                    out[prefix + inverse.get(canon, canon)] = lead + shape
+                    out[prefix + inverse.get((layer if per_layer else None, canon), canon)] = lead + shape
         out.update(canonical_shapes(self.arch)["non_layer"])
         return out
 

@@ -123,15 +123,62 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def match_checkpoint_keys(model_sd: dict, config, path: str) -> None:
+    """Collective: make the model's sharded state dict ask checkpoint ``path`` for what it holds,
+    under its keys (the optimizer state built from ``model_sd`` afterwards follows).
+
+    * Norms that the local and the Transformer Engine layer specs spell differently take the
+      checkpoint's spelling (``models.checkpoint_keys``: the one its metadata records under
+      ``checkpoint_keys``, else the one its keys show): a CPU or imported checkpoint loads into
+      the TE model and a GPU one into the local model.
+    * A TE module's ``_extra_state`` (its FP8 scaling state) that the checkpoint lacks (saved by
+      the local spec) keeps the model's own.
+    * A tensor the checkpoint still lacks is refused on every rank in one line (not a
+      ``KeyError`` from inside the load)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import (LocalNonpersistentObject,
+                                                          ShardedObject, ShardedTensor,
+                                                          ShardedTensorFactory)
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    from megatron_coe.models import checkpoint_keys
+
+    saved = {sh.key for sh in load_sharded_metadata(path).values()}  # tensors and objects
+    recorded = (checkpointing.read_meta_quiet(path) or {}).get(checkpoint_keys.RECORD_KEY)
+    checkpoint_keys.match_checkpoint(model_sd, config, saved, recorded)
+
+    def keep_own_extra_state(x):
+        if isinstance(x, ShardedObject) and x.key.endswith("_extra_state") and x.key not in saved:
+            return LocalNonpersistentObject(x.data)
+        return x
+
+    dict_list_map_inplace(keep_own_extra_state, model_sd)
+    missing = sorted({x.key for x in nested_values(model_sd)
+                      if isinstance(x, (ShardedTensor, ShardedTensorFactory))
+                      and x.key not in saved})
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, missing)
+        missing = sorted({k for part in everyone for k in part})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"--load: checkpoint {path} has no tensor {missing[0]}{more}, which "
+                              "this model needs: it holds a different model; load a checkpoint "
+                              "of this model or give the checkpoint's model options.")
+
+
 def _sharded_state(model: list, optimizer, is_loading: bool,
-                   megatron_lm_keys: Optional[str] = None) -> dict:
+                   megatron_lm_keys: Optional[str] = None, load_from: Optional[str] = None) -> dict:
     """``megatron_lm_keys``: a checkpoint Megatron-LM wrote, whose keys the model's tensors take
-    where Megatron-LM's own model names them differently (``megatron_lm.use_megatron_lm_keys``)."""
+    where Megatron-LM's own model names them differently (``megatron_lm.use_megatron_lm_keys``).
+    ``load_from``: the checkpoint being loaded (``match_checkpoint_keys``)."""
     from megatron_coe.training.setup import unwrap
 
     model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
     if megatron_lm_keys:
         megatron_lm.use_megatron_lm_keys(model_sd, megatron_lm_keys)
+    if load_from:
+        match_checkpoint_keys(model_sd, unwrap(model[0]).config, load_from)
     state = {"model": model_sd}
     if optimizer is not None:
         ensure_optimizer_state(optimizer)  # torch AdamW without Apex/TE (compat)
@@ -157,7 +204,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
 
     from megatron_coe.compat import cuda_device_redirect
     from megatron_coe.compat.async_checkpoint import async_save_kwargs, request_with_finalize
+    from megatron_coe.models import checkpoint_keys
     from megatron_coe.training import signals
+    from megatron_coe.training.setup import unwrap
 
     rank = torch.distributed.get_rank()
 
@@ -188,6 +237,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         meta = dict(consumed_train_samples=consumed_samples, vocab_size=vocab_size,
                     layout=vars(layout), args=args.to_dict())
         meta[RECORD_KEY] = ModelArch.from_args(args, vocab_size).to_dict()
+        meta[checkpoint_keys.RECORD_KEY] = checkpoint_keys.record(  # local or TE spelling
+            unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA),
+            unwrap(model[0]).config)
     if async_queue is None:
         return checkpointing.save(root, iteration, write, meta)
 
@@ -257,7 +309,7 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
     load_optim = not (args.no_load_optim or weights_only)
     with cuda_device_redirect():
         state = _sharded_state(model, optimizer if load_optim else None, is_loading=True,
-                               megatron_lm_keys=path if foreign else None)
+                               megatron_lm_keys=path if foreign else None, load_from=path)
         loaded = dist_checkpointing.load(state, path)
         unwrap(model[0]).load_state_dict(loaded["model"])
         if load_optim and foreign:
