@@ -24,6 +24,7 @@ from __future__ import annotations
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention  # noqa: F401 - specs.py
 
+from megatron_coe.compat.mla_latent_eps import keep_latent_eps
 from megatron_coe.compat.registry import mark
 
 HAS_RESOLVER = hasattr(MLASelfAttention, "_resolve_qk_norm_config")
@@ -33,6 +34,10 @@ class DeepSeekV2MLASelfAttention(MLASelfAttention):
     """``MLASelfAttention`` with DeepSeek-V2's norms: no q norm without query compression."""
 
     def _resolve_qk_norm_config(self, submodules):
+        # the latent norms keep their own eps (compat.mla_latent_eps) in every resolution
+        return keep_latent_eps(submodules, self._resolve_deepseek_v2(submodules))
+
+    def _resolve_deepseek_v2(self, submodules):
         config = self.config
         if config.q_lora_rank is not None or not config.qk_layernorm or getattr(
                 config, "experimental_attention_variant", None) == "dsa":

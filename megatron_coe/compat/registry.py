@@ -83,12 +83,6 @@ REGISTRY: Tuple[Entry, ...] = (
     Entry("te.mla_have_te", "te_absent", "patch",
           ("transformer/multi_latent_attention.py: HAVE_TE (a MagicMock TE counts as present)",),
           ">=0.16.1,<0.17", "multi_latent_attention.HAVE_TE forced False without TE"),
-    # ---------------------------------------------------------------- te_layer_spec
-    Entry("te.layer_spec_stand_in", "te_layer_spec", "stand-in",
-          ("models/gpt/gpt_layer_specs.py: get_gpt_layer_with_transformer_engine_spec reads the "
-           "module global TESpecProvider (undefined without TE in 0.16.1, None in 0.19.2)",),
-          ALL, "without TE, the TE layer spec is built with a placeholder backend provider, to "
-               "read its checkpoint keys (never to build modules)"),
     # ---------------------------------------------------------------- moe_specs_and_signatures
     Entry("specs.moe_spec_form", "moe_specs_and_signatures", "adaptation",
           ("models/gpt/moe_module_specs.py: get_moe_module_spec_for_backend",
@@ -111,6 +105,15 @@ REGISTRY: Tuple[Entry, ...] = (
            "transformer/multi_latent_attention.py: MLASelfAttention._resolve_qk_norm_config"),
           ">=0.19", "MLA with latent norms and no query compression builds no q norm "
                     "(DeepSeek-V2; 0.16's behaviour) instead of a TE-fused one"),
+    # ---------------------------------------------------------------- mla_latent_eps
+    Entry("mla.latent_eps_kept", "mla_latent_eps", "adaptation",
+          ("transformer/mla_qk_norm_config.py: QKNormConfigResolver._is_fused_norm_linear "
+           "(class identity with the backend's fused norm+linear) replaces a wrapped "
+           "linear_q_up_proj / linear_kv_up_proj by the backend default",
+           "transformer/multi_latent_attention.py: MLASelfAttention._resolve_qk_norm_config"),
+          ">=0.19", "the q/kv latent norms keep --mla-latent-norm-epsilon when fused into "
+                    "Transformer Engine's LayerNormColumnParallelLinear (the spec's eps wrapper "
+                    "is put back where the resolver chose the class it wraps)"),
     # ---------------------------------------------------------------- float32_buffers
     Entry("float16.float32_count_buffers", "float32_buffers", "adaptation",
           ("transformer/module.py: Float16Module.__init__ module.bfloat16() / .half() (casts "

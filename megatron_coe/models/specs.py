@@ -109,7 +109,10 @@ def with_latent_norm_eps(module):
         return module(*args, config=latent, **kwargs)
 
     name = f"LatentEps{getattr(module, '__name__', 'Module')}"
-    return type(name, (), {"__new__": build, "__doc__": f"{name}: see with_latent_norm_eps."})
+    # latent_eps_of: what Megatron-Core >= 0.19's q/kv norm resolver must see this class as
+    # (it compares classes by identity; compat.mla_latent_eps puts the wrapper back)
+    return type(name, (), {"__new__": build, "latent_eps_of": module,
+                           "__doc__": f"{name}: see with_latent_norm_eps."})
 
 
 def _deepseek_v2_attention(layer_submodules):
