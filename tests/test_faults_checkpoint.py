@@ -551,3 +551,16 @@ def test_stale_temporaries_are_removed_only_while_the_lock_is_held(tmp_path, cap
         lock.release()
     assert sorted(p.name for p in root.iterdir()) == [fmt.LOCK, "iter_0000002",
                                                       "iter_0000004.old"]
+
+
+def test_use_checkpoint_args_after_a_lost_tracker_reads_the_resumed_iteration(copy):
+    """--use-checkpoint-args takes the model of the iteration the trainer resumes, also when the
+    tracker is lost (it used to say the directory holds no checkpoint)."""
+    from megatron_coe.training.options import parse_args
+
+    (copy / fmt.TRACKER).unlink()
+    args = parse_args(["--load", str(copy), "--use-checkpoint-args", "--mock-data",
+                       "--vocab-size", "256", "--micro-batch-size", "2", "--lr", "3e-3",
+                       "--train-iters", "3"])
+    assert (args.num_layers, args.hidden_size, args.num_experts, args.coe_iterations) == \
+        (2, 32, 8, 2)

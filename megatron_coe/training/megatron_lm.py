@@ -264,12 +264,14 @@ def checkpoint_model_options(load: str) -> dict:
     """{option: value} of the model of the checkpoint ``--load`` names (this trainer's record, or
     a Megatron-LM checkpoint's ``args``); ``OptionError`` when there is none or it is unreadable."""
     from megatron_coe.arch import ModelArch
-    from megatron_coe.checkpointing import describe_missing
+    from megatron_coe.checkpointing import describe_missing, recover_untracked
     from megatron_coe.training import checkpoint as ckpt
     from megatron_coe.training.options import OptionError
 
     try:
         path = ckpt.find_checkpoint(load)
+        if path is None and os.path.isdir(load):  # a lost tracker: what the trainer resumes
+            path = recover_untracked(load)
         if path is None:
             raise OptionError(f"option use_checkpoint_args (--use-checkpoint-args): "
                               f"{describe_missing(load)}; fix --load or give the model's "
