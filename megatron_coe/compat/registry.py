@@ -83,6 +83,12 @@ REGISTRY: Tuple[Entry, ...] = (
     Entry("te.mla_have_te", "te_absent", "patch",
           ("transformer/multi_latent_attention.py: HAVE_TE (a MagicMock TE counts as present)",),
           ">=0.16.1,<0.17", "multi_latent_attention.HAVE_TE forced False without TE"),
+    # ---------------------------------------------------------------- te_layer_spec
+    Entry("te.layer_spec_stand_in", "te_layer_spec", "stand-in",
+          ("models/gpt/gpt_layer_specs.py: get_gpt_layer_with_transformer_engine_spec reads the "
+           "module global TESpecProvider (undefined without TE in 0.16.1, None in 0.19.2)",),
+          ALL, "without TE, the TE layer spec is built with a placeholder backend provider, to "
+               "read its checkpoint keys (never to build modules)"),
     # ---------------------------------------------------------------- moe_specs_and_signatures
     Entry("specs.moe_spec_form", "moe_specs_and_signatures", "adaptation",
           ("models/gpt/moe_module_specs.py: get_moe_module_spec_for_backend",
