@@ -56,8 +56,9 @@ FP8_LAST_K = 5                 # FP8 vs bf16: mean loss over the last K steps ..
 FP8_LOSS_REL_TOL = 3e-2        # ... within 3% of bf16's
 HF_LOGITS_REL_TOL = 3e-2       # TE model (bf16) vs the Hugging Face model (fp32)
 EPS_REL_TOL = 1e-6
-TRAIN_STEPS = {"full": 30, "quick": 12}
-TRAIN_LAYERS = 2               # trainer rows: the paper's layer shape, 2 of its 4 layers
+TRAIN_STEPS = {"full": 30, "quick": 8}
+TRAIN_LAYERS = {"full": 2, "quick": 1}   # trainer rows: the paper's layer shape, 2 (1) of its 4
+
 MOCK_VOCAB = 8192
 LAYER_NORM_EPS = 1e-5          # --norm-epsilon in the layer rows: differs from the latent eps
 LATENT_NORM_EPS = 1e-6         # --mla-latent-norm-epsilon (the paper's)
@@ -400,7 +401,7 @@ def paper_config(workdir: Path, preset: Path = PRESET) -> Path:
 GPU_PRECISION = ("--bf16", "--moe-router-dtype", "fp32")
 
 
-def trainer_argv(cfg: Path, run_dir: Path, steps: int, extra=(), *, layers: int = TRAIN_LAYERS,
+def trainer_argv(cfg: Path, run_dir: Path, steps: int, extra=(), *, layers: int = 2,
                  vocab: int = MOCK_VOCAB, precision=GPU_PRECISION) -> list:
     """The trainer's command line of one run: ``cfg`` (``paper_config``), mock data, 2 micro-
     batches of 4 per step, a metrics line per step, then ``extra`` (last word wins)."""
@@ -514,8 +515,9 @@ def collect(ctx: Context) -> dict:
     merge(run_worker("model", ctx), ("layer", "buffers", "latent_eps"))
 
     cfg = paper_config(ctx.workdir)
-    steps = TRAIN_STEPS["quick" if ctx.quick else "full"]
-    m["trainer"], m["resume"] = trainer_rows(ctx, cfg, steps)
+    mode = "quick" if ctx.quick else "full"
+    steps, layers = TRAIN_STEPS[mode], TRAIN_LAYERS[mode]
+    m["trainer"], m["resume"] = trainer_rows(ctx, cfg, steps, layers=layers)
 
     default = (m.get("versions") or {}).get("fp8_default_recipe")
     recipes = [("fp8_default", [])]
@@ -524,7 +526,8 @@ def collect(ctx: Context) -> dict:
     for key, extra in recipes:
         run_dir = ctx.workdir / key
         got = train(key, trainer_argv(cfg, run_dir, steps, [
-            "--fp8-format", "hybrid", *extra, "--recompute-modules", "moe"]), ctx, steps)
+            "--fp8-format", "hybrid", *extra, "--recompute-modules", "moe"], layers=layers),
+            ctx, steps)
         got["recipe"] = extra[1] if extra else (default or "default")
         m[key] = got
     if ctx.quick:

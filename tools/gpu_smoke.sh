@@ -12,8 +12,9 @@
 #     moved through a checkpoint, forward + backward within bf16 tolerance;
 #   routing buffers still float32 after Float16Module, counts exact after 8 forwards;
 #   MLA latent-norm eps as built == --mla-latent-norm-epsilon (not --norm-epsilon);
-#   the trainer (python -m megatron_coe.train, bf16, grouped GEMM): N steps with eval and a
-#     checkpoint at N/2; a run resumed from it equals the first bit for bit;
+#   the trainer (python -m megatron_coe.train, bf16, grouped GEMM; N = 30 steps of 2 layers, with
+#     --quick 8 steps of 1 layer): eval and a checkpoint at N/2; a run resumed from it equals the
+#     first bit for bit;
 #   FP8 (hybrid) with the default recipe and (full mode) the other of tensorwise/delayed, with
 #     --recompute-modules moe, over the same N steps: mean loss of the last 5 within 3% of bf16;
 #   (full) a tools/convert_from_hf.py checkpoint made on the CPU, loaded by the TE model: logits
