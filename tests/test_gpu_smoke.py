@@ -391,3 +391,36 @@ def _hf_load_local(rank, world, ctx):
     import gpu_acceptance
 
     return gpu_acceptance.hf_load(ctx, impl="local", bf16=False)
+
+
+def _measure_local(rank, world, ctx):
+    import gpu_acceptance
+
+    return gpu_acceptance.measure_model(ctx, impl="local", preset=ROOT / "examples" / "tiny" /
+                                        "coe2_cpu.yaml", vocab=256, bf16=False)
+
+
+@pytest.mark.timeout(300)
+def test_model_rows_machinery_on_the_cpu(tmp_path):
+    """The layer / buffer / eps worker's code with the local spec on both sides (tiny preset,
+    fp32, CPU): the checkpoint round trip makes the two models compute the same numbers exactly,
+    the count buffers are float32 and exact, the latent norms carry their own eps; only the
+    experts class (no TE here) keeps the layer row from passing."""
+    from megatron_coe.testing.distributed import run_distributed
+
+    ctx = ga.Context(workdir=tmp_path, quick=True, python=sys.executable,
+                     deadline=time.monotonic() + 250)
+    got = run_distributed(_measure_local, 1, ctx=ctx)[0]
+    assert not [k for k in got if k.startswith("_error")], got
+    layer = got["layer"]
+    assert layer["logits_rel"] == 0.0 and layer["loss_te"] == layer["loss_local"], layer
+    assert len(layer["grads_rel"]) >= ga.MIN_GRADS_COMPARED and not layer["not_compared"], layer
+    assert set(layer["grads_rel"].values()) == {0.0}, layer
+    assert any(".local_experts.*." in n for n in layer["grads_rel"]), layer
+    assert ga.judge_layer(layer).status == "FAIL"          # GroupedSequentialMLP on both sides
+    assert ga.judge_layer(dict(layer, te_experts="TEGroupedMLP")).status == "PASS"
+    assert ga.judge_buffers(got["buffers"]).status == "PASS", got["buffers"]
+    assert got["buffers"]["expected_sum"] == 8 * 2 * 128 * 2 * 2     # 8 fwd x b x s x k x C
+    eps = got["latent_eps"]
+    assert ga.judge_latent_eps(eps).status == "PASS", eps
+    assert any(n.endswith("kv_layernorm") for n in eps["latent"]), eps

@@ -566,15 +566,18 @@ def _init_single_rank(args):
                                distributed_timeout_minutes=args.distributed_timeout_minutes)
 
 
-def _paper_args(workdir: Path, *extra):
+def _paper_args(workdir: Path, *extra, preset: Path = PRESET, vocab: int = MOCK_VOCAB,
+                bf16: bool = True):
+    """One layer of ``preset`` (default: the paper's) as the trainer parses it; the norm eps and
+    the latent-norm eps set apart so that the eps row can tell them from each other."""
     from megatron_coe.training.options import parse_args
 
-    cfg = paper_config(workdir)
+    cfg = paper_config(workdir, preset)
     return parse_args(["--config", str(cfg), "--num-layers", "1", "--mock-data", "--vocab-size",
-                       str(MOCK_VOCAB), "--micro-batch-size", "2", "--train-iters", "1",
-                       "--bf16", "--moe-router-dtype", "fp32", "--norm-epsilon",
-                       str(LAYER_NORM_EPS), "--mla-latent-norm-epsilon", str(LATENT_NORM_EPS),
-                       *map(str, extra)])
+                       str(vocab), "--micro-batch-size", "2", "--train-iters", "1",
+                       *(["--bf16"] if bf16 else []), "--moe-router-dtype", "fp32",
+                       "--norm-epsilon", str(LAYER_NORM_EPS), "--mla-latent-norm-epsilon",
+                       str(LATENT_NORM_EPS), *map(str, extra)])
 
 
 def _experts_class(model) -> Optional[str]:
@@ -715,10 +718,16 @@ def group_experts(grads: dict) -> dict:
 
 
 def worker_model(ctx: Context) -> dict:
+    return measure_model(ctx)
+
+
+def measure_model(ctx: Context, impl: str = "transformer_engine", preset: Path = PRESET,
+                  vocab: int = MOCK_VOCAB, bf16: bool = True) -> dict:
     """The layer, buffer and eps rows: the paper-shape one-layer model built by the trainer's own
-    code (``Float16Module``, DDP) with the TE spec and with the local spec, the local weights
-    moved into the TE model through a checkpoint (the local -> TE key translation at load),
-    then the same batch forward and backward through both."""
+    code (``Float16Module``, DDP) with the TE spec (``impl``) and with the local spec, the local
+    weights moved into the TE model through a checkpoint (the local -> TE key translation at
+    load), then the same batch forward and backward through both. The CPU test runs the same
+    code with ``impl="local"``, a tiny preset and fp32."""
     import torch
     import torch.nn.functional as F
 
@@ -730,21 +739,23 @@ def worker_model(ctx: Context) -> dict:
 
     out: dict = {}
     try:
-        args_te = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine")
-        args_local = _paper_args(ctx.workdir, "--transformer-impl", "local")
+        kw = dict(preset=preset, vocab=vocab, bf16=bf16)
+        args_te = _paper_args(ctx.workdir, "--transformer-impl", impl, **kw)
+        args_local = _paper_args(ctx.workdir, "--transformer-impl", "local", **kw)
         setup.check_runtime(args_te)  # a TE that does not import is refused here, in one line
-        vocab = setup.padded_vocab_size(MOCK_VOCAB, args_te)
+        padded = setup.padded_vocab_size(vocab, args_te)
         pg = _init_single_rank(args_te)
-        te = setup.build_model(args_te, setup.build_model_config(args_te), vocab, pg)[0]
+        te = setup.build_model(args_te, setup.build_model_config(args_te), padded, pg)[0]
     except Exception as e:  # noqa: BLE001 - every row of this worker reports it
         return {"_error": one_line(e)}
 
     s, b = args_te.seq_length, args_te.micro_batch_size
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, MOCK_VOCAB, (b, s), generator=gen).cuda()
+    tokens = torch.randint(0, vocab, (b, s), generator=gen).to(device)
     labels = torch.roll(tokens, -1, dims=1)
-    pos = torch.arange(s, device="cuda")[None].expand(b, -1)
-    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device="cuda"), diagonal=1)
+    pos = torch.arange(s, device=device)[None].expand(b, -1)
+    mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool, device=device), diagonal=1)
 
     try:
         out["latent_eps"] = dict(norm_eps(setup.unwrap(te)), want_latent=LATENT_NORM_EPS,
@@ -784,9 +795,10 @@ def worker_model(ctx: Context) -> dict:
     try:
         destroy_parallel()
         pg = _init_single_rank(args_local)
-        local = setup.build_model(args_local, setup.build_model_config(args_local), vocab, pg)[0]
+        local = setup.build_model(args_local, setup.build_model_config(args_local), padded,
+                                  pg)[0]
         layout = dict(world_size=1, tp=1, pp=1, ep=1, dp=1, num_microbatches=None)
-        path = save_model_checkpoint(setup.unwrap(local), ModelArch.from_args(args_local, vocab),
+        path = save_model_checkpoint(setup.unwrap(local), ModelArch.from_args(args_local, padded),
                                      str(ctx.workdir / "layer_ckpt"), layout, {})
         checkpoint.load_checkpoint(path, [te], None, None, args_te, None)
         logits_l, loss_l = fwd_bwd(local)
