@@ -10,7 +10,8 @@ only more slowly): the models are tiny (hidden 32, seq 32).
   equal those of the same layer run in fp32 on the same batches, exactly (the inputs make every
   routing decision unambiguous, so both layers route alike; the test checks that they did). The
   counts pass 256, where a bf16 counter stops counting exactly, and the test shows that a bf16
-  counter fed the same per-micro-batch counts would be wrong.
+  counter fed the same per-micro-batch counts would be wrong. ``.half()`` and a device move (the
+  meta device standing in for ``.cuda()``) keep them float32 as well, and move them.
 * trainer: ``--bf16`` with EP=2 on 2 gloo processes (the trainer's own code, run in forked
   ranks): ``Float16Module`` inside DDP, bf16 parameters, fp32 main parameters and main
   gradients, count buffers exact after 24 micro-batches per rank (equal to the routing decisions
@@ -121,15 +122,25 @@ def _layer_counts_worker(rank, world_size, micro_batches):
                             for t in range(2)])  # [C, micro_batches, E]
 
     increments = {k: per_pass(v) for k, v in seen.items()}
+    counts = {"fp32": fp32_layer.tokens_per_expert_per_pass.clone(),
+              "bf16": bf16_layer.tokens_per_expert_per_pass.clone()}
+    router_counts = {"fp32": [r.local_tokens_per_expert.clone() for r in fp32_layer.routers],
+                     "bf16": [r.local_tokens_per_expert.clone() for r in bf16_layer.routers]}
+    # fp16 (.half()) and a device move (what .cuda() is on a GPU; here the meta device) keep the
+    # count buffers float32 too, and move them
+    fp32_model.half()
+    half = {p.dtype for p in fp32_model.parameters()}, {b.dtype for b in fp32_model.buffers()}
+    bf16_model.to(device="meta")
+    moved = {(b.device.type, b.dtype) for b in bf16_model.buffers()}
+    moved_params = {p.device.type for p in bf16_model.parameters()}
     return dict(
+        half=half, moved=moved, moved_params=moved_params,
         dtypes=dtypes, param_dtypes=param_dtypes,
         same_decisions=all(torch.equal(a, b) for a, b in zip(seen["fp32"], seen["bf16"])),
         calls=(len(seen["fp32"]), len(seen["bf16"])),
         increments=increments["bf16"],
-        counts={"fp32": fp32_layer.tokens_per_expert_per_pass.clone(),
-                "bf16": bf16_layer.tokens_per_expert_per_pass.clone()},
-        router_counts={"fp32": [r.local_tokens_per_expert.clone() for r in fp32_layer.routers],
-                       "bf16": [r.local_tokens_per_expert.clone() for r in bf16_layer.routers]},
+        counts=counts,
+        router_counts=router_counts,
     )
 
 
@@ -141,6 +152,9 @@ def test_float16module_keeps_count_buffers_fp32_and_counts_equal_fp32_layer():
     held = {name.rsplit(".", 1)[-1] for name in r["dtypes"]}
     assert set(COUNT_BUFFERS) <= held, held  # every count buffer exists in this configuration
     assert all(dtype == torch.float32 for dtype in r["dtypes"].values()), r["dtypes"]
+    assert r["half"] == ({torch.float16}, {torch.float32})
+    assert r["moved"] == {("meta", torch.float32)}
+    assert r["moved_params"] == {"meta"}
 
     # both layers made the same decisions, so an exact counter gives the same counts
     assert r["calls"] == (2 * micro_batches, 2 * micro_batches)
