@@ -897,8 +897,15 @@ def _bench_module():
 
 
 def worker_perf(ctx: Context) -> dict:
+    return {"perf": measure_perf(ctx)}
+
+
+def measure_perf(ctx: Context, impl: str = "transformer_engine", preset: Path = PRESET,
+                 bf16: bool = True, seq: int = 512, mbs: int = 8, warmup: int = 5,
+                 iters: int = 20) -> dict:
     """CoE-2(4/64) vs MoE(8/64) ``layer.mlp`` fwd+bwd on the TE spec in bf16, interleaved, CUDA
-    synchronised; the shared expert matched (MoE's twice as wide: equal FLOPs), as the bench."""
+    synchronised; the shared expert matched (MoE's twice as wide: equal FLOPs), as the bench.
+    (The CPU test runs it with the local spec on a tiny preset.)"""
     import torch
     from megatron.core.transformer.spec_utils import build_module
 
@@ -910,7 +917,8 @@ def worker_perf(ctx: Context) -> dict:
 
     install_cpu_compat()  # as the trainer's build_model does (the CUDA machine's no-ops)
     bench = _bench_module()
-    base = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine")
+    kw = dict(preset=preset, bf16=bf16)
+    base = _paper_args(ctx.workdir, "--transformer-impl", impl, **kw)
     shared = base.moe_shared_expert_intermediate_size or 0
     variants = {
         "coe": [],
@@ -918,19 +926,21 @@ def worker_perf(ctx: Context) -> dict:
                 "--no-coe-inner-residual", "--coe-outer-residual",
                 "--moe-shared-expert-intermediate-size", str(2 * shared)],
     }
-    seq, mbs = 512, 8
     tokens = seq * mbs
-    steps, configs = {}, {}
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    steps, configs, experts = {}, {}, {}
     for key, extra in variants.items():
-        args = _paper_args(ctx.workdir, "--transformer-impl", "transformer_engine", *extra)
+        args = _paper_args(ctx.workdir, "--transformer-impl", impl, *extra, **kw)
         pg = _init_single_rank(args)
         config = setup.build_model_config(args)
-        layer = build_module(get_coe_layer_spec(config, use_transformer_engine=True),
-                             config=config, layer_number=1, pg_collection=pg).cuda()
+        layer = build_module(get_coe_layer_spec(config, use_transformer_engine=impl != "local"),
+                             config=config, layer_number=1, pg_collection=pg).to(device)
         layer.train()
-        gen = torch.Generator(device="cuda").manual_seed(11)
-        x = torch.randn(seq, mbs, config.hidden_size, device="cuda", generator=gen,
-                        dtype=torch.bfloat16)
+        gen = torch.Generator(device=device).manual_seed(11)
+        x = torch.randn(seq, mbs, config.hidden_size, device=device, generator=gen,
+                        dtype=config.params_dtype)
         with torch.no_grad():
             x = layer.pre_mlp_layernorm(x)
         x = x.detach().requires_grad_(True)
@@ -944,16 +954,16 @@ def worker_perf(ctx: Context) -> dict:
             torch.autograd.backward(out, grad)
 
         steps[key], configs[key] = step, config
+        experts[key] = type(layer.mlp.experts).__name__
         destroy_parallel()
-    warmup, iters = 5, 20
     times = {k: [] for k in steps}
     order = ["coe", "moe"]
     for i in range(warmup + iters):
         for k in (order if i % 2 == 0 else order[::-1]):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             steps[k]()
-            torch.cuda.synchronize()
+            sync()
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     f_coe = bench.flops_per_step(configs["coe"], tokens)
@@ -963,11 +973,11 @@ def worker_perf(ctx: Context) -> dict:
     peak = (ctx.peak_tflops * 1e12 if ctx.peak_tflops
             else metrics.peak_flops_per_device(base))
     coe_flops = f_coe["fwd_bwd"] / coe_s
-    return {"perf": dict(coe_ms=coe_s * 1e3, moe_ms=moe_s * 1e3, ratio=coe_s / moe_s,
-                         paired_ratio=bench.paired_ratio(times["coe"], times["moe"]),
-                         flop_ratio=f_coe["fwd"] / f_moe["fwd"], coe_tflops=coe_flops / 1e12,
-                         mfu=coe_flops / peak if peak else None,
-                         target=bench.TARGET_COE_OVER_MOE, tokens=tokens)}
+    return dict(coe_ms=coe_s * 1e3, moe_ms=moe_s * 1e3, ratio=coe_s / moe_s,
+                paired_ratio=bench.paired_ratio(times["coe"], times["moe"]),
+                flop_ratio=f_coe["fwd"] / f_moe["fwd"], coe_tflops=coe_flops / 1e12,
+                mfu=coe_flops / peak if peak else None, target=bench.TARGET_COE_OVER_MOE,
+                tokens=tokens, experts=experts)
 
 
 RUN_DIRS = ("layer_ckpt", "bf16", "resume", "fp8_default", "fp8_other", "hf", "hf_ckpt",
