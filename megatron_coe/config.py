@@ -19,11 +19,19 @@ from megatron_coe.compat import require_transformer_engine
 from megatron_coe.compat.transformer_config import cuda_graph_capture_modules, cuda_graph_field
 
 
+# Megatron-Core's fusion switches (all off by default there, on by default in Megatron-LM except
+# the two MoE ones): on a GPU the trainer turns on those whose kernels import
+# (``training/precision.plan_fusions``, one command-line switch each).
+FUSION_FIELDS = ("bias_activation_fusion", "masked_softmax_fusion", "bias_dropout_fusion",
+                 "apply_rope_fusion", "gradient_accumulation_fusion", "moe_permute_fusion",
+                 "moe_router_fusion")
+
 # Megatron-Core's fused kernels (and its default GPU initialisation) are CUDA-only: the config
 # fields that keep a model on its unfused CPU paths (the trainer without CUDA; every import).
-CPU_UNFUSED = dict(use_cpu_initialization=True, bias_dropout_fusion=False,
-                   masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
-                   bias_activation_fusion=False)
+# gradient_accumulation_fusion (a ModelParallelConfig field) is set beside it by each user.
+CPU_UNFUSED = dict(use_cpu_initialization=True, persist_layer_norm=False,
+                   **{name: False for name in FUSION_FIELDS
+                      if name != "gradient_accumulation_fusion"})
 
 
 class CoEConfigError(ValueError):

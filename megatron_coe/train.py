@@ -139,13 +139,16 @@ def _main(argv: list | None) -> int:
     if signals.under_torchrun():  # ranks must not outlive torchrun (SIGKILLed, OOM-killed)
         signals.watch_launcher()
 
+    # Before the first CUDA call (the driver reads it when the context is created): one
+    # hardware queue, which tensor parallelism needs before Blackwell (Megatron-LM's rule; a
+    # different value set by the user is refused then: precision.check_cuda_max_connections).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import torch
 
     _quiet_known_warnings()
     if not torch.cuda.is_available():
         # Megatron's jit_fuser is torch.compile: ~15 s of compilation per step shape on a CPU.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
     from megatron_coe.compat import install_cpu_compat
     from megatron_coe.compat.te_absent import cpu_note

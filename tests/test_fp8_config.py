@@ -1,9 +1,9 @@
 """FP8 options -> Megatron-Core 0.16.1 config + layer spec, and the device check (all on CPU).
 
 * ``plan_precision`` (pure, builds nothing): ``--fp8-format hybrid|e4m3`` gives ``fp8``, the
-  recipe, bf16 params, the Transformer Engine spec, grouped-GEMM experts, router padding (not
-  with the allgather dispatcher), fused permutation; every key is a real ``TransformerConfig``
-  field with an allowed value.
+  recipe (default ``tensorwise``), bf16 params, the Transformer Engine spec, grouped-GEMM
+  experts, router padding (not with the allgather dispatcher); every key is a real
+  ``TransformerConfig`` field with an allowed value. ``delayed`` with C > 1 prints one warning.
 * ``check_fp8_device`` with stand-in probes: no CUDA device / no TE / GPU too old for the recipe
   / old TE / TE's own refusal each give a message naming what is missing.
 * On this (CPU) machine the trainer refuses ``--fp8-format`` before training: one line, exit 2.
@@ -53,7 +53,7 @@ def test_fp8_maps_to_te_spec_grouped_gemm_router_padding_bf16(fmt, recipe):
     assert c["pipeline_dtype"] is torch.bfloat16
     assert c["moe_grouped_gemm"] is True
     assert c["moe_router_padding_for_quantization"] is True  # default dispatcher: alltoall
-    assert c["moe_permute_fusion"] is True
+    assert "moe_permute_fusion" not in c  # a fusion: precision.plan_fusions, FP8 or not
     assert c["transformer_impl"] == "transformer_engine"
     assert "fp8_param" not in c  # parameters stay bf16
     # the mapping does not depend on what this machine has: it never builds anything
@@ -97,14 +97,15 @@ def test_fp8_with_local_layers_is_refused():
     assert issubclass(PrecisionError, SetupError)  # the CLI prints it as one line, exit 2
 
 
-def test_without_fp8_nothing_changes():
+def test_without_fp8_no_fp8_fields():
     cpu = plan_precision(parse_args([]), te_available=False)
     assert cpu.transformer_impl == "local" and not cpu.bf16
     assert cpu.config == dict(bf16=False, params_dtype=torch.float32,
-                              pipeline_dtype=torch.float32, transformer_impl="local")
+                              pipeline_dtype=torch.float32, transformer_impl="local",
+                              moe_grouped_gemm=False)
     gpu = plan_precision(parse_args(["--bf16"]), te_available=True)
     assert gpu.use_transformer_engine and gpu.bf16 and "fp8" not in gpu.config
-    assert "moe_grouped_gemm" not in gpu.config  # --moe-grouped-gemm stays the user's choice
+    assert gpu.config["moe_grouped_gemm"] is True  # TEGroupedMLP in bf16 too (finding 3)
     assert plan_precision(parse_args(["--transformer-impl", "local", "--bf16"]),
                           True).transformer_impl == "local"
 
@@ -166,7 +167,7 @@ def test_cli_refuses_fp8_before_training(tmp_path):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         timeout=120)
     assert proc.returncode == 2, proc.stdout
-    assert ("coe-train: error: --fp8-format hybrid (recipe delayed) needs a CUDA GPU with "
+    assert ("coe-train: error: --fp8-format hybrid (recipe tensorwise) needs a CUDA GPU with "
             "Transformer Engine; this machine has no CUDA device") in proc.stdout
     assert "Traceback" not in proc.stdout and "training from iteration" not in proc.stdout
     assert not (tmp_path / "ckpt").exists()
@@ -180,6 +181,23 @@ def test_invalid_fp8_values_rejected_by_argparse(flags, capsys):
         parse_args(flags)
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_default_recipe_is_tensorwise_and_delayed_with_chained_passes_warns():
+    args = parse_args(["--fp8-format", "hybrid", "--coe-iterations", "2"])
+    assert args.fp8_recipe == "tensorwise"
+    assert plan_precision(args, True).config["fp8_recipe"] == "tensorwise"
+    assert precision.precision_warnings(args) == []
+    delayed = parse_args(["--fp8-format", "hybrid", "--fp8-recipe", "delayed",
+                          "--coe-iterations", "2"])
+    assert plan_precision(delayed, True).config["fp8_recipe"] == "delayed"  # still selectable
+    (line,) = precision.precision_warnings(delayed)
+    assert line.startswith("warning: --fp8-recipe delayed with --coe-iterations 2: ")
+    assert "unverified on hardware" in line and "\n" not in line
+    # one pass (a plain MoE layer): no repeated module, no warning; no FP8: nothing
+    assert precision.precision_warnings(parse_args(["--fp8-format", "hybrid", "--fp8-recipe",
+                                                    "delayed", "--coe-iterations", "1"])) == []
+    assert precision.precision_warnings(parse_args(["--fp8-recipe", "delayed"])) == []
 
 
 def test_fp8_implies_bf16():

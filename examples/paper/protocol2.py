@@ -105,6 +105,7 @@ BASE = {
     "moe_router_enable_expert_bias": False, "moe_router_load_balancing_type": "seq_aux_loss",
     "moe_aux_loss_coeff": 1.0e-3, "moe_z_loss_coeff": None, "moe_token_dispatcher_type": "alltoall",
     "moe_router_bias_update_rate": 1.0e-3, "moe_grouped_gemm": False,
+    "moe_flex_dispatcher_backend": "deepep", "moe_router_dtype": "fp32",
     # chain of experts (BASE is the CoE-2(4/32) arm)
     "coe_iterations": 2, "coe_inner_residual": True, "coe_outer_residual": False,
     "coe_shared_router": False, "coe_router_init_method": "normal",
@@ -113,6 +114,10 @@ BASE = {
     "expert_model_parallel_size": 2, "expert_tensor_parallel_size": None,
     "sequence_parallel": False, "distributed_backend": "gloo", "transformer_impl": "local",
     "bf16": False, "fp8_format": None, "fp8_recipe": "delayed", "distributed_timeout_minutes": 10.0,
+    # GPU fusions (Megatron-LM's defaults; every one is off on CPU)
+    "bias_swiglu_fusion": True, "masked_softmax_fusion": True, "bias_dropout_fusion": True,
+    "apply_rope_fusion": True, "gradient_accumulation_fusion": True, "moe_permute_fusion": None,
+    "moe_router_fusion": False,
     "recompute_modules": [], "overlap_grad_reduce": False, "overlap_param_gather": False,
     # optimisation: the paper's AdamW, constant LR after 10% warmup (lr: per arm, stage 1)
     "micro_batch_size": 4, "global_batch_size": 16, "train_iters": 500, "lr": 3.0e-3,

@@ -1,7 +1,9 @@
 """Transformer Engine absent: detection, clear refusals, and Megatron-Core bugs that show without TE.
 
-``have_transformer_engine()`` / ``require_transformer_engine(what)``: GPU-only paths (TE specs,
-FP8, grouped GEMM) call the latter and never fall back silently.
+``have_transformer_engine()`` / ``transformer_engine_import_error()`` (the import error's text)
+/ ``require_transformer_engine(what)``: GPU-only paths (TE specs, FP8, grouped GEMM) call the
+latter and never fall back silently; the trainer refuses a CUDA machine whose TE does not import
+unless ``--transformer-impl local`` is given (``training/precision.resolve_transformer_impl``).
 
 ``install_megatron_fixes()`` (idempotent, every machine) works around two Megatron-Core 0.16
 bugs that appear whenever TE is absent; both were fixed upstream in 0.17, where nothing is done:
@@ -16,6 +18,8 @@ bugs that appear whenever TE is absent; both were fixed upstream in 0.17, where 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from megatron_coe.compat.registry import mark
@@ -24,13 +28,21 @@ from megatron_coe.compat.versions import mcore_in
 _FIXES_INSTALLED = False
 
 
-def have_transformer_engine() -> bool:
+def transformer_engine_import_error() -> Optional[str]:
+    """None when ``transformer_engine.pytorch`` imports; else the import error's text in one
+    line (``ModuleNotFoundError: No module named 'transformer_engine'``, or the undefined
+    symbol of a TE built against another torch)."""
     try:
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a TE build that does not match torch
-        return False
-    return True
+    except Exception as e:  # ImportError, or a TE build that does not match torch (OSError ...)
+        text = " ".join(str(e).split()) or "(no message)"
+        return f"{type(e).__name__}: {text}"
+    return None
+
+
+def have_transformer_engine() -> bool:
+    return transformer_engine_import_error() is None
 
 
 def cpu_note() -> str | None:

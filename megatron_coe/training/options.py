@@ -109,8 +109,18 @@ class TrainArgs(_ArchOptions):
                                          group=M)
     moe_router_bias_update_rate: float = opt(1e-3, "Expert-bias update rate.", model=True,
                                              group=M, valid='>= 0')
-    moe_grouped_gemm: bool = opt(False, "Grouped-GEMM experts (GPU, Transformer Engine).",
-                                 model=True, group=M)
+    moe_flex_dispatcher_backend: str = opt(
+        "deepep", "Backend of the flex dispatcher: deepep, or hybridep (both from the deep_ep "
+        "package, refused when it does not import).", choices=["deepep", "hybridep"],
+        model=True, group=M)
+    moe_grouped_gemm: Optional[bool] = opt(
+        None, "Grouped-GEMM experts (TEGroupedMLP): unset = on with the Transformer Engine "
+        "layers (--no-moe-grouped-gemm: SequentialMLP of TE linears); the local layers always "
+        "use GroupedSequentialMLP (Megatron-LM: off).", type=bool, group=M)
+    moe_router_dtype: Optional[str] = opt(
+        None, "Dtype of router logits, routing probabilities and the weighted sum of expert "
+        "outputs: fp32 or fp64 (unset: the params dtype, bf16 with --bf16; the paper presets "
+        "use fp32).", type=str, choices=["fp32", "fp64"], model=True, group=M)
     init_method_std: float = opt(0.02, "Std of the normal weight init.", model=True, group=M,
                                  valid='> 0')
     coe_router_init_method: str = opt(
@@ -151,9 +161,30 @@ class TrainArgs(_ArchOptions):
                                     "Implies --bf16, the TE layers, grouped-GEMM experts and "
                                     "router padding (training/precision.py).",
                                     type=str, choices=["e4m3", "hybrid"], group=P)
-    fp8_recipe: str = opt("delayed", "FP8 scaling recipe (Megatron-Core fp8_recipe): delayed, "
-                          "tensorwise (current scaling), blockwise (Hopper), mxfp8 (Blackwell).",
+    fp8_recipe: str = opt("tensorwise", "FP8 scaling recipe (Megatron-Core fp8_recipe): "
+                          "tensorwise (current scaling; the default for CoE, whose passes call "
+                          "the same TE modules C times per step), delayed (Megatron-LM's "
+                          "default; unverified with C > 1), blockwise (Hopper), mxfp8 "
+                          "(Blackwell).",
                           choices=["delayed", "tensorwise", "mxfp8", "blockwise"], group=P)
+    # Megatron-LM's fused kernels: on by default on a GPU where each one's kernel imports, always
+    # off on CPU (training/precision.plan_fusions); the start-up line lists those in force.
+    bias_swiglu_fusion: bool = opt(True, "Fused bias + SwiGLU (GPU).", group=P)
+    masked_softmax_fusion: bool = opt(True, "Fused scale + mask + softmax of the local "
+                                      "attention (GPU, Apex kernels).", group=P)
+    bias_dropout_fusion: bool = opt(True, "Fused bias + dropout + residual add (GPU).", group=P)
+    apply_rope_fusion: bool = opt(True, "Fused RoPE (GPU: Transformer Engine; MLA: YaRN only, "
+                                  "triton).", flag="--rope-fusion", group=P)
+    gradient_accumulation_fusion: bool = opt(
+        True, "Weight gradients accumulated straight into the fp32 main grads (GPU; needs "
+        "Apex's fused_weight_gradient_mlp_cuda).", group=P)
+    moe_permute_fusion: Optional[bool] = opt(
+        None, "Fused token permutation in the dispatcher: unset = on on a GPU whose Transformer "
+        "Engine has it (>= 2.1); --moe-permute-fusion insists (Megatron-LM: off).", type=bool,
+        group=P)
+    moe_router_fusion: bool = opt(False, "Fused router top-k and aux-loss scores (GPU, "
+                                  "Transformer Engine >= 2.6; as in Megatron-LM, off unless "
+                                  "given).", group=P)
     distributed_timeout_minutes: float = opt(
         10.0, "Timeout of every collective, on the default process group and every TP/PP/EP/DP "
         "group (Megatron-LM's flag); a rank that waits longer for a hung peer stops with an "
@@ -334,6 +365,13 @@ MEGATRON_LM_DEFAULT_EXCEPTIONS = {
                     "norms), off otherwise (Megatron-LM: off)",
     "position_embedding_type": "rope (this trainer builds RoPE or YaRN only; Megatron-LM: "
                                "learned_absolute)",
+    "moe_grouped_gemm": "unset = on with the Transformer Engine layers (TEGroupedMLP), off with "
+                        "the local ones (Megatron-LM: off, so a bf16 run loops over experts)",
+    "moe_permute_fusion": "unset = on on a GPU whose Transformer Engine has the fused "
+                          "permutation (Megatron-LM: off)",
+    "fp8_recipe": "tensorwise (current scaling: CoE calls the same TE modules C times per "
+                  "fp8_autocast, which delayed scaling's shared amax history does not support; "
+                  "Megatron-LM: delayed)",
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from megatron_coe.arch import ModelArch
 from megatron_coe.compat import cuda_device_redirect, have_transformer_engine, install_cpu_compat
+from megatron_coe.compat.collective_timeout import default_group_timeout
 from megatron_coe.config import CPU_UNFUSED, CoEMLATransformerConfig, CoETransformerConfig
 from megatron_coe.training import precision
 from megatron_coe.training.errors import SetupError
@@ -35,11 +36,15 @@ def check_runtime(args: TrainArgs) -> None:
     (``precision.check_fp8_device``; ``PrecisionError`` is a ``SetupError``).
     """
     precision.check_fp8_device(args)
+    # a CUDA machine whose Transformer Engine does not import: refused unless --transformer-impl
+    # local (never a silent fall back to the local layers)
+    precision.resolve_transformer_impl(args)
+    precision.check_flex_dispatcher(args)  # DeepEP / HybridEP, on every machine
     if use_cuda():
-        if args.transformer_impl == "transformer_engine" and not have_transformer_engine():
-            raise SetupError("--transformer-impl transformer_engine needs Transformer Engine, "
-                             "which is not importable here: install it (requirements-gpu.txt) "
-                             "or use --transformer-impl local.")
+        precision.check_cuda_max_connections(
+            args, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
+            torch.cuda.get_device_capability(precision.local_device_index(
+                int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())))
         return
     if args.transformer_impl == "transformer_engine":
         raise SetupError("--transformer-impl transformer_engine needs a CUDA GPU; use "
@@ -49,8 +54,17 @@ def check_runtime(args: TrainArgs) -> None:
 
 
 def precision_plan(args: TrainArgs) -> precision.PrecisionPlan:
-    """``precision.plan_precision`` for this machine (TE is the default on a GPU with TE)."""
-    return precision.plan_precision(args, te_available=use_cuda() and have_transformer_engine())
+    """``precision.plan_precision`` for this machine: the TE layers are the default on a CUDA
+    machine (``check_runtime`` has refused one whose TE does not import, unless
+    ``--transformer-impl local``), the local layers elsewhere."""
+    return precision.plan_precision(args, te_available=use_cuda())
+
+
+def fusion_plan(args: TrainArgs) -> precision.FusionPlan:
+    """``precision.plan_fusions`` for this machine (GPU: Megatron-LM's fusions whose kernels
+    import; CPU: none)."""
+    return precision.plan_fusions(args, cuda=use_cuda(),
+                                  impl=precision_plan(args).transformer_impl)
 
 
 def transformer_impl(args: TrainArgs) -> str:
@@ -171,10 +185,26 @@ def init_distributed(args: TrainArgs) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = args.distributed_backend or ("nccl" if use_cuda() else "gloo")
-    if use_cuda():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if use_cuda():  # LOCAL_RANK modulo the visible devices
+        torch.cuda.set_device(precision.local_device_index(
+            int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
     torch.distributed.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
+
+
+# Rank 0 builds the dataset index caches while the other ranks wait in Megatron-Core's builder
+# (a barrier on the default group): on a first run over a large corpus that can take longer
+# than --distributed-timeout-minutes (10, as in Megatron-LM).
+DATASET_BUILD_TIMEOUT_MINUTES = 120.0
+
+
+def dataset_build_timeout(args: TrainArgs):
+    """The dataset-building phase's timeout: ``DATASET_BUILD_TIMEOUT_MINUTES`` (or
+    --distributed-timeout-minutes if longer) for the default group's barrier that the other
+    ranks wait in while rank 0 builds the index caches; every other collective keeps
+    --distributed-timeout-minutes (``compat.collective_timeout``)."""
+    normal = args.distributed_timeout_minutes
+    return default_group_timeout(max(normal, DATASET_BUILD_TIMEOUT_MINUTES), normal)
 
 
 # --------------------------------------------------------------------------- model
@@ -216,13 +246,13 @@ def _build_model_config(args: TrainArgs):
             kw[name if target is True else target] = getattr(args, name)
     if kw["expert_tensor_parallel_size"] is None:
         kw.pop("expert_tensor_parallel_size")
-    kw.update(add_bias_linear=False, gradient_accumulation_fusion=False,
-              variable_seq_lengths=False, calculate_per_token_loss=False)
+    kw.update(add_bias_linear=False, variable_seq_lengths=False, calculate_per_token_loss=False)
     if args.recompute_modules:
         kw.update(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
-    # bf16 / FP8: dtypes, transformer_impl and, for FP8, grouped GEMM + router padding + fusion
+    # dtypes, transformer_impl, grouped GEMM and, for FP8, the recipe + router padding
     kw.update(precision_plan(args).config)
-    if not use_cuda():  # Megatron-Core's fused kernels are CUDA-only
+    kw.update(fusion_plan(args).config)  # GPU: Megatron-LM's fusions whose kernels import
+    if not use_cuda():  # Megatron-Core's fused kernels and GPU initialisation are CUDA-only
         kw.update(CPU_UNFUSED)
     if args.multi_latent_attention:
         return CoEMLATransformerConfig(**kw)
@@ -247,6 +277,11 @@ def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list
         **ModelArch.from_args(args).gpt_model_kwargs())
     if use_cuda():
         model.cuda(torch.cuda.current_device())
+    if torch.distributed.get_rank() == 0:
+        for line in precision.precision_warnings(args):
+            print(line, flush=True)
+        print(precision.startup_line(args, plan, fusion_plan(args), built_experts_class(model)),
+              flush=True)
     if plan.bf16:
         model = Float16Module(config, model)
     mark_routed_experts(model)
@@ -262,6 +297,15 @@ def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list
     if args.overlap_param_gather:
         wait_for_params_of_grouped_experts(model)
     return [model]
+
+
+def built_experts_class(model) -> str | None:
+    """The class name of the routed experts the model was built with (its first CoE layer's
+    ``mlp.experts``), or None without one on this pipeline stage."""
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            return type(module).__name__
+    return None
 
 
 def wait_for_params_of_grouped_experts(ddp) -> None:

@@ -198,7 +198,8 @@ class Trainer:
                 distributed_timeout_minutes=args.distributed_timeout_minutes)  # also seeds
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
-            self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
+            with setup.dataset_build_timeout(args):  # rank 0 builds indices, others wait
+                self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
 
             self.model = setup.build_model(args, self.model_config, self.vocab_size,
                                            self.pg_collection)
