@@ -22,9 +22,10 @@ What is not exercised: a real Transformer Engine model (TE needs a GPU). The "TE
 model is the CPU model whose ``sharded_state_dict`` renames its keys to the TE spellings through
 the spec-derived map; the files it writes and asks for are checked against the TE keys written
 out below (from the issue's table, verified against Megatron-Core's source), so a wrong map
-fails. A TE module's ``_extra_state`` (FP8 state, absent from local checkpoints; the loader keeps
-the model's own) and the TE-fused modules' own ``load_state_dict`` run only on a GPU
-(``tools/gpu_smoke.sh``).
+fails. One of its linears is given an ``_extra_state`` as TE modules have (FP8 state, which a
+local checkpoint lacks: the loader keeps the model's own; a TE checkpoint's comes back). TE's
+own modules (their ``sharded_state_dict`` and ``load_state_dict``) run only on a GPU
+(``tools/gpu_smoke.sh``: a ``convert_from_hf`` checkpoint loaded by the TE model).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ COMMON = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-experts
           "--moe-router-topk 2 --moe-ffn-hidden-size 16 --ffn-hidden-size 48 --coe-iterations 2 "
           "--swiglu --seq-length 16 --micro-batch-size 2 --global-batch-size 2 --train-iters 2 "
           "--lr 1e-2 --normalization RMSNorm --untie-embeddings-and-output-weights "
-          "--hidden-dropout 0 --attention-dropout 0 --moe-token-dispatcher-type alltoall").split()
+          "--hidden-dropout 0 --attention-dropout 0 --moe-token-dispatcher-type alltoall --mock-data").split()
 MLA = ("--multi-latent-attention --q-lora-rank 16 --kv-lora-rank 16 --qk-head-dim 8 "
        "--qk-pos-emb-head-dim 4 --v-head-dim 8 --qk-layernorm --moe-layer-freq 2").split()
 KINDS = {"standard": COMMON, "mla_dense": COMMON + MLA}
@@ -232,6 +233,37 @@ def _spell_as_local(model) -> None:
     vars(unwrap(model[0])).pop("sharded_state_dict", None)
 
 
+def _with_extra_state(model) -> list:
+    """Every layer's core attention given an ``_extra_state`` saved as a ShardedObject, as TE
+    modules have (their FP8 state), which a local checkpoint lacks (Megatron's own linears save
+    an empty one, under the same keys as TE's linears)."""
+    from megatron_coe.training.setup import unwrap
+
+    return [_give_extra_state(layer.self_attention.core_attention)
+            for layer in unwrap(model[0]).decoder.layers]
+
+
+def _give_extra_state(module):
+    base = type(module)
+
+    class WithExtraState(base):
+        def get_extra_state(self):
+            return {"own": self.own}
+
+        def set_extra_state(self, state):
+            self.restored = state
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+            key = f"{prefix}_extra_state"
+            return {key: make_sharded_object_for_checkpoint(self.get_extra_state(), key,
+                                                            sharded_offsets)}
+
+    module.__class__, module.own, module.restored, module.base = WithExtraState, 7.0, None, base
+    return module
+
+
 def _train_and_save(rank, world, argv, root):
     """One optimizer step of the local model, saved by the trainer (local spelling)."""
     from megatron_coe.compat import cuda_device_redirect
@@ -266,9 +298,17 @@ def _cross_load(rank, world, argv, root):
 
     reference = load("local")  # same spelling: the plain load
     _spell_as_te(model)
+    te_modules = _with_extra_state(model)
     _assert_equal(load("local"), reference, "local checkpoint -> TE-spelled model")
+    assert [m.restored for m in te_modules] == [{"own": 7.0}] * len(te_modules)  # the model's own
     ckpt.save_checkpoint(os.path.join(root, "te"), 1, 2, model, optimizer, scheduler, args,
                          vocab, layout)
+    for m in te_modules:
+        m.own, m.restored = 8.0, None
+    load("te")  # TE -> TE: the saved extra state comes back
+    assert [m.restored for m in te_modules] == [{"own": 7.0}] * len(te_modules)
+    for m in te_modules:
+        m.__class__ = m.base
     _spell_as_local(model)
     _assert_equal(load("te"), reference, "TE-spelled checkpoint -> local model")
     if rank == 0:  # an older checkpoint: no record, the spelling comes from its keys
@@ -289,6 +329,14 @@ def _keys(path) -> set:
     from megatron.core import dist_checkpointing
 
     return set(dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def _object_keys(path) -> set:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k for k, v in md.items() if isinstance(v, BytesStorageMetadata)}
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -312,6 +360,9 @@ def test_checkpoints_load_across_local_and_te_spellings(kind, tmp_path):
                                                          sorted(absent & keys))
     assert json.loads((local / "coe_checkpoint.json").read_text())["checkpoint_keys"] == LOCAL
     assert json.loads((imported / "coe_checkpoint.json").read_text())["checkpoint_keys"] == LOCAL
+    objects = {k.split("/shard_")[0] for k in _object_keys(te)}
+    assert any(k.endswith("core_attention._extra_state") for k in objects), objects
+    assert not any(k.endswith("core_attention._extra_state") for k in _object_keys(local))
     # the distributed optimizer's state is saved under the TE keys too
     te_only = sorted(SPELLED[kind][TE][0] - SPELLED[kind][LOCAL][0])
     assert any(te_only[0] in k and "exp_avg" in k and k != te_only[0] for k in _keys(te)), te_only

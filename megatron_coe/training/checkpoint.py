@@ -143,12 +143,14 @@ def match_checkpoint_keys(model_sd: dict, config, path: str) -> None:
 
     from megatron_coe.models import checkpoint_keys
 
-    saved = {sh.key for sh in load_sharded_metadata(path).values()}  # tensors and objects
+    metadata = load_sharded_metadata(path)  # tensors by key, objects by unique key
+    saved = {sh.key for sh in metadata.values()}
     recorded = (checkpointing.read_meta_quiet(path) or {}).get(checkpoint_keys.RECORD_KEY)
     checkpoint_keys.match_checkpoint(model_sd, config, saved, recorded)
 
     def keep_own_extra_state(x):
-        if isinstance(x, ShardedObject) and x.key.endswith("_extra_state") and x.key not in saved:
+        if (isinstance(x, ShardedObject) and x.key.endswith("_extra_state")
+                and x.unique_key not in metadata):
             return LocalNonpersistentObject(x.data)
         return x
 
