@@ -330,8 +330,9 @@ def test_trainer_sets_cuda_device_max_connections_before_the_first_cuda_call(mon
 
     monkeypatch.setattr(torch.cuda, "is_available", is_available)
     sigint = signal.getsignal(signal.SIGINT)
-    try:  # refused at once (FP8 on CPU): nothing is built
-        assert train.main(explicit([*TINY, "--fp8-format", "hybrid"])) == 2
+    try:  # refused at once (FP8 on CPU): nothing is built; no signal handler installed
+        assert train.main(explicit([*TINY, "--fp8-format", "hybrid",
+                                    "--no-exit-signal-handler"])) == 2
     finally:
         signal.signal(signal.SIGINT, sigint)
     assert seen and seen[0] == "1"
