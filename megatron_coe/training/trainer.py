@@ -131,8 +131,8 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     elif args.load:
         _report_missing_checkpoint(args)
     if args.save:  # a file, read-only or full --save is found now, not after the steps are spent
-        # no save of this run may replace a checkpoint it did not write
-        checkpointing.refuse_overlap(args.save, start, args.train_iters)
+        if not args.skip_train:  # no save of this run may replace a checkpoint it did not write
+            checkpointing.refuse_overlap(args.save, start, args.train_iters)
         need = ckpt.estimated_bytes(args, model_config, vocab_size)
         if resume_from:
             need = max(need, checkpointing.checkpoint_bytes(resume_from))
