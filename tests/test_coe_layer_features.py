@@ -108,7 +108,8 @@ def _token_dropping(rank, world_size, pad):
                   moe_pad_expert_input_to_capacity=pad)
     model = _build(**common)
     loss, grads = _forward_backward(model)
-    loads = [layer.mlp.tokens_per_expert_per_pass.clone() for layer in model.decoder.layers]
+    loads = [(layer.mlp.tokens_per_expert_per_pass.clone(),
+              layer.mlp.dropped_tokens_per_pass.clone()) for layer in model.decoder.layers]
     # The same model with Megatron's SequentialMLP experts (GroupedSequentialMLP's parent).
     reference = _build(**common)
     reference.load_state_dict(model.state_dict())
@@ -126,7 +127,13 @@ def test_token_dropping_per_pass(pad):
     ((loss, ref_loss, grad_diff, loads),) = run_distributed(_token_dropping, 1, pad=pad)
     assert torch.isfinite(loss)
     capacity = 0.5 * BATCH * SEQ * 2 / 8  # factor x tokens x topk / experts, per pass
-    for layer_loads in loads:  # per pass, tokens each expert kept after dropping
+    for layer_loads, dropped in loads:  # per pass, tokens each expert kept after dropping
         assert layer_loads.shape == (2, 8) and (layer_loads <= capacity).all()
-        assert (layer_loads.sum(dim=1) < BATCH * SEQ * 2).all()  # both passes dropped tokens
+        # per pass: (dropped choices, all choices = tokens x top-k)
+        assert dropped.shape == (2, 2) and dropped[:, 1].tolist() == [BATCH * SEQ * 2] * 2
+        assert (dropped[:, 0] > 0).all()  # both passes dropped tokens
+        if pad:  # padded to capacity: every expert holds exactly its capacity
+            assert (layer_loads == capacity).all()
+        else:  # kept + dropped = chosen
+            assert (layer_loads.sum(dim=1) + dropped[:, 0] == dropped[:, 1]).all()
     assert loss == ref_loss and grad_diff <= 1e-6

@@ -26,7 +26,7 @@ def _stock_to_coe_key(key: str) -> str:
     return key.replace("mlp.router.", "mlp.routers.0.")
 
 
-def _run(rank, world_size, ep, dispatcher, shared_expert):
+def _run(rank, world_size, ep, dispatcher, shared_expert, capacity=None):
     pg = initialize_parallel(expert_model_parallel_size=ep, seed=7)
     moe = dict(
         moe_token_dispatcher_type=dispatcher,
@@ -35,6 +35,7 @@ def _run(rank, world_size, ep, dispatcher, shared_expert):
         moe_router_load_balancing_type="seq_aux_loss",
         moe_aux_loss_coeff=1e-2,
         moe_z_loss_coeff=1e-3,
+        **(capacity or {}),
     )
     coe_cfg = tiny_config(coe_iterations=1, coe_inner_residual=False, coe_outer_residual=True, **moe)
     stock_fields = {k: v for k, v in {**CPU_SAFE, **TINY, **moe}.items() if k not in COE_FIELDS}
@@ -92,3 +93,19 @@ def test_one_iteration_matches_megatron_moe_layer(world_size, ep, dispatcher, sh
         assert num_params > 10
         assert out_diff == 0.0, f"per-token losses differ by {out_diff}"
         assert grad_diff == 0.0, f"gradients differ by {grad_diff}"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "world_size, ep, capacity",
+    [(2, 2, dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="probs")),
+     (1, 1, dict(moe_expert_capacity_factor=0.75, moe_token_drop_policy="position",
+                 moe_pad_expert_input_to_capacity=True))],
+)
+def test_token_dropping_matches_megatron_moe_layer(world_size, ep, capacity):
+    """Capacity factor, drop policy and padding to capacity: C=1 is MoELayer bit for bit."""
+    for out_diff, grad_diff, num_params in run_distributed(
+        _run, world_size, ep=ep, dispatcher="alltoall", shared_expert=True, capacity=capacity
+    ):
+        assert num_params > 10
+        assert out_diff == 0.0 and grad_diff == 0.0, (out_diff, grad_diff)

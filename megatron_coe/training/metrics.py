@@ -8,7 +8,8 @@ All ranks take part in the reductions (they are collectives); only global rank 0
   ``_pass{t}``. Values are per micro-batch means of ``loss / coeff`` (as Megatron-LM logs them).
 * expert-load imbalance: max/mean of ``tokens_per_expert_per_pass`` per (layer, pass), summed
   over all ranks (data/expert/sequence shards see disjoint tokens, pipeline stages own disjoint
-  layers) since the last log line.
+  layers) since the last log line; with token dropping also the dropped fraction of each
+  (layer, pass)'s expert choices (capacity is per pass, on that pass's routing).
 * model FLOPs per step count attention, the router, C x top-k routed experts and the shared
   expert of every pass, and the output layer (x3 for forward + backward). MFU needs a peak:
   ``--peak-tflops`` or a known GPU.
@@ -101,8 +102,18 @@ def summarize_passes(aux: dict) -> dict:
     return {name: sum(v) / max(len(v), 1) for name, v in aux.items()}
 
 
-def expert_load_imbalance(model: list, config) -> dict:
-    """{(layer, pass): max/mean tokens per expert} over all ranks; resets the counters.
+class RoutingStats(dict):
+    """{(layer, pass): max/mean tokens per expert}; ``dropped``: {(layer, pass): fraction of the
+    pass's expert choices dropped by the capacity} (empty without token dropping)."""
+
+    def __init__(self, imbalance: dict, dropped: dict):
+        super().__init__(imbalance)
+        self.dropped = dropped
+
+
+def expert_load_imbalance(model: list, config) -> RoutingStats:
+    """{(layer, pass): max/mean tokens per expert} over all ranks, and the dropped fractions
+    (``RoutingStats``); resets the counters.
 
     Every rank joins the one all-reduce, including a pipeline stage that holds no CoE layer
     (dense layers, ``--moe-layer-freq``): the buffer's shape comes from the model config, not
@@ -113,15 +124,23 @@ def expert_load_imbalance(model: list, config) -> dict:
     layers = [m for chunk in model for m in chunk.modules() if isinstance(m, ChainOfExpertsLayer)]
     device = layers[0].tokens_per_expert_per_pass.device if layers else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-    counts = torch.zeros(config.num_layers, config.coe_iterations, config.num_moe_experts,
+    # [..., :E] kept tokens per expert, [..., E:] dropped and all choices: one all-reduce
+    experts = config.num_moe_experts
+    counts = torch.zeros(config.num_layers, config.coe_iterations, experts + 2,
                          dtype=torch.float64, device=device)
     for layer in layers:
-        counts[layer.layer_number - 1] += layer.reset_routing_stats().to(torch.float64)
+        kept, dropped = layer.reset_routing_stats()
+        counts[layer.layer_number - 1, :, :experts] += kept.to(torch.float64)
+        counts[layer.layer_number - 1, :, experts:] += dropped.to(torch.float64)
     torch.distributed.all_reduce(counts)
+    counts, dropped, chosen = counts[..., :experts], counts[..., experts], counts[..., experts + 1]
     mean = counts.mean(dim=-1).clamp(min=1e-12)
     ratio = (counts.max(dim=-1).values / mean).cpu()
-    return {(l + 1, t + 1): ratio[l, t].item() for l in range(ratio.shape[0])
-            for t in range(ratio.shape[1]) if counts[l, t].sum() > 0}
+    used = [(l, t) for l in range(ratio.shape[0]) for t in range(ratio.shape[1])
+            if counts[l, t].sum() > 0]
+    return RoutingStats({(l + 1, t + 1): ratio[l, t].item() for l, t in used},
+                        {(l + 1, t + 1): (dropped[l, t] / chosen[l, t]).item() for l, t in used
+                         if chosen[l, t] > 0})
 
 
 # --------------------------------------------------------------------------- GPU
@@ -269,6 +288,11 @@ class MetricsWriter:
             record["load_imbalance"] = {f"layer{l}_pass{t}": v for (l, t), v in imbalance.items()}
             for (l, t), v in imbalance.items():
                 scalars[f"load_imbalance/layer{l}_pass{t}"] = v
+        dropped = getattr(imbalance, "dropped", None)
+        if dropped:
+            record["dropped_fraction"] = {f"layer{l}_pass{t}": v for (l, t), v in dropped.items()}
+            for (l, t), v in dropped.items():
+                scalars[f"dropped_fraction/layer{l}_pass{t}"] = v
         if self.gpu:
             scalars.update(self.gpu.read())
         if torch.cuda.is_available():  # this rank's (rank 0's) peak since the start
@@ -298,6 +322,13 @@ class MetricsWriter:
         if imbalance:
             worst = max(imbalance.values())
             parts.append(f"max load/mean {worst:.2f}")
+        dropped = getattr(imbalance, "dropped", None)
+        if dropped:  # per pass, mean over layers
+            drops = defaultdict(list)
+            for (_, t), v in dropped.items():
+                drops[t].append(v)
+            parts.append("dropped " + " ".join(f"p{t} {100 * sum(v) / len(v):.1f}%"
+                                               for t, v in sorted(drops.items())))
         parts += [f"lr {lr:.3e}", f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
                   f"{tok_s:,.0f} tok/s", f"{step_time * 1e3:.1f} ms/step"]
         if mfu is not None:

@@ -113,6 +113,18 @@ class TrainArgs(_ArchOptions):
         "deepep", "Backend of the flex dispatcher: deepep, or hybridep (both from the deep_ep "
         "package, refused when it does not import).", choices=["deepep", "hybridep"],
         model=True, group=M)
+    moe_expert_capacity_factor: Optional[float] = opt(
+        None, "Token dropping: each expert takes at most factor x tokens x top-k / experts "
+        "tokens per CoE pass (capacity computed per pass on that pass's routing); the rest are "
+        "dropped (None: no dropping). HF export refuses it.", type=float, model=True, group=M,
+        valid="> 0")
+    moe_pad_expert_input_to_capacity: bool = opt(
+        False, "With --moe-expert-capacity-factor: pad every expert's input to its capacity.",
+        model=True, group=M)
+    moe_token_drop_policy: str = opt("probs", "With --moe-expert-capacity-factor: drop the "
+                                     "lowest-probability tokens (probs) or the latest in the "
+                                     "sequence (position).", choices=["probs", "position"],
+                                     model=True, group=M)
     moe_grouped_gemm: Optional[bool] = opt(
         None, "Grouped-GEMM experts (TEGroupedMLP): unset = on with the Transformer Engine "
         "layers (--no-moe-grouped-gemm: SequentialMLP of TE linears); the local layers always "
@@ -190,8 +202,23 @@ class TrainArgs(_ArchOptions):
         "group (Megatron-LM's flag); a rank that waits longer for a hung peer stops with an "
         "error. Fractions of a minute are accepted (tests use 0.1).", group=P, valid="> 0")
     recompute_modules: list = opt(None, "Selective activation recompute of these modules "
-                                  "(e.g. core_attn moe layernorm mla_up_proj shared_experts).",
+                                  "(e.g. core_attn moe layernorm mla_up_proj shared_experts); "
+                                  "implies --recompute-granularity selective.",
                                   list_of=str, group=P)
+    recompute_activations: bool = opt(False, "Megatron-LM's shorthand for "
+                                      "--recompute-granularity selective.", group=P)
+    recompute_granularity: Optional[str] = opt(
+        None, "Activation recompute: full (whole transformer layers, every CoE pass included; "
+        "needs --recompute-method and --recompute-num-layers) or selective (the modules of "
+        "--recompute-modules, default core_attn).", type=str, choices=["full", "selective"],
+        model=True, group=P)
+    recompute_method: Optional[str] = opt(
+        None, "Full recompute: uniform (checkpoint every --recompute-num-layers layers as one "
+        "unit) or block (the first --recompute-num-layers layers of each pipeline stage).",
+        type=str, choices=["uniform", "block"], model=True, group=P)
+    recompute_num_layers: Optional[int] = opt(None, "Layers per recompute unit (uniform) or "
+                                              "recomputed layers per pipeline stage (block).",
+                                              type=int, model=True, group=P, valid=">= 1")
     overlap_grad_reduce: bool = opt(False, "Overlap the data-parallel gradient reduce-scatter "
                                     "with the backward pass (Megatron-Core DDP buckets).", group=P)
     overlap_param_gather: bool = opt(False, "Overlap the distributed optimizer's parameter "
@@ -227,6 +254,10 @@ class TrainArgs(_ArchOptions):
     adam_eps: float = opt(1e-8, "AdamW epsilon.", valid='> 0')
     clip_grad: float = opt(1.0, "Clip the global gradient norm to this (0: off).", valid='>= 0')
     seed: int = opt(1234, "Random seed (init, data order).", valid='>= 0')
+    calculate_per_token_loss: bool = opt(
+        False, "Scale the loss and gradients by the number of loss tokens of the whole global "
+        "batch (all micro-batches and data-parallel ranks) instead of averaging per micro-batch "
+        "(Megatron-Core's mechanism: the schedule and finalize_model_grads).", model=True)
     check_for_nan_in_loss_and_grad: bool = opt(
         True, "Stop (exit 3) at the first step whose lm loss, aux loss or gradient norm is NaN or "
         "Inf, without saving; a checkpoint is saved only when every parameter is finite.")
@@ -555,6 +586,34 @@ def validate(args: TrainArgs) -> TrainArgs:
                               f"{args.lr_wsd_decay_iters!r} with --lr-decay-style WSD; valid: "
                               f"1..{decay} (the LR decay steps, --lr-decay-iters or "
                               "--train-iters)")
+    if args.recompute_activations and args.recompute_granularity not in (None, "selective"):
+        raise OptionError("option recompute_activations (--recompute-activations): means "
+                          "--recompute-granularity selective, but --recompute-granularity is "
+                          f"{args.recompute_granularity}; give one of the two")
+    if args.recompute_activations or (args.recompute_modules and not args.recompute_granularity):
+        args.recompute_granularity = "selective"
+    if args.recompute_granularity == "full":
+        if args.recompute_modules:
+            raise OptionError("option recompute_modules (--recompute-modules): applies to "
+                              "--recompute-granularity selective; full recomputes whole layers "
+                              "(all their modules): drop one of the two")
+        if args.recompute_method is None or args.recompute_num_layers is None:
+            raise OptionError("option recompute_granularity (--recompute-granularity full): needs "
+                              "--recompute-method uniform|block and --recompute-num-layers N "
+                              "(Megatron-LM's rule); e.g. --recompute-method uniform "
+                              "--recompute-num-layers 1")
+    elif args.recompute_method is not None or args.recompute_num_layers is not None:
+        flag = "--recompute-method" if args.recompute_method is not None \
+            else "--recompute-num-layers"
+        raise OptionError(f"option {flag[2:].replace('-', '_')} ({flag}): applies only to "
+                          "--recompute-granularity full; add it or drop the flag")
+    if args.moe_expert_capacity_factor is None and (args.moe_pad_expert_input_to_capacity or
+                                                    args.moe_token_drop_policy != "probs"):
+        flag = ("--moe-pad-expert-input-to-capacity" if args.moe_pad_expert_input_to_capacity
+                else "--moe-token-drop-policy")
+        raise OptionError(f"option {flag[2:].replace('-', '_')} ({flag}): has no effect "
+                          "without --moe-expert-capacity-factor (no token dropping); add it or "
+                          "drop the flag")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise OptionError("option overlap_param_gather (--overlap-param-gather): needs "
                           "--overlap-grad-reduce (as in Megatron-LM); add it or drop "

@@ -246,9 +246,9 @@ def _build_model_config(args: TrainArgs):
             kw[name if target is True else target] = getattr(args, name)
     if kw["expert_tensor_parallel_size"] is None:
         kw.pop("expert_tensor_parallel_size")
-    kw.update(add_bias_linear=False, variable_seq_lengths=False, calculate_per_token_loss=False)
-    if args.recompute_modules:
-        kw.update(recompute_granularity="selective", recompute_modules=list(args.recompute_modules))
+    kw.update(add_bias_linear=False, variable_seq_lengths=False)
+    if args.recompute_modules:  # (options.validate made the granularity selective)
+        kw.update(recompute_modules=list(args.recompute_modules))
     # dtypes, transformer_impl, grouped GEMM and, for FP8, the recipe + router padding
     kw.update(precision_plan(args).config)
     kw.update(fusion_plan(args).config)  # GPU: Megatron-LM's fusions whose kernels import

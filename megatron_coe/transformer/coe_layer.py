@@ -42,6 +42,9 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
         under activation recompute; not saved in checkpoints). float32 in every precision: exact
         up to 2**24 tokens per (pass, expert) between resets (the trainer resets every
         ``--log-interval`` steps).
+        dropped_tokens_per_pass ``[C, 2]``: with token dropping (``moe_expert_capacity_factor``),
+        per pass the (token, expert) choices the capacity dropped and all choices made (tokens x
+        top-k), counted alike.
 
     Count buffers stay float32 under bf16/fp16: ``Float16Module`` calls ``module.bfloat16()``,
     which casts every floating buffer, and a bf16 counter is exact only up to 256 (from 256 to
@@ -55,8 +58,9 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
     # Buffers of this layer and of its routers (Megatron's TopKRouter) that hold token counts or
     # the expert bias: float32 whatever the model's dtype (Megatron keeps only expert_bias float32,
     # and only by converting it back before each forward/save/load).
-    FLOAT32_BUFFERS = ("tokens_per_expert_per_pass", "local_tokens_per_expert", "expert_bias",
-                       "global_tokens_per_expert", "ga_steps")
+    FLOAT32_BUFFERS = ("tokens_per_expert_per_pass", "dropped_tokens_per_pass",
+                       "local_tokens_per_expert", "expert_bias", "global_tokens_per_expert",
+                       "ga_steps")
 
     def __init__(self, config, submodules: Optional[MoESubmodules] = None, layer_number=None,
                  pg_collection=None, **kwargs):
@@ -91,6 +95,9 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
             torch.zeros(self.num_passes, config.num_moe_experts, dtype=torch.float32),
             persistent=False,
         )
+        self.register_buffer("dropped_tokens_per_pass",
+                             torch.zeros(self.num_passes, 2, dtype=torch.float32),
+                             persistent=False)
         self.keep_float32(*self.FLOAT32_BUFFERS)
 
     # ----------------------------------------------------------------------------- routers
@@ -112,12 +119,20 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
         if torch.is_grad_enabled():  # once per step, also under recompute (like expert bias)
             with torch.no_grad():
                 self.tokens_per_expert_per_pass[pass_index] += routing_map.sum(dim=0).float()
+                if self.config.moe_expert_capacity_factor is not None:
+                    # each token chose top-k experts; kept = routed with a non-zero weight (a
+                    # slot padded to capacity has weight 0)
+                    kept = torch.logical_and(routing_map, probs != 0).sum()
+                    chosen = routing_map.shape[0] * self.config.moe_router_topk
+                    self.dropped_tokens_per_pass[pass_index, 0] += (chosen - kept).float()
+                    self.dropped_tokens_per_pass[pass_index, 1] += chosen
         return probs, routing_map
 
-    def reset_routing_stats(self) -> torch.Tensor:
-        """Return and zero ``tokens_per_expert_per_pass``."""
-        stats = self.tokens_per_expert_per_pass.clone()
+    def reset_routing_stats(self) -> tuple:
+        """Return and zero ``(tokens_per_expert_per_pass, dropped_tokens_per_pass)``."""
+        stats = (self.tokens_per_expert_per_pass.clone(), self.dropped_tokens_per_pass.clone())
         self.tokens_per_expert_per_pass.zero_()
+        self.dropped_tokens_per_pass.zero_()
         return stats
 
     # ----------------------------------------------------------------------------- forward
