@@ -8,6 +8,7 @@ with the versions it applies to; ``python -m megatron_coe.compat`` prints the ta
     cuda_on_cpu               CUDA stand-ins for CPU machines (install_cpu_compat, cuda_device_redirect,
                               outside_cuda_device_redirect)
     te_absent                 Transformer Engine detection/refusal; 0.16 bugs without TE
+    te_layer_spec             Megatron-Core's TE layer spec read without TE (checkpoint keys)
     moe_specs_and_signatures  MoE spec forms and constructor keywords across releases
     router_losses             upstream router losses recorded under per-pass names
     transformer_config        config fields renamed across releases (CUDA-graph capture)
