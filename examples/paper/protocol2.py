@@ -104,7 +104,8 @@ BASE = {
     "moe_router_num_groups": None, "moe_router_group_topk": None,
     "moe_router_enable_expert_bias": False, "moe_router_load_balancing_type": "seq_aux_loss",
     "moe_aux_loss_coeff": 1.0e-3, "moe_z_loss_coeff": None, "moe_token_dispatcher_type": "alltoall",
-    "moe_router_bias_update_rate": 1.0e-3, "moe_grouped_gemm": False,
+    "moe_router_bias_update_rate": 1.0e-3, "moe_expert_capacity_factor": None,
+    "moe_pad_expert_input_to_capacity": False, "moe_token_drop_policy": "probs", "moe_grouped_gemm": False,
     "moe_flex_dispatcher_backend": "deepep", "moe_router_dtype": "fp32",
     # chain of experts (BASE is the CoE-2(4/32) arm)
     "coe_iterations": 2, "coe_inner_residual": True, "coe_outer_residual": False,
@@ -118,13 +119,15 @@ BASE = {
     "bias_swiglu_fusion": True, "masked_softmax_fusion": True, "bias_dropout_fusion": True,
     "apply_rope_fusion": True, "gradient_accumulation_fusion": True, "moe_permute_fusion": None,
     "moe_router_fusion": False,
-    "recompute_modules": [], "overlap_grad_reduce": False, "overlap_param_gather": False,
+    "recompute_modules": [], "recompute_activations": False, "recompute_granularity": None,
+    "recompute_method": None, "recompute_num_layers": None,
+    "overlap_grad_reduce": False, "overlap_param_gather": False,
     # optimisation: the paper's AdamW, constant LR after 10% warmup (lr: per arm, stage 1)
     "micro_batch_size": 4, "global_batch_size": 16, "train_iters": 500, "lr": 3.0e-3,
     "min_lr": 0.0, "lr_decay_style": "constant", "lr_wsd_decay_style": "exponential",
     "lr_wsd_decay_iters": None, "lr_warmup_iters": 0, "lr_warmup_fraction": 0.1,
     "lr_decay_iters": None, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
-    "adam_eps": 1.0e-8, "clip_grad": 1.0, "seed": 1,
+    "adam_eps": 1.0e-8, "clip_grad": 1.0, "seed": 1, "calculate_per_token_loss": False,
     "check_for_nan_in_loss_and_grad": True,
     # data: GSM8K train cut 98,2,0 by documents; validation = the whole held-out 2%
     "data_path": ["data/processed/gsm8k_train_v1k"], "split": "98,2,0", "train_data_path": [],
@@ -135,7 +138,8 @@ BASE = {
     "skip_train": False, "log_interval": 25,
     # checkpoints and stopping
     "save_interval": 100, "no_load_optim": False, "no_load_rng": False,
-    "use_checkpoint_args": False, "override_checkpoint_arch": False, "async_save": False, "exit_on_missing_checkpoint": False,
+    "use_checkpoint_args": False, "override_checkpoint_arch": False, "async_save": False,
+    "exit_on_missing_checkpoint": False,
     "exit_signal_handler": True, "exit_interval": None, "exit_duration_in_mins": None,
     "exit_time_margin_mins": 5.0,
 }
