@@ -564,3 +564,14 @@ def test_use_checkpoint_args_after_a_lost_tracker_reads_the_resumed_iteration(co
                        "--train-iters", "3"])
     assert (args.num_layers, args.hidden_size, args.num_experts, args.coe_iterations) == \
         (2, 32, 8, 2)
+
+
+def test_missing_checkpoint_line_names_the_newest_iteration(tmp_path):
+    """The line for a --load whose iter_* are unpublished names the newest one too (it used to
+    list the first three only)."""
+    for it in range(1, 7):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+    assert fmt.describe_missing(str(tmp_path)) == (
+        f"--load {tmp_path} has no {fmt.TRACKER}; its iter_0000001, iter_0000002, ... (3 more), "
+        "iter_0000006 are not a published checkpoint (pass an iter_* directory to load it "
+        "explicitly)")
