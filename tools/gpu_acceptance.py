@@ -44,9 +44,11 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "gpu_smoke.sh"
 PRESET = ROOT / "examples" / "coe2_4_64.yaml"   # the paper shape: CoE-2(4/64), MLA, hidden 1024
+REHEARSAL_PRESET = ROOT / "examples" / "tiny" / "coe2_cpu.yaml"   # --cpu-rehearsal's model
 
 # ----------------------------------------------------------------------------- criteria
 BUDGET_S = {"full": 480, "quick": 180}           # at most 8 / 3 minutes on one H100
+REHEARSAL_BUDGET_S = 1200                        # --cpu-rehearsal on a small shared CPU
 MIN_CAPABILITY = (8, 9)                          # FP8 tensor cores (Ada/Hopper)
 LAYER_LOGITS_REL_TOL = 2e-2    # ||logits_te - logits_local|| / ||logits_local||, bf16
 LAYER_LOSS_REL_TOL = 5e-3      # |loss_te - loss_local| / loss_local
@@ -478,6 +480,24 @@ class Context:
     python: str
     deadline: float
     peak_tflops: Optional[float] = None
+    rehearsal: bool = False      # --cpu-rehearsal: every row on the CPU, local spec, tiny preset
+
+    # what the rows build: the acceptance's, or the rehearsal's
+    @property
+    def impl(self) -> str:
+        return "local" if self.rehearsal else "transformer_engine"
+
+    @property
+    def preset(self) -> Path:
+        return REHEARSAL_PRESET if self.rehearsal else PRESET
+
+    @property
+    def vocab(self) -> int:
+        return 256 if self.rehearsal else MOCK_VOCAB
+
+    @property
+    def bf16(self) -> bool:
+        return not self.rehearsal
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -489,7 +509,8 @@ def run_worker(name: str, ctx: Context, env: Optional[dict] = None) -> dict:
     result.unlink(missing_ok=True)
     cmd = [ctx.python, str(Path(__file__).resolve()), "--worker", name, "--result", str(result),
            "--out", str(ctx.workdir)] + (["--quick"] if ctx.quick else []) \
-        + (["--peak-tflops", str(ctx.peak_tflops)] if ctx.peak_tflops else [])
+        + (["--peak-tflops", str(ctx.peak_tflops)] if ctx.peak_tflops else []) \
+        + (["--cpu-rehearsal"] if ctx.rehearsal else [])
     rc, text = run_logged(cmd, ctx.workdir / f"{name}.log", ctx.remaining(), env or child_env())
     if result.is_file():
         return json.loads(result.read_text())
@@ -510,14 +531,16 @@ def collect(ctx: Context) -> dict:
                     "no measurement"
 
     merge(run_worker("probe", ctx), ("versions",))
-    if not (m.get("versions") or {}).get("cuda"):
+    if not (m.get("versions") or {}).get("cuda") and not ctx.rehearsal:
         return m
     merge(run_worker("model", ctx), ("layer", "buffers", "latent_eps"))
 
-    cfg = paper_config(ctx.workdir)
+    cfg = paper_config(ctx.workdir, ctx.preset)
     mode = "quick" if ctx.quick else "full"
     steps, layers = TRAIN_STEPS[mode], TRAIN_LAYERS[mode]
-    m["trainer"], m["resume"] = trainer_rows(ctx, cfg, steps, layers=layers)
+    argv_kw = dict(layers=layers, vocab=ctx.vocab,
+                   precision=GPU_PRECISION if ctx.bf16 else ("--moe-router-dtype", "fp32"))
+    m["trainer"], m["resume"] = trainer_rows(ctx, cfg, steps, **argv_kw)
 
     default = (m.get("versions") or {}).get("fp8_default_recipe")
     recipes = [("fp8_default", [])]
@@ -526,7 +549,7 @@ def collect(ctx: Context) -> dict:
     for key, extra in recipes:
         run_dir = ctx.workdir / key
         got = train(key, trainer_argv(cfg, run_dir, steps, [
-            "--fp8-format", "hybrid", *extra, "--recompute-modules", "moe"], layers=layers),
+            "--fp8-format", "hybrid", *extra, "--recompute-modules", "moe"], **argv_kw),
             ctx, steps)
         got["recipe"] = extra[1] if extra else (default or "default")
         m[key] = got
@@ -555,11 +578,13 @@ def collect(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------- GPU workers
 def _init_single_rank(args):
     """torch.distributed (one rank, NCCL) and Megatron's groups, as the trainer makes them."""
+    import torch
+
+    from megatron_coe.compat import install_cpu_compat
     from megatron_coe.parallel import initialize_parallel
     from megatron_coe.training import setup
 
-    import torch
-
+    install_cpu_compat()  # as the trainer does first: Megatron fixes; CPU stand-ins without CUDA
     if not torch.distributed.is_initialized():
         setup.init_distributed(args)
     return initialize_parallel(seed=args.seed,
@@ -718,7 +743,7 @@ def group_experts(grads: dict) -> dict:
 
 
 def worker_model(ctx: Context) -> dict:
-    return measure_model(ctx)
+    return measure_model(ctx, impl=ctx.impl, preset=ctx.preset, vocab=ctx.vocab, bf16=ctx.bf16)
 
 
 def measure_model(ctx: Context, impl: str = "transformer_engine", preset: Path = PRESET,
@@ -878,7 +903,7 @@ def hf_load(ctx: Context, impl: str = "transformer_engine", bf16: bool = True) -
 
 
 def worker_hf_load(ctx: Context) -> dict:
-    return {"hf_import": hf_load(ctx)}
+    return {"hf_import": hf_load(ctx, impl=ctx.impl, bf16=ctx.bf16)}
 
 
 def _bench_module():
@@ -897,6 +922,9 @@ def _bench_module():
 
 
 def worker_perf(ctx: Context) -> dict:
+    if ctx.rehearsal:
+        return {"perf": measure_perf(ctx, impl=ctx.impl, preset=ctx.preset, bf16=False, seq=64,
+                                     mbs=2, warmup=1, iters=3)}
     return {"perf": measure_perf(ctx)}
 
 
@@ -997,6 +1025,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="logs, checkpoints, measurements.json and table.md")
     p.add_argument("--stand-in", metavar="JSON",
                    help="judge recorded measurements instead of measuring (no GPU needed)")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="run every row's machinery on this CPU (local spec, tiny preset, fp32): "
+                   "checks the check before GPU time is spent; never an acceptance (exit 1)")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak per GPU for MFU (default: "
                    "known GPUs: H100/H200 989)")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -1022,8 +1053,13 @@ def main(argv=None) -> int:
     opts = parse(argv)
     mode = "quick" if opts.quick else "full"
     workdir = Path(opts.out).resolve()
+    budget = REHEARSAL_BUDGET_S if opts.cpu_rehearsal else BUDGET_S[mode]
+    if opts.cpu_rehearsal:  # as the CPU tests run: no torch.compile warm-up, one thread
+        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = Context(workdir=workdir, quick=opts.quick, python=sys.executable,
-                  deadline=time.monotonic() + BUDGET_S[mode], peak_tflops=opts.peak_tflops)
+                  deadline=time.monotonic() + budget, peak_tflops=opts.peak_tflops,
+                  rehearsal=opts.cpu_rehearsal)
     if opts.worker:  # a measurement subprocess
         result = WORKERS[opts.worker](ctx)
         Path(opts.result).write_text(json.dumps(result, indent=1, default=str))
@@ -1032,7 +1068,7 @@ def main(argv=None) -> int:
         measurements = json.loads(Path(opts.stand_in).read_text())
         title = (f"{PROG} ({mode}): STAND-IN measurements from {opts.stand_in}, not a GPU run")
     else:
-        reason = no_cuda_reason()
+        reason = None if opts.cpu_rehearsal else no_cuda_reason()
         if reason:
             print(reason, file=sys.stderr)
             return 2
@@ -1050,6 +1086,10 @@ def main(argv=None) -> int:
         v = measurements.get("versions") or {}
         title = (f"{PROG} ({mode}) on {v.get('device')}, {time.strftime('%Y-%m-%d %H:%M %Z')}, "
                  f"{time.monotonic() - t0:.0f} s; logs in {workdir}")
+        if opts.cpu_rehearsal:
+            title = (f"{PROG} ({mode}) CPU REHEARSAL (local spec, {REHEARSAL_PRESET.name}, fp32): "
+                     f"the check's machinery only, NOT an acceptance; "
+                     f"{time.monotonic() - t0:.0f} s; logs in {workdir}")
     rows = rows_from(measurements, opts.quick)
     table = format_table(rows, title)
     print(table)

@@ -5,6 +5,9 @@
 #   bash tools/gpu_smoke.sh --quick    # the decisive rows, fewer steps: under 3 minutes
 #   bash tools/gpu_smoke.sh --out DIR  # logs, checkpoints, measurements.json, table.md (default runs/gpu_smoke)
 #   bash tools/gpu_smoke.sh --stand-in measurements.json   # re-judge recorded measurements (no GPU)
+#   bash tools/gpu_smoke.sh --cpu-rehearsal [--quick]      # every row's machinery on this CPU
+#       (local spec, tiny preset, fp32; ~4-7 min on 2 cores): checks the check before GPU time
+#       is spent; the TE/CUDA rows fail by design, so it always exits 1
 #
 # Rows (mock data, the paper's CoE-2(4/64) MLA layer shape from examples/coe2_4_64.yaml):
 #   versions / TE import (TE missing or broken = FAIL, never a silent local fallback);
