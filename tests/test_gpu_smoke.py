@@ -458,3 +458,81 @@ def test_bench_module_import_leaves_torch_compile_alone(monkeypatch):
     bench = ga._bench_module()
     assert "TORCHDYNAMO_DISABLE" not in os.environ
     assert callable(bench.flops_per_step) and bench.TARGET_COE_OVER_MOE == 1.05
+
+
+def test_run_worker_is_a_subprocess_returning_its_measurements(tmp_path):
+    ctx = ga.Context(workdir=tmp_path, quick=True, python=sys.executable,
+                     deadline=time.monotonic() + 240)
+    got = ga.run_worker("probe", ctx)
+    assert got["versions"]["cuda"] is False and got["versions"]["torch"] == torch.__version__
+    assert (tmp_path / "probe.log").is_file()
+    # a worker that dies: one line naming it, its last line and its log
+    ctx.python = "/bin/false"
+    got = ga.run_worker("probe", ctx)
+    assert set(got) == {"_error"} and got["_error"].startswith("worker probe exit 1:"), got
+    assert str(tmp_path / "probe.log") in got["_error"]
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_collect_runs_the_rows_in_order_and_keeps_every_failure(tmp_path, monkeypatch, quick):
+    """collect()'s wiring with stand-ins for the workers and trainer runs: which runs, in what
+    order, with which flags; a failed worker's line lands on each of its rows; the HF row goes
+    through convert_from_hf.py on the CPU (CUDA hidden) before its GPU half."""
+    calls = []
+
+    def fake_worker(name, ctx, env=None):
+        calls.append(("worker", name, (env or {}).get("CUDA_VISIBLE_DEVICES")))
+        return {"probe": {"versions": {"cuda": True, "fp8_default_recipe": "tensorwise"}},
+                "model": {"latent_eps": {"latent": {}}, "_error_layer": "KeyError: 'x'",
+                          "_error_buffers": "RuntimeError: y"},
+                "hf_make": {"hf_made": True},
+                "hf_load": {"hf_import": {"logits_rel": 0.0}},
+                "perf": {"_error": "worker perf exit 1: boom"}}[name]
+
+    def fake_train(name, argv, ctx, steps, save_step=0):
+        calls.append(("train", name, [str(a) for a in argv]))
+        return {"rc": 0, "steps": steps, "save_step": save_step}
+
+    def fake_logged(cmd, log, timeout, env):
+        calls.append(("run", Path(cmd[1]).name, env.get("CUDA_VISIBLE_DEVICES")))
+        return 0, ""
+
+    monkeypatch.setattr(ga, "run_worker", fake_worker)
+    monkeypatch.setattr(ga, "train", fake_train)
+    monkeypatch.setattr(ga, "run_logged", fake_logged)
+    ctx = ga.Context(workdir=tmp_path, quick=quick, python=sys.executable,
+                     deadline=time.monotonic() + 60)
+    m = ga.collect(ctx)
+    order = [c[1] for c in calls]
+    tail = [] if quick else ["fp8_other", "hf_make", "convert_from_hf.py", "hf_load", "perf"]
+    assert order == ["probe", "model", "bf16", "resume", "fp8_default", *tail], order
+    assert m["_errors"]["layer"] == "KeyError: 'x'" and m["_errors"]["buffers"] == "RuntimeError: y"
+    assert "latent_eps" in m and "layer" not in m
+    trains = {c[1]: c[2] for c in calls if c[0] == "train"}
+    steps = ga.TRAIN_STEPS["quick" if quick else "full"]
+    assert "--save" in trains["bf16"] and "--save" not in trains["resume"]
+    assert trains["resume"][trains["resume"].index("--load") + 1].endswith(
+        f"bf16/ckpt/iter_{steps // 2:07d}")
+    for key in ("fp8_default",) + (() if quick else ("fp8_other",)):
+        argv = trains[key]
+        assert argv[argv.index("--fp8-format") + 1] == "hybrid"
+        assert argv[argv.index("--recompute-modules") + 1] == "moe"
+    assert "--fp8-recipe" not in trains["fp8_default"]          # the trainer's default
+    if not quick:
+        assert trains["fp8_other"][trains["fp8_other"].index("--fp8-recipe") + 1] == "delayed"
+        cpu_side = [c for c in calls if c[1] in ("hf_make", "convert_from_hf.py")]
+        assert all(c[2] == "" for c in cpu_side), cpu_side      # made and converted on the CPU
+        assert m["hf_import"] == {"logits_rel": 0.0, "convert_rc": 0}
+        assert m["_errors"]["perf"] == "worker perf exit 1: boom"
+    rows = ga.rows_from(m, quick)
+    assert ga.exit_status(rows) == 1
+
+
+def test_collect_stops_after_the_probe_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(ga, "run_worker", lambda name, ctx, env=None: {"versions": {"cuda": False}})
+    monkeypatch.setattr(ga, "train", lambda *a, **k: pytest.fail("trained without CUDA"))
+    ctx = ga.Context(workdir=tmp_path, quick=True, python=sys.executable,
+                     deadline=time.monotonic() + 60)
+    m = ga.collect(ctx)
+    assert set(m) == {"_errors", "versions"}
+    assert ga.exit_status(ga.rows_from(m, True)) == 1
