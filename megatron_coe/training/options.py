@@ -152,6 +152,13 @@ class TrainArgs(_ArchOptions):
                                           valid='>= 1')
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", model=True, group=P,
                                             valid='>= 1')
+    decoder_first_pipeline_num_layers: Optional[int] = opt(
+        None, "Uneven pipeline: layers of the first stage (the other stages share the rest "
+        "evenly; e.g. DeepSeek-V3's dense first layers).", type=int,
+        model="num_layers_in_first_pipeline_stage", group=P, valid=">= 1")
+    decoder_last_pipeline_num_layers: Optional[int] = opt(
+        None, "Uneven pipeline: layers of the last stage.", type=int,
+        model="num_layers_in_last_pipeline_stage", group=P, valid=">= 1")
     expert_model_parallel_size: int = opt(1, "Expert-parallel size.", model=True, group=P,
                                           valid='>= 1')
     expert_tensor_parallel_size: Optional[int] = opt(None, "Expert tensor-parallel size "

@@ -83,25 +83,56 @@ class Layout:
     num_microbatches: int
 
 
-def _check_stages_have_coe_layers(args: TrainArgs, pp: int) -> None:
+def stage_layers(args: TrainArgs, pp: int) -> list:
+    """Number of decoder layers of each pipeline stage: even, or with
+    ``--decoder-first/last-pipeline-num-layers`` the given first/last stages and the rest shared
+    evenly by the others (Megatron-Core's uneven split); errors say what to change."""
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        if args.num_layers % pp:
+            raise SetupError(f"--num-layers {args.num_layers} is not divisible by "
+                             f"--pipeline-model-parallel-size {pp}: change one of them, or split "
+                             "unevenly with --decoder-first-pipeline-num-layers / "
+                             "--decoder-last-pipeline-num-layers.")
+        return [args.num_layers // pp] * pp
+    what = " ".join(f"--decoder-{k}-pipeline-num-layers {v}" for k, v in
+                    (("first", first), ("last", last)) if v is not None)
+    if pp == 1:
+        raise SetupError(f"{what}: needs --pipeline-model-parallel-size > 1.")
+    fixed = [n for n in (first, last) if n is not None]
+    middle_stages = pp - len(fixed)
+    rest = args.num_layers - sum(fixed)
+    if rest < 0 or (middle_stages == 0 and rest != 0) or (middle_stages and (
+            rest % middle_stages or rest == 0)):
+        raise SetupError(
+            f"{what} with --num-layers {args.num_layers} and --pipeline-model-parallel-size {pp}: "
+            f"the other {middle_stages} stage(s) would share {rest} layers, which must be "
+            + ("0 (first + last = all layers)" if middle_stages == 0 else
+               f"a positive multiple of {middle_stages}") + "; change the stage sizes.")
+    even = rest // middle_stages if middle_stages else 0
+    return [first if first is not None else even] + [even] * (pp - 2) + \
+        [last if last is not None else even]
+
+
+def _check_stages_have_coe_layers(args: TrainArgs, sizes: list) -> None:
     """Every pipeline stage must hold a CoE layer: a stage of only dense layers has no expert
     parameters, so its distributed optimizer (and checkpoint save) differs from its peers' and
     the ranks' collectives no longer match. Refused here rather than failing at the first save."""
-    if pp == 1 or args.moe_layer_freq == 1:
+    if len(sizes) == 1 or args.moe_layer_freq == 1:
         return
     from megatron_coe.arch import moe_layer_pattern
 
     pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
-    per_stage = args.num_layers // pp
-    for stage in range(pp):
-        layers = pattern[stage * per_stage:(stage + 1) * per_stage]
-        if not any(layers):
-            first = stage * per_stage + 1
+    start = 0
+    for stage, size in enumerate(sizes):
+        if not any(pattern[start:start + size]):
             raise SetupError(
-                f"--moe-layer-freq {args.moe_layer_freq} with --pipeline-model-parallel-size {pp}: "
-                f"pipeline stage {stage} (layers {first}-{first + per_stage - 1}) has no CoE layer, "
-                "which is not supported; change --moe-layer-freq or "
-                "--pipeline-model-parallel-size so that every stage holds at least one.")
+                f"--moe-layer-freq {args.moe_layer_freq} with --pipeline-model-parallel-size "
+                f"{len(sizes)}: pipeline stage {stage} (layers {start + 1}-{start + size}) has no "
+                "CoE layer, which is not supported; change --moe-layer-freq, the pipeline size or "
+                "the stage sizes (--decoder-first/last-pipeline-num-layers) so that every stage "
+                "holds at least one.")
+        start += size
 
 
 def check_layout(args: TrainArgs, world_size: int) -> Layout:
@@ -117,12 +148,10 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
         raise SetupError(f"world size {world_size} / pipeline-parallel {pp} is not divisible by "
                          f"expert-parallel {ep} x expert-tensor-parallel {etp}: change "
                          "--expert-model-parallel-size or the number of processes.")
-    if args.num_layers % pp:
-        raise SetupError(f"--num-layers {args.num_layers} is not divisible by "
-                         f"--pipeline-model-parallel-size {pp}.")
+    sizes = stage_layers(args, pp)
     if tp > 1 and not args.sequence_parallel:
         raise SetupError("MoE/CoE layers with tensor parallelism need --sequence-parallel.")
-    _check_stages_have_coe_layers(args, pp)
+    _check_stages_have_coe_layers(args, sizes)
     dp = world_size // (tp * pp)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
