@@ -168,10 +168,12 @@ def test_startup_line_names_impl_experts_dispatcher_precision_router_fusions():
 
 @pytest.mark.timeout(300)
 def test_startup_line_of_a_real_cpu_run(tmp_path):
+    """...and the checkpoint's Megatron-LM ``args`` record the experts actually built (no
+    grouped GEMM on the local layers: False, not the unset option's None) and the router dtype."""
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_coe.train",
          *explicit([*TINY, "--moe-router-dtype", "fp32", "--moe-token-dispatcher-type",
-                    "alltoall"])],
+                    "alltoall", "--save", str(tmp_path / "ckpt")])],
         cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -180,6 +182,11 @@ def test_startup_line_of_a_real_cpu_run(tmp_path):
                      "dispatcher alltoall | precision fp32 | router dtype fp32 | fusions none "
                      "(CPU)"], proc.stdout[-3000:]
     assert "warning: --fp8-recipe" not in proc.stdout
+    from megatron_coe.training import checkpoint as ckpt
+    from megatron_coe.training.megatron_lm import load_common
+
+    recorded = load_common(ckpt.find_checkpoint(str(tmp_path / "ckpt")))["args"]
+    assert recorded.moe_grouped_gemm is False and recorded.moe_router_dtype == "fp32"
 
 
 # --------------------------------------------------------------------------- router dtype (7)
