@@ -63,8 +63,8 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
         consumed_train_samples=consumed, consumed_valid_samples=0, train_samples=None,
         world_size=layout.world_size, data_parallel_size=layout.dp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
-        fp16=False, params_dtype=config.params_dtype,
-        moe_grouped_gemm=bool(config.moe_grouped_gemm),  # resolved (unset = TE layers' choice) tokenizer_type="HuggingFaceTokenizer",
+        moe_grouped_gemm=bool(config.moe_grouped_gemm),  # resolved: unset = the layers' choice
+        fp16=False, params_dtype=config.params_dtype, tokenizer_type="HuggingFaceTokenizer",
         vocab_file=None, merge_file=None)
     return argparse.Namespace(**values)
 
