@@ -158,6 +158,7 @@ def test_dry_run_resolves_master_and_layout(cluster, tmp_path):
     assert "world=2 (2 nodes x 1) TP=1 PP=1 EP=2 ETP=1 -> DP=2 expert-DP=1" in r.output
     assert f"checkpoints={tmp_path}/checkpoints/coe-dry" in r.output
     assert f"logs={tmp_path}/coe-dry_{r.job_id}" in r.output
+    assert "--moe-router-dtype fp32" in r.output, r.output   # the routers in fp32 (issue 19)
 
 
 LAUNCH_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_DUMP_ON_TIMEOUT",
