@@ -462,37 +462,72 @@ class ModelArch:
             return 1.0
         return value
 
+    def parameter_tensors(self, vocab_size: Optional[int] = None) -> dict:
+        """The parameter tensors of the built model, unsplit: ``{"moe_layer", "dense_layer",
+        "final_norm": [(name, numel, split)], "embedding": numel, "vocab": padded vocabulary}``.
+        ``split`` says how a tensor is divided over ranks (``training/memory.py``): ``"tp"``
+        (column / row parallel linear, split over tensor-parallel ranks), ``"replicated"``
+        (norms, routers), ``"expert"`` (one routed expert's linear, split over expert-TP ranks;
+        each EP rank holds experts / EP of them), ``"mla_down"`` (the MLA down projections:
+        column parallel in the local layers, duplicated in Transformer Engine's).
+        ``num_parameters`` sums these: one formula for counts and per-rank memory."""
+        h, n = self.hidden_size, self.num_attention_heads
+        norm = [("norm.weight", h, "replicated")]
+        if self.normalization == "LayerNorm":
+            norm.append(("norm.bias", h, "replicated"))
+
+        def small_norm(name, size):
+            out = [(f"{name}.weight", size, "replicated")]
+            if self.normalization == "LayerNorm":
+                out.append((f"{name}.bias", size, "replicated"))
+            return out
+
+        attn = []
+        if self.multi_latent_attention:
+            dq, dr, dv = self.qk_head_dim, self.qk_pos_emb_head_dim, self.v_head_dim
+            r, rq = self.kv_lora_rank, self.q_lora_rank
+            if rq:
+                attn += [("linear_q_down_proj", h * rq, "mla_down"),
+                         ("linear_q_up_proj", rq * n * (dq + dr), "tp")]
+            else:
+                attn.append(("linear_q_proj", h * n * (dq + dr), "tp"))
+            attn += [("linear_kv_down_proj", h * (r + dr), "mla_down"),
+                     ("linear_kv_up_proj", r * n * (dq + dv), "tp"),
+                     ("linear_proj", n * dv * h, "tp")]
+            if self.latent_norms:
+                attn += small_norm("kv_layernorm", r) + (small_norm("q_layernorm", rq) if rq
+                                                         else [])
+        else:
+            d = self.kv_channels or h // n
+            g = self.num_query_groups or n
+            attn += [("linear_qkv", h * (n + 2 * g) * d, "tp"), ("linear_proj", n * d * h, "tp")]
+            if self.qk_layernorm_on:
+                attn += small_norm("q_layernorm", d) + small_norm("k_layernorm", d)
+        gated = 2 if self.gated_linear_unit else 1
+        routed = self.resolved("moe_ffn_hidden_size")
+        shared = self.moe_shared_expert_intermediate_size or 0
+        moe = [("router", h * self.num_moe_experts, "replicated")] * self.num_routers
+        moe += [("expert.linear_fc1", gated * routed * h, "expert"),
+                ("expert.linear_fc2", routed * h, "expert")] * self.num_moe_experts
+        if shared:
+            moe += [("shared_experts.linear_fc1", gated * shared * h, "tp"),
+                    ("shared_experts.linear_fc2", shared * h, "tp")]
+        ffn = self.resolved("ffn_hidden_size")
+        dense = [("linear_fc1", gated * ffn * h, "tp"), ("linear_fc2", ffn * h, "tp")]
+        vocab = self.vocab_size if vocab_size is None else vocab_size
+        return dict(moe_layer=norm + attn + norm + moe, dense_layer=norm + attn + norm + dense,
+                    final_norm=list(norm), embedding=(vocab or 0) * h, vocab=vocab or 0)
+
     def num_parameters(self, vocab_size: Optional[int] = None) -> dict:
         """Parameter counts of the built model (``GPTModel`` from ``build_coe_gpt_model``):
         ``{"layer": one transformer layer, "final_norm", "embedding": input + output layer,
         "total"}``. ``vocab_size`` defaults to the record's."""
-        h, n = self.hidden_size, self.num_attention_heads
-        norm = 2 * h if self.normalization == "LayerNorm" else h  # weight (+ bias)
-        per = 2 if self.normalization == "LayerNorm" else 1
-        if self.multi_latent_attention:
-            dq, dr, dv = self.qk_head_dim, self.qk_pos_emb_head_dim, self.v_head_dim
-            r, rq = self.kv_lora_rank, self.q_lora_rank
-            attn = (h * rq + rq * n * (dq + dr) if rq else h * n * (dq + dr))
-            attn += h * (r + dr) + r * n * (dq + dv) + n * dv * h
-            if self.latent_norms:
-                attn += per * r + (per * rq if rq else 0)
-        else:
-            d = self.kv_channels or h // n
-            g = self.num_query_groups or n
-            attn = h * (n + 2 * g) * d + n * d * h
-            if self.qk_layernorm_on:
-                attn += 2 * per * d
-        mats = 3 if self.gated_linear_unit else 2
-        routed = self.resolved("moe_ffn_hidden_size")
-        shared = self.moe_shared_expert_intermediate_size or 0
-        routers = 1 if self.coe_shared_router else self.coe_iterations
-        mlp = (routers * h * self.num_moe_experts + self.num_moe_experts * mats * h * routed
-               + mats * h * shared)
-        layer = 2 * norm + attn + mlp
-        dense = 2 * norm + attn + mats * h * self.resolved("ffn_hidden_size")
+        t = self.parameter_tensors(vocab_size)
+        layer = sum(numel for _, numel, _ in t["moe_layer"])
+        dense = sum(numel for _, numel, _ in t["dense_layer"])
+        norm = sum(numel for _, numel, _ in t["final_norm"])
+        emb = t["embedding"] * (2 if self.untie_embeddings_and_output_weights else 1)
         n_moe = sum(self.moe_layer_pattern())
-        vocab = self.vocab_size if vocab_size is None else vocab_size
-        emb = (vocab or 0) * h * (2 if self.untie_embeddings_and_output_weights else 1)
         return dict(layer=layer, final_norm=norm, embedding=emb,
                     total=n_moe * layer + (self.num_layers - n_moe) * dense + norm + emb)
 

@@ -52,7 +52,7 @@ import torch
 from megatron_coe import checkpointing
 from megatron_coe.compat import cuda_device_redirect, outside_cuda_device_redirect
 from megatron_coe.training import checkpoint as ckpt
-from megatron_coe.training import data, metrics, profiling, setup, signals, timelimit
+from megatron_coe.training import data, memory, metrics, profiling, setup, signals, timelimit
 from megatron_coe.training.options import TrainArgs
 
 EXIT_REASON_ENV = "COE_EXIT_REASON_FILE"
@@ -244,6 +244,8 @@ class Trainer:
                   f"params {params['total']:,} (routed experts {params['routed_experts']:,}; "
                   f"rank 0 holds {params['local']:,}) | layout {vars(self.layout)} | "
                   f"model TFLOPs/step {flops / 1e12:.4g}")
+        self._log(memory.startup_line(memory.estimate(args, world, self.vocab_size,
+                                                      setup.transformer_impl(args)), args))
 
     # ------------------------------------------------------------------ helpers
     def _log(self, msg: str) -> None:
