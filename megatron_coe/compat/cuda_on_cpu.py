@@ -95,6 +95,26 @@ class _NoOpStream:
 _DEFAULT_STREAM = _NoOpStream()
 
 
+CUDA_RNG_STATE_BYTES = 16  # a CUDA (Philox) generator's state: seed and offset, int64 each
+
+
+def _set_default_cuda_rng_state(state, device="cuda"):
+    """The "CUDA" default generator is the CPU one here: a real CUDA generator's state (a
+    checkpoint's ``cuda_rng_state``, restored by Megatron-LM right after ``torch_rng_state``)
+    has no CPU meaning and leaves the CPU generator as it is."""
+    if state.numel() != CUDA_RNG_STATE_BYTES:
+        torch.set_rng_state(state)
+
+
+def _as_cpu_rng_state(state):
+    """A tracker stream's state for the CPU generator; a CUDA generator's state (seed, offset)
+    becomes the CPU generator seeded with its seed."""
+    if state.numel() != CUDA_RNG_STATE_BYTES:
+        return state
+    seed = int.from_bytes(bytes(state[:8].tolist()), "little")
+    return torch.Generator().manual_seed(seed).get_state()
+
+
 def _drop_cpu_rng_changed_warning(record: logging.LogRecord) -> bool:
     return record.getMessage() != "CPU RNG state changed within GPU RNG context"
 
@@ -125,7 +145,7 @@ def install_cpu_compat() -> bool:
     cuda.current_device = lambda: cpu
     cuda.set_device = lambda device: None
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    cuda.set_rng_state = _set_default_cuda_rng_state
     cuda.random.get_rng_state = cuda.get_rng_state
     cuda.random.set_rng_state = cuda.set_rng_state
     cuda.manual_seed = _manual_seed
@@ -141,7 +161,7 @@ def install_cpu_compat() -> bool:
     import megatron.core.tensor_parallel.random as mrandom
 
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(
-        new_state
+        _as_cpu_rng_state(new_state)
     )
     # The tracker's fork warns when the CPU generator moved inside a "GPU" RNG context; here the
     # "GPU" generator *is* the CPU one, so every dropout inside a fork would log it (each step).

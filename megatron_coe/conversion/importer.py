@@ -368,6 +368,9 @@ def load_checkpoint_into(model, path: str) -> None:
         checkpointing.verify(path, read_meta(path))
     with cuda_device_redirect():
         state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
+        from megatron_coe.training.megatron_lm import match_router_keys
+
+        match_router_keys(state["model"], path)  # C=1 router: mlp.router or (older) routers.0
         from megatron_coe.training.checkpoint import match_checkpoint_keys
 
         match_checkpoint_keys(state["model"], model.config, path)  # local / TE norm keys

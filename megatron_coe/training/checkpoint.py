@@ -170,16 +170,14 @@ def match_checkpoint_keys(model_sd: dict, config, path: str) -> None:
 
 
 def _sharded_state(model: list, optimizer, is_loading: bool,
-                   megatron_lm_keys: Optional[str] = None, load_from: Optional[str] = None) -> dict:
-    """``megatron_lm_keys``: a checkpoint Megatron-LM wrote, whose keys the model's tensors take
-    where Megatron-LM's own model names them differently (``megatron_lm.use_megatron_lm_keys``).
-    ``load_from``: the checkpoint being loaded (``match_checkpoint_keys``)."""
+                   load_from: Optional[str] = None) -> dict:
+    """``load_from``: the checkpoint being loaded, whose spelling of a one-pass layer's router
+    key the model's tensors take (``megatron_lm.match_router_keys``)."""
     from megatron_coe.training.setup import unwrap
 
     model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
-    if megatron_lm_keys:
-        megatron_lm.use_megatron_lm_keys(model_sd, megatron_lm_keys)
     if load_from:
+        megatron_lm.match_router_keys(model_sd, load_from)
         match_checkpoint_keys(model_sd, unwrap(model[0]).config, load_from)
     state = {"model": model_sd}
     if optimizer is not None:
@@ -216,8 +214,9 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         sd = _sharded_state(model, optimizer, is_loading=False)
         sd["scheduler"] = scheduler.state_dict()
         sd.update(megatron_lm.common_state(args, model, vocab_size, iteration, consumed_samples,
-                                           layout, sd["scheduler"], flops_so_far))
-        sd["rng_state"] = megatron_lm.rng_sharded_object(_rng_state())
+                                           layout, sd["scheduler"], flops_so_far,
+                                           megatron_lm.tokenizer_dir(root, iteration, args)))
+        sd["rng_state"] = megatron_lm.rng_sharded_object(_rng_state(), args.seed)
         return sd
 
     def write_rng(tmp: str) -> None:
@@ -226,6 +225,8 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         torch.save(_rng_state(), rng_file)
         with open(rng_file, "rb+") as f:
             os.fsync(f.fileno())
+        if rank == 0:  # the tokenizer Megatron-LM's args name (megatron_lm.tokenizer_dir)
+            megatron_lm.write_tokenizer(tmp, args)
 
     def write(tmp: str) -> None:
         # shielded: the writer processes dist_checkpointing forks ignore SIGTERM/SIGUSR1 (the
@@ -242,6 +243,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model: lis
         meta[checkpoint_keys.RECORD_KEY] = checkpoint_keys.record(  # local or TE spelling
             unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA),
             unwrap(model[0]).config)
+        meta["scheduler_unit"] = "samples"  # megatron_lm.scheduler_state; older: iterations
     if async_queue is None:
         return checkpointing.save(root, iteration, write, meta)
 
@@ -311,21 +313,14 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
     load_optim = not (args.no_load_optim or weights_only)
     with cuda_device_redirect():
         state = _sharded_state(model, optimizer if load_optim else None, is_loading=True,
-                               megatron_lm_keys=path if foreign else None, load_from=path)
+                               load_from=path)
         loaded = dist_checkpointing.load(state, path)
         unwrap(model[0]).load_state_dict(loaded["model"])
-        if load_optim and foreign:
-            why = megatron_lm.optimizer_structure_differs(optimizer, loaded["optimizer"])
-            if why:  # e.g. experts in their own optimizer here, in the dense one there
-                if rank == 0:
-                    print(f"note: Megatron-LM checkpoint {path}: {why}; loading its weights only "
-                          "(iteration 0, new optimizer, LR schedule and data position).",
-                          flush=True)
-                load_optim = False
-        if load_optim:
+        if load_optim:  # chained as Megatron-LM chains (regrouped if saved otherwise)
             with adam_step_tolerant_load(optimizer):
-                optimizer.load_state_dict(loaded["optimizer"])
-            scheduler.load_state_dict(loaded["opt_param_scheduler" if foreign else "scheduler"])
+                optimizer.load_state_dict(megatron_lm.regroup_optimizer_state(
+                    optimizer, loaded["optimizer"], path))
+            scheduler.load_state_dict(megatron_lm.scheduler_state(loaded, meta))  # in samples
     if foreign:
         if rank == 0:
             print(f"note: loaded Megatron-LM checkpoint {path} (iteration {meta['iteration']}); "

@@ -35,8 +35,13 @@ STANDARD_MOE = dict(coe_iterations=1, coe_inner_residual=False, coe_outer_residu
 
 
 def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, consumed: int,
-              layout) -> argparse.Namespace:
-    """Megatron-LM's ``args`` for this run (``argparse.Namespace``, Megatron-LM names)."""
+              layout, tokenizer_model: Optional[str] = None) -> argparse.Namespace:
+    """Megatron-LM's ``args`` for this run (``argparse.Namespace``, Megatron-LM names).
+
+    The tokenizer is one Megatron-LM builds: ``HuggingFaceTokenizer`` with ``tokenizer_model``
+    the copy saved in the checkpoint (``tokenizer_dir``; Megatron-LM takes it with
+    ``--use-checkpoint-args --use-tokenizer-model-from-checkpoint-args``), or for --mock-data
+    its ``NullTokenizer`` (of ``--vocab-size`` ids)."""
     from megatron_coe.training.setup import unwrap
 
     gpt = unwrap(model[0])
@@ -46,7 +51,7 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
     values.update(
         padded_vocab_size=vocab_size, max_position_embeddings=args.seq_length,
         position_embedding_type=pe, use_rotary_position_embeddings=pe == "rope",
-        add_position_embedding=pe == "learned_absolute", rotary_base=10000, rotary_percent=1.0,
+        add_position_embedding=True, rotary_base=10000, rotary_percent=1.0,
         rotary_interleaved=False, add_bias_linear=bool(config.add_bias_linear),
         add_qkv_bias=bool(getattr(config, "add_qkv_bias", False)),
         untie_embeddings_and_output_weights=not getattr(
@@ -64,33 +69,93 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
         world_size=layout.world_size, data_parallel_size=layout.dp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         moe_grouped_gemm=bool(config.moe_grouped_gemm),  # resolved: unset = the layers' choice
-        fp16=False, params_dtype=config.params_dtype, tokenizer_type="HuggingFaceTokenizer",
+        fp16=False, params_dtype=config.params_dtype,
         vocab_file=None, merge_file=None)
+    if args.mock_data:
+        values.update(tokenizer_type="NullTokenizer", tokenizer_model=None)
+    else:
+        values.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_model)
     return argparse.Namespace(**values)
 
 
 def common_state(args: TrainArgs, model: list, vocab_size: int, iteration: int, consumed: int,
-                 layout, scheduler_state: dict, flops_so_far: float) -> dict:
+                 layout, scheduler_state: dict, flops_so_far: float,
+                 tokenizer_model: Optional[str] = None) -> dict:
     """The Megatron-LM keys of the common state (``rng_state`` is added by the caller as a
     sharded object, see ``rng_sharded_object``)."""
-    return {"args": namespace(args, model, vocab_size, iteration, consumed, layout),
+    return {"args": namespace(args, model, vocab_size, iteration, consumed, layout,
+                              tokenizer_model),
             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
             "opt_param_scheduler": scheduler_state,
             "num_floating_point_operations_so_far": float(flops_so_far)}
 
 
-def rng_sharded_object(rng: dict):
+TOKENIZER_DIR = "tokenizer"  # in iter_N: tokenizer.json + tokenizer_config.json
+
+
+def tokenizer_dir(root: str, iteration: int, args: TrainArgs) -> Optional[str]:
+    """The ``tokenizer_model`` Megatron-LM reads: the tokenizer copy saved in the published
+    iteration directory (absolute path); None for --mock-data."""
+    from megatron_coe import checkpointing
+
+    if args.mock_data:
+        return None
+    return os.path.join(os.path.abspath(checkpointing.iteration_dir(root, iteration)),
+                        TOKENIZER_DIR)
+
+
+def write_tokenizer(tmp: str, args: TrainArgs) -> None:
+    """Save the run's tokenizer into the iteration directory being written, as a directory
+    ``AutoTokenizer`` (Megatron-LM's ``HuggingFaceTokenizer``) loads."""
+    from megatron_coe.conversion.hf_io import write_tokenizer as write_hf
+    from megatron_coe.training.data import load_tokenizer
+
+    if args.mock_data:
+        return
+    out = os.path.join(tmp, TOKENIZER_DIR)
+    os.makedirs(out, exist_ok=True)
+    write_hf(out, load_tokenizer(args), args.seq_length)
+
+
+def philox_state(seed: int, offset: int = 0):
+    """A CUDA (Philox) generator's state as ``torch.cuda.get_rng_state`` returns it: seed and
+    offset, little-endian int64 each (16 bytes)."""
+    import torch
+
+    raw = int(seed).to_bytes(8, "little") + int(offset).to_bytes(8, "little", signed=True)
+    return torch.tensor(list(raw), dtype=torch.uint8)
+
+
+def cuda_rng_states(rng: dict, seed: int) -> tuple:
+    """(default CUDA generator state, tracker states) for Megatron-LM's ``rng_state``: the CUDA
+    states of a GPU run as they are. A CPU run has no CUDA generator (its tracker streams are CPU
+    generator states, which ``torch.cuda.set_rng_state`` refuses): it writes the CUDA states
+    Megatron-Core's seeding gives this rank (``model_parallel_cuda_manual_seed`` of the
+    trainer's seed + 100 x pipeline rank, offset 0), so that a GPU run of Megatron-LM restores
+    them and starts its CUDA streams as seeded."""
+    if "cuda" in rng:
+        return rng["cuda"], rng["tracker"]
+    from megatron.core import parallel_state as ps
+
+    base = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    seeds = {"model-parallel-rng": base + 2718 + ps.get_tensor_model_parallel_rank(),
+             "expert-parallel-rng": base + 1024 + 100 * ps.get_expert_model_parallel_rank()
+             + ps.get_expert_tensor_parallel_rank()}
+    return philox_state(base), {name: philox_state(seeds.get(name, base))
+                                for name in rng["tracker"]}
+
+
+def rng_sharded_object(rng: dict, seed: int):
     """Megatron-LM's ``rng_state``: one ``ShardedObject`` per (pipeline, tensor) rank, replicated
     over data parallelism, holding ``[{random_rng_state, np_rng_state, torch_rng_state,
-    cuda_rng_state, rng_tracker_states}]``."""
-    import torch
+    cuda_rng_state, rng_tracker_states}]`` (CUDA states: ``cuda_rng_states``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    cuda, tracker = cuda_rng_states(rng, seed)
     state = {"random_rng_state": rng["random"], "np_rng_state": rng["numpy"],
-             "torch_rng_state": rng["torch"],
-             "cuda_rng_state": rng.get("cuda", torch.zeros(0, dtype=torch.uint8)),
-             "rng_tracker_states": rng["tracker"]}
+             "torch_rng_state": rng["torch"], "cuda_rng_state": cuda,
+             "rng_tracker_states": tracker}
     pp, tp = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     return ShardedObject("rng_state", [state], (pp, tp),
                          (ps.get_pipeline_model_parallel_rank(),
@@ -202,37 +267,97 @@ def read_meta(path: str) -> dict:
                     "num_floating_point_operations_so_far", 0.0))
 
 
-def use_megatron_lm_keys(model_sharded_state: dict, path: str) -> None:
-    """Rename, in this trainer's model sharded state dict, the tensors whose key differs in
-    Megatron-LM's own MoE GPT when checkpoint ``path`` uses Megatron-LM's keys: a one-pass CoE
-    layer's router is ``mlp.routers.0`` here and ``mlp.router`` there (the only difference:
-    norms, attention, experts and embeddings share Megatron-Core's keys). Only for loading a
-    checkpoint Megatron-LM wrote; this trainer's checkpoints keep their own keys."""
+ROUTER_KEYS = (".mlp.router.", ".mlp.routers.0.")  # Megatron-Core's MoELayer, this trainer's
+
+
+def match_router_keys(model_sharded_state: dict, path: str) -> None:
+    """Rename, in this trainer's model sharded state dict, a one-pass layer's router to the
+    spelling checkpoint ``path`` uses. A C=1 layer saves it under Megatron-Core's own key
+    ``mlp.router`` (``ChainOfExpertsLayer.sharded_state_dict``: Megatron-LM loads it as is);
+    checkpoints written before that, by this trainer, spell it ``mlp.routers.0``. The optimizer
+    state keys follow (they are derived from these)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     saved = dist_checkpointing.load_tensors_metadata(path)
-    if not any(".mlp.router." in key for key in saved):
-        return
-    for sharded in nested_values(model_sharded_state):
-        key = getattr(sharded, "key", None)
-        if isinstance(key, str) and ".mlp.routers.0." in key:
-            sharded.key = key.replace(".mlp.routers.0.", ".mlp.router.")
+    for asked, stored in (ROUTER_KEYS, ROUTER_KEYS[::-1]):
+        if any(asked in key for key in saved) or not any(stored in key for key in saved):
+            continue  # the checkpoint has this spelling (or not the other): nothing to rename
+        for sharded in nested_values(model_sharded_state):
+            key = getattr(sharded, "key", None)
+            if isinstance(key, str) and asked in key:
+                sharded.key = key.replace(asked, stored)
 
 
-def optimizer_structure_differs(optimizer, loaded: dict) -> Optional[str]:
-    """Why a Megatron-LM checkpoint's optimizer state cannot go into ``optimizer`` (None: it
-    can): a different number of chained optimizers (this trainer keeps the routed experts'
-    parameters in their own distributed optimizer; Megatron-LM at expert-parallel size 1 keeps
-    them with the dense ones)."""
-    ours = len(getattr(optimizer, "chained_optimizers", [optimizer]))
-    # Megatron-Core's ChainedOptimizer: one state dict per optimizer (keys 0..n-1) when n > 1,
-    # else the single optimizer's own state dict
-    theirs = len(loaded) if loaded and all(isinstance(k, int) for k in loaded) else 1
-    if ours == theirs:
-        return None
-    return (f"its optimizer state is for {theirs} chained optimizer(s), this trainer has {ours} "
-            "(routed experts in their own optimizer)")
+def _plain_states(loaded: dict) -> list:
+    """The checkpoint's per-optimizer plain entries (param groups, sharding type) in
+    ``dist_checkpointing.load``'s ``optimizer``: Megatron-Core's ``ChainedOptimizer`` saves one
+    optimizer's state dict as is and n > 1 under the keys 0..n-1."""
+    if "optimizer" in loaded:
+        return [loaded]
+    return [loaded[k] for k in sorted(k for k in loaded if isinstance(k, int))
+            if isinstance(loaded[k], dict) and "optimizer" in loaded[k]]
+
+
+def regroup_optimizer_state(optimizer, loaded: dict, path: str):
+    """The state dict for ``optimizer.load_state_dict`` from ``loaded`` (the ``optimizer`` entry
+    ``dist_checkpointing.load`` returned: the checkpoint's plain entries in the checkpoint's
+    structure, merged with the tensors ``optimizer`` asked for, by key, in its own).
+
+    The optimizer's chaining follows Megatron-LM (``setup.mark_routed_experts``): the routed
+    experts have their own distributed optimizer only at EP > 1. A checkpoint chained otherwise
+    (another EP size; this trainer's checkpoints before it followed Megatron-LM, which kept the
+    experts apart at EP = 1 too) holds the same per-parameter tensors (model-space keys, no
+    chain prefix); only its param groups are regrouped: each of ``optimizer``'s groups takes the
+    saved group with the same identifiers (weight-decay and LR multipliers, ...) but for the
+    expert flag."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    ours = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    saved = _plain_states(loaded)
+    if len(saved) == len(ours) or not saved:
+        return loaded
+    tensors = [loaded] if len(ours) == 1 else [loaded[i] for i in range(len(ours))]
+    keys = [k for k in param_group_identifier_keys if k != "is_expert_parallel"]
+    saved_groups = [g for state in saved for g in state["optimizer"]["param_groups"]]
+    out = []
+    for i, opt in enumerate(ours):
+        template = opt.state_dict()  # this optimizer's groups (without parameters) and entries
+        groups = []
+        for group in template["optimizer"]["param_groups"]:
+            match = next((g for g in saved_groups if all(g.get(k) == group.get(k)
+                                                         for k in keys)), None)
+            if match is None:
+                raise CheckpointError(
+                    f"{path}: its optimizer has no parameter group like this run's "
+                    f"{ {k: group.get(k) for k in keys} }; load it with --no-load-optim")
+            groups.append({**match, "is_expert_parallel": group.get("is_expert_parallel")})
+        state = {**template, "optimizer": {**template["optimizer"], "param_groups": groups},
+                 "param_state": tensors[i]["param_state"],
+                 "param_state_sharding_type": saved[0]["param_state_sharding_type"]}
+        if "grad_scaler" in saved[0]:
+            state["grad_scaler"] = saved[0]["grad_scaler"]
+        out.append(state)
+    return out[0] if len(out) == 1 else dict(enumerate(out))
+
+
+SCHEDULER_LENGTHS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+
+
+def scheduler_state(loaded: dict, meta: dict) -> dict:
+    """The checkpoint's LR/WD scheduler state in samples (Megatron-LM's unit for --train-iters,
+    and this trainer's: ``setup.build_scheduler``). Megatron-LM's ``opt_param_scheduler`` is in
+    samples; this trainer's checkpoints record the unit (``scheduler_unit``), and those without
+    it counted iterations: their lengths are scaled by the global batch size they record."""
+    if meta.get("megatron_lm"):
+        return loaded["opt_param_scheduler"]
+    state = dict(loaded["scheduler"])
+    if meta.get("scheduler_unit", "iterations") == "iterations":
+        gbs = int(meta["args"]["global_batch_size"])
+        for key in SCHEDULER_LENGTHS:
+            if state.get(key) is not None:
+                state[key] = state[key] * gbs
+    return state
 
 
 def optimizer_layout_matches(path: str, sharding_type: str) -> Optional[str]:

@@ -359,16 +359,28 @@ def wait_for_params_of_grouped_experts(ddp) -> None:
 
 
 def mark_routed_experts(model) -> None:
-    """Routed-expert parameters always go to Megatron's expert buffers and expert optimizer.
+    """Routed-expert parameters: in the optimizer layout Megatron-LM builds.
 
-    Megatron marks them (``param.allreduce = False``) only when EP > 1, so the number of chained
-    optimizers, and with it the checkpoint's optimizer layout, would depend on the EP size and an
-    EP=2 checkpoint could not restore its optimizer at EP=1. With EP=1 the expert data-parallel
-    group is the data-parallel group, so gradients are reduced exactly as before.
+    Megatron-Core marks them ``param.allreduce = False`` (their own buffers and their own
+    distributed optimizer, chained after the dense one) when EP > 1; at EP = 1 they stay with the
+    dense parameters, one optimizer, exactly as in Megatron-LM, so the optimizer state of a
+    checkpoint crosses between the two trainers. (A checkpoint saved under another EP size, or
+    by this trainer before, which kept them apart at EP = 1 too, is regrouped on load:
+    ``megatron_lm.regroup_optimizer_state``.) Marked here only where the expert data-parallel
+    group is not the data-parallel group although EP = 1 (``--expert-tensor-parallel-size``
+    other than the TP size), so that their gradients are reduced over the right group.
     """
+    config = unwrap(model).config
+    etp = getattr(config, "expert_tensor_parallel_size", None)
+    if config.expert_model_parallel_size > 1 or etp in (None, config.tensor_model_parallel_size):
+        return
     for name, param in model.named_parameters():
-        if ".experts." in f".{name}":  # mlp.experts.* (routed), not mlp.shared_experts.*
+        if _is_routed_expert(name):
             param.allreduce = False
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".experts." in f".{name}"  # mlp.experts.* (routed), not mlp.shared_experts.*
 
 
 def count_parameters(model: list) -> dict:
@@ -378,18 +390,18 @@ def count_parameters(model: list) -> dict:
     A rank counts a parameter unless it is a replica held by another rank too: not
     tensor-parallel and not on (expert-)tensor-parallel rank 0, or the tied output-layer copy of
     the last pipeline stage (``shared``). Dense sums go over the tensor x pipeline group; routed
-    experts (``allreduce=False``, see ``mark_routed_experts``) over expert-TP x EP x pipeline.
+    experts (by name: ``mlp.experts.*``) over expert-TP x EP x pipeline.
     Data-parallel replicas are in neither group.
     """
     from megatron.core import parallel_state as ps
 
     dense = experts = local = 0
     for chunk in model:
-        for p in unwrap(chunk).parameters():
+        for name, p in unwrap(chunk).named_parameters():
             local += p.numel()
             if getattr(p, "shared", False):
                 continue
-            is_expert = not getattr(p, "allreduce", True)
+            is_expert = _is_routed_expert(name)
             tp_rank = (ps.get_expert_tensor_parallel_rank() if is_expert
                        else ps.get_tensor_model_parallel_rank())
             if tp_rank and not getattr(p, "tensor_model_parallel", False):
@@ -435,16 +447,26 @@ def warmup_iters(args: TrainArgs) -> int:
 
 
 def build_scheduler(args: TrainArgs, optimizer):
-    """Megatron's scheduler in units of optimizer steps: linear warmup from 0, then decay."""
+    """Megatron-Core's scheduler as Megatron-LM builds it for --train-iters
+    (``megatron.training.training.get_optimizer_param_scheduler``): in samples (every length
+    is the iterations times --global-batch-size; the trainer steps it by the global batch), a
+    linear warmup from 0, then decay. A checkpoint's ``opt_param_scheduler`` is then the state
+    Megatron-LM's own scheduler keeps, and loads there without its mismatch assertions."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    gbs = args.global_batch_size
     decay = args.lr_decay_iters or args.train_iters
     warmup = warmup_iters(args)
     if warmup >= decay:
         raise SetupError(f"warmup ({warmup} steps) must be shorter than the LR decay ({decay} "
                          "steps): lower --lr-warmup-iters/--lr-warmup-fraction.")
+    decay_samples = decay * gbs
+    warmup_samples = (args.lr_warmup_fraction * decay_samples if args.lr_warmup_fraction
+                      is not None else args.lr_warmup_iters * gbs)
+    wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=decay, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
-        end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style)
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=warmup_samples, lr_decay_steps=decay_samples,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant", wsd_decay_steps=wsd,
+        lr_wsd_decay_style=args.lr_wsd_decay_style)

@@ -333,7 +333,7 @@ class Trainer:
             with self.straggler.timed():
                 reports = self._run_schedule(iterator, forward_only=False)
             _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        self.scheduler.step(increment=self.args.global_batch_size)  # in samples (build_scheduler)
         return reports, grad_norm
 
     @torch.no_grad()

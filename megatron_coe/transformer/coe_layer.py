@@ -110,6 +110,24 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
         for router in self.routers:
             router.set_layer_number(layer_number)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Megatron-Core's sharded state dict; a one-pass layer (C=1, one router) stores its
+        router under Megatron-Core's own ``MoELayer`` key ``{prefix}router.*`` (not
+        ``routers.0.*``), so that Megatron-LM loads the checkpoint of a standard MoE as is.
+        Only the checkpoint keys change (the module keeps ``routers.0``); loading a checkpoint
+        that spells it ``routers.0`` (older ones) is ``training.megatron_lm.match_router_keys``."""
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.num_passes == 1 and len(self.routers) == 1:
+            ours, megatron = f"{prefix}routers.0.", f"{prefix}router."
+            for sharded in nested_values(state):
+                key = getattr(sharded, "key", None)
+                if isinstance(key, str) and key.startswith(ours):
+                    sharded.key = megatron + key[len(ours):]
+        return state
+
     def route(self, hidden_states, padding_mask=None, pass_index: int = 0):
         """Pass ``pass_index``'s routing: ``(probs [T, E], routing_map [T, E])``."""
         router = self.router_for_pass(pass_index)
