@@ -17,6 +17,9 @@ models, without the allocator's transient buffers; the CPU has no ``torch.cuda``
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +28,8 @@ from megatron_coe.compat import install_cpu_compat
 from megatron_coe.testing.distributed import run_distributed
 
 install_cpu_compat()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4 "
         "--moe-router-topk 2 --moe-ffn-hidden-size 32 --ffn-hidden-size 96 --swiglu "
@@ -89,6 +94,11 @@ LAYOUTS = {
                        "16", "--kv-lora-rank", "16", "--qk-head-dim", "8",
                        "--qk-pos-emb-head-dim", "4", "--v-head-dim", "8",
                        "--moe-shared-expert-intermediate-size", "48"]),
+    "ln_gelu_gqa_dense_untied": (1, ["--normalization", "LayerNorm", "--no-swiglu",
+                                     "--moe-layer-freq", "2", "--qk-layernorm",
+                                     "--num-query-groups", "2",
+                                     "--untie-embeddings-and-output-weights"]),
+    "etp2": (2, ["--expert-tensor-parallel-size", "2", "--global-batch-size", "4"]),
     "pp2_tied": (2, ["--pipeline-model-parallel-size", "2", "--global-batch-size", "2",
                      "--moe-layer-freq", "1"]),
 }
@@ -178,16 +188,16 @@ def _measure_activations(rank, world, argv):
     return dict(peak=held.peak, left=held.live, vocab=vocab)
 
 
-def _activation_case(extra):
+def _activation_case(extra, world=1):
     from megatron_coe.testing.train_args import explicit
     from megatron_coe.training import memory, options
 
     argv = BASE + ["--global-batch-size", "2"] + extra
-    got = run_distributed(_measure_activations, 1, timeout=400, argv=argv)[0]
-    assert got["left"] == 0  # every saved tensor was released by backward
+    got = run_distributed(_measure_activations, world, timeout=400, argv=argv)
+    assert all(r["left"] == 0 for r in got)  # every saved tensor was released by backward
     args = options.parse_args(explicit(argv))
-    est = memory.estimate(args, 1, got["vocab"], impl="local")[0].activation_per_microbatch
-    return est, got["peak"]
+    est = memory.estimate(args, world, got[0]["vocab"], impl="local")[0]
+    return est.activation_per_microbatch, max(r["peak"] for r in got)
 
 
 CASES = {
@@ -196,6 +206,13 @@ CASES = {
     "C2_mla_shared": ["--coe-iterations", "2", "--multi-latent-attention", "--q-lora-rank", "16",
                       "--kv-lora-rank", "16", "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "4",
                       "--v-head-dim", "8", "--moe-shared-expert-intermediate-size", "48"],
+    "C2_dropout": ["--coe-iterations", "2", "--hidden-dropout", "0.1", "--attention-dropout",
+                   "0.1"],
+    "C2_bf16": ["--coe-iterations", "2", "--bf16"],
+    "C2_tp2_sp": ["--coe-iterations", "2", "--tensor-model-parallel-size", "2",
+                  "--sequence-parallel"],
+    "C2_ln_gelu_gqa_dense": ["--coe-iterations", "2", "--normalization", "LayerNorm",
+                             "--no-swiglu", "--moe-layer-freq", "2", "--num-query-groups", "2"],
     "C2_recompute_core_attn_moe": ["--coe-iterations", "2", "--recompute-modules", "core_attn",
                                    "moe"],
     "C2_full_recompute": ["--coe-iterations", "2", "--recompute-granularity", "full",
@@ -205,8 +222,50 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_activation_estimate_within_25_percent(case):
-    est, peak = _activation_case(CASES[case])
+    world = 2 if "tp2" in case else 1
+    est, peak = _activation_case(CASES[case], world)
     assert abs(est - peak) <= 0.25 * peak, (case, est, peak)
     if "recompute" in case:  # recompute lowers both the measurement and the estimate
         est_plain, peak_plain = _activation_case(CASES["C2"])
         assert est < est_plain and peak < peak_plain, (case, est, est_plain, peak, peak_plain)
+
+
+# --------------------------------------------------------------------------- start-up and tool
+def test_trainer_prints_the_estimate_at_start_up(tmp_path):
+    from megatron_coe.testing.train_args import explicit
+    from megatron_coe.training import memory, options, setup
+
+    argv = explicit(BASE + ["--coe-iterations", "2", "--global-batch-size", "2",
+                            "--train-iters", "1", "--eval-iters", "0"])
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "megatron_coe.train", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    args = options.parse_args(argv)
+    vocab = setup.padded_vocab_size(args.vocab_size, args)
+    want = memory.startup_line(memory.estimate(args, 1, vocab, "local"), args)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("memory per rank")]
+    assert lines == [want], (lines, want)
+    assert "C=2 passes" in want and "no recompute" in want
+
+
+def test_tool_prints_the_table_without_data(capsys):
+    from megatron_coe.testing.tools import load_tool
+    from megatron_coe.training import memory, options, setup
+
+    tool = load_tool("estimate_memory")
+    flags = ["--config", os.path.join(ROOT, "examples", "coe2_4_64.yaml"), "--bf16",
+             "--vocab-size", "32000", "--pipeline-model-parallel-size", "2",
+             "--expert-model-parallel-size", "7"]
+    assert tool.main(flags + ["--nodes", "2", "--gpus-per-node", "7"]) == 0
+    out = capsys.readouterr().out
+    args = options.parse_args(flags + ["--mock-data"])
+    args.global_batch_size = args.global_batch_size or args.micro_batch_size * 7
+    ranks = memory.estimate(args, 14, setup.padded_vocab_size(32000, args))
+    assert [r.stage for r in ranks] == [0, 1] and ranks[0].params != ranks[1].params
+    assert memory.table(ranks, args, 14) in out and memory.startup_line(ranks, args) in out
+    # EP must divide the experts (63): one line, exit 2
+    assert tool.main(flags[:-1] + ["8", "--world-size", "16"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "estimate_memory: --num-experts 63 is not divisible by --expert-model-parallel-size 8: "
+        "choose an EP size that divides the number of experts.")

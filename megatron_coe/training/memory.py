@@ -26,15 +26,22 @@ Exact parts (what the trainer builds: ``setup.build_model`` / ``build_optimizer`
 Estimated part:
 
 * **activations**: the bytes autograd keeps for backward per micro-batch, per layer, by module
-  (norms, attention, each of the C CoE passes: router, dispatched tokens, routed and shared
-  experts), as Megatron-Core's local layers save them (calibrated and checked against the
-  tensors saved for backward on CPU, ``tests/test_memory_estimate.py``), with the seq^2
-  attention probabilities only for the local (unfused) attention, divided by TP where the
-  tensors are (sequence parallelism for the norms and residuals); times the micro-batches in
-  flight on this pipeline stage (1F1B: PP - stage); selective recompute drops the recomputed
-  modules' tensors, full recompute keeps each recomputed unit's input plus one unit's
-  activations while it is recomputed in backward. Not counted: communication buffers,
-  the allocator's fragmentation and the CUDA/NCCL contexts (a few GiB on a GPU).
+  (norms, attention, each of the C CoE passes: pass input, routing, dispatched tokens, routed
+  and shared experts; dense MLP layers; the loss's fp32 logits on the last stage), as
+  Megatron-Core's local layers save them: checked against the peak of the tensors saved for
+  backward on CPU (``tests/test_memory_estimate.py``: C=1, C=2, bf16, dropout, MLA with a shared
+  expert, LayerNorm/GeLU/GQA with a dense layer, TP=2 with SP, selective and full recompute,
+  all within a few percent). The seq^2 attention probabilities (fp32 softmax, its bf16 copy,
+  the dropout mask) only with the local (unfused) attention; Transformer Engine's fused
+  attention keeps the softmax statistics only (the Transformer Engine terms are not measured
+  here: no GPU in the tests). Divided by TP where the layers split the tensors (the residual
+  stream under sequence parallelism). Times the micro-batches in flight on the pipeline stage
+  (1F1B: PP - stage; interleaved: Megatron-LM's 1 + (PP - 1) / (PP x VPP) factor), plus what
+  exists only for a moment: the loss's tensors (released first in backward) or one recomputed
+  unit. Selective recompute drops the recomputed modules' tensors (core_attn, moe, moe_act,
+  layernorm, shared_experts, mla_up_proj); full recompute keeps each unit's input. Not counted:
+  communication buffers, the allocator's fragmentation and the CUDA/NCCL contexts (a few GiB on
+  a GPU).
 """
 
 from __future__ import annotations
@@ -89,7 +96,7 @@ class RankMemory:
     grad_bytes: int = 0
     optimizer_bytes: int = 0
     activation_bytes: int = 0  # estimate, all micro-batches in flight
-    activation_per_microbatch: int = 0
+    activation_per_microbatch: int = 0  # estimate, the peak of one micro-batch
     in_flight: int = 1
     notes: list = field(default_factory=list)
 
@@ -211,11 +218,18 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
     h, n = arch.hidden_size, arch.num_attention_heads
     hd, ad = args.hidden_dropout, args.attention_dropout
 
-    # a norm keeps its input, its output and fp32 statistics (input and output with
-    # --recompute-modules layernorm: the input only)
-    keep_out = 0 if "layernorm" in modules else 1
-    norm = (T * h * e * (1 + keep_out) + T * 4) // sp
-    dropout = (T * h // sp) if hd > 0 else 0  # bool mask of the residual dropout
+    # RMSNorm keeps its input, the normalized input and fp32 statistics; LayerNorm its input
+    # and mean / rstd (its output is kept by the next linear); --recompute-modules layernorm:
+    # the input only
+    rms = arch.normalization == "RMSNorm"
+    keep_out = 0 if "layernorm" in modules else (1 if rms else 0)
+    # (the local RMSNorm computes in fp32: its tensors are fp32 under bf16 too)
+    ne = 4 if rms and impl == "local" else e
+    norm = (T * h * ne * (1 + keep_out) + T * (4 if rms else 8)) // sp
+    # dropout masks: the local layers keep a mask in the activations' dtype (torch's unfused
+    # dropout), Megatron-Core's fused bias-dropout-add a bool mask
+    mask_e = e if impl == "local" else 1
+    dropout = (T * h * mask_e // sp) if hd > 0 else 0
     if arch.multi_latent_attention:
         dq, dr, dv = arch.qk_head_dim, arch.qk_pos_emb_head_dim, arch.v_head_dim
         r, rq = arch.kv_lora_rank, arch.q_lora_rank or 0
@@ -231,7 +245,9 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
         attn = T * e * (2 * (n + 2 * g) * d + n * d + 2 * d) // tp
         nh = n
     if impl == "local":  # unfused softmax: the probabilities [b, n/tp, s, s] (+ dropout mask)
-        probs = b * (nh // tp) * s * s * (e + (1 if ad > 0 else 0))
+        # softmax in fp32 (Megatron-Core's attention_softmax_in_fp32 under bf16), cast back
+        per = (4 + (e if e != 4 else 0)) + (2 * e if ad > 0 else 0)  # + mask, dropped
+        probs = b * (nh // tp) * s * s * per
     else:  # flash/fused attention: no seq^2 tensor, the softmax statistics only
         probs = b * (nh // tp) * s * 4
     if "core_attn" in modules:
@@ -240,7 +256,8 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
     if not moe:
         ffn = arch.resolved("ffn_hidden_size")
         gated = 2 if arch.gated_linear_unit else 1
-        mlp = norm + dropout + T * e * ((gated + 2) * ffn) // tp
+        # fc1 input, its output (kept by the activation) and the activation's output
+        mlp = norm + dropout + T * e * (h // sp + (5 if gated == 2 else 2) * ffn // tp)
         return dict(attention=attention, mlp=mlp, mlp_input=mlp)
     E, k = arch.num_moe_experts, arch.moe_router_topk
     f = arch.resolved("moe_ffn_hidden_size")
@@ -248,14 +265,15 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
     gated = arch.gated_linear_unit
     tokens = T // sp  # tokens of this rank entering each pass
     routed_tokens = tokens * k * par.etp  # after the dispatch (gathered over expert-TP)
-    act = 0 if "moe_act" in modules else (f // par.etp)
+    fc1 = (2 if gated else 1) * f // par.etp  # one routed expert's fc1 output per rank
+    act = 0 if "moe_act" in modules else fc1
     per_pass = (tokens * h * e  # the pass input
                 + tokens * (E + 4 * k * 8 + 8)  # routing map, top-k indices, permutation
-                + routed_tokens * e * (h + h // 2 + h + (2 if gated else 1) * f // par.etp
-                                       + act)
+                # the expert input, fc1's output, the activation's input and output
+                + routed_tokens * e * (h + 2 * fc1 + act)
                 + routed_tokens * 4)  # routing probabilities
     if fs:
-        shared = T * e * (h + (4 if gated else 2) * fs + fs) // tp
+        shared = T * e * (h // sp + (5 if gated else 2) * fs // tp)
         if "shared_experts" in modules:
             shared = T * e * h // tp
         per_pass += shared
@@ -270,7 +288,10 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
 
 def stage_activations(arch: ModelArch, args, par: Parallel, impl: str, stage: int,
                       layers: list, vocab: int) -> tuple:
-    """``(peak bytes of one micro-batch on this stage, notes)``."""
+    """``(kept, transient, notes)``: the bytes one micro-batch keeps on this stage from its
+    forward to its backward, and the bytes held only for a moment on top (the loss's tensors,
+    released first in backward; one recomputed unit while it is recomputed). The peak of one
+    micro-batch is ``kept + transient``."""
     gran, method, num, modules = _recompute(args)
     sel = tuple(modules) if gran == "selective" else ()
     pattern = arch.moe_layer_pattern()
@@ -304,22 +325,26 @@ def stage_activations(arch: ModelArch, args, par: Parallel, impl: str, stage: in
     if impl == "local" and stage == 0:
         total += s * s  # the causal mask (bool), built once
     if stage == 0:
-        total += T * 8 + ((T * arch.hidden_size // sp) if args.hidden_dropout > 0 else 0)
+        mask_e = (e if impl == "local" else 1) if args.hidden_dropout > 0 else 0
+        total += T * 8 + T * arch.hidden_size * mask_e // sp  # token ids, embedding dropout
     head = 0
     if stage == par.pp - 1:  # final norm, output-layer input, fp32 logits of the loss
-        head = (2 * T * arch.hidden_size * e + T * 4) // sp + T * arch.hidden_size * e \
-            + T * vocab // par.tp * 4 + T * 9
+        rms = arch.normalization == "RMSNorm"
+        ne = 4 if rms and impl == "local" else e
+        head = (T * arch.hidden_size * ne * (2 if rms else 1) + T * (4 if rms else 8)) // sp \
+            + T * arch.hidden_size * e + T * vocab // par.tp * 4 + T * 9
     # the loss's tensors (head) are released at the start of backward, before any layer is
     # recomputed: the peak is at the end of forward or while a unit is recomputed
-    peak = total + max(head, extra_backward)
+    transient = max(head, extra_backward)
     notes = []
     if gran == "full":
-        notes.append(f"full recompute ({method}, {num} layers)")
+        notes.append(f"full recompute (uniform, {num} layer(s) per unit)" if method == "uniform"
+                     else f"full recompute (block, the first {num} layer(s) of the stage)")
     elif gran == "selective":
         notes.append("selective recompute (" + " ".join(modules) + ")")
     else:
         notes.append("no recompute")
-    return peak, notes
+    return total, transient, notes
 
 
 def in_flight(par: Parallel, stage: int, num_microbatches: int) -> float:
@@ -371,16 +396,19 @@ def estimate(args, world_size: int, vocab_size: int, impl: Optional[str] = None)
         r.dense_sharded, r.expert_sharded = sum(dense) + sum(shared_emb), sum(experts)
         r.optimizer_bytes = int(round(opt_per_elem * (r.dense_sharded / par.dp
                                                       + r.expert_sharded / par.expert_dp)))
-        per_mb, r.notes = stage_activations(arch, args, par, impl, stage, layers, vocab_size)
-        r.activation_per_microbatch = per_mb
+        kept, transient, r.notes = stage_activations(arch, args, par, impl, stage, layers,
+                                                     vocab_size)
+        r.activation_per_microbatch = kept + transient
         r.in_flight = in_flight(par, stage, num_mb)
-        r.activation_bytes = int(per_mb * r.in_flight)
+        # every micro-batch in flight keeps its tensors; one at a time is recomputed
+        r.activation_bytes = int(kept * r.in_flight + transient)
         out.append(r)
     return out
 
 
 def gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
+    v = n / GiB
+    return f"{v:.2f}" if v >= 0.1 or v == 0 else f"{v:.2g}"
 
 
 def startup_line(ranks: list, args) -> str:
