@@ -245,7 +245,7 @@ def test_megatron_lm_lr_decay_styles_follow_megatron_core(style):
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
-        sched.step(increment=1)
+        sched.step(increment=args.global_batch_size)  # in samples, as the trainer steps it
     assert lrs[:3] == pytest.approx([0.0, 1.5e-3, 3e-3])
     if style == "WSD":
         assert lrs[2:7] == pytest.approx([3e-3] * 5)  # stable until the last 4 decay steps

@@ -109,6 +109,11 @@ def test_megatron_lm_resumes_our_checkpoint_bit_identically(ours):
     assert got["rng"]["random"] == repr(saved["random"][1][:4])
     assert got["rng"]["numpy_key"] == [int(v) for v in saved["numpy"][1][:4]]
     assert got["rng"]["torch"] == saved["torch"][:16].tolist()
+    # a CPU run's CUDA streams: CUDA (Philox) states a GPU restores, seeded as Megatron-Core
+    # seeds them (--seed 1234; tensor / expert offsets 2718 / 1024)
+    assert got["rng"]["tracker_seeds"] == {"data-parallel-rng": 1234,
+                                           "model-parallel-rng": 1234 + 2718,
+                                           "expert-parallel-rng": 1234 + 1024}
     # optimizer + schedule: the next steps are the uninterrupted run's, bit for bit
     full = _records(ours / "full.jsonl", "train")
     assert got["train"] == {5: full[5], 6: full[6]}

@@ -185,9 +185,16 @@ def _rng_summary() -> dict:
     import numpy as np
     import torch
 
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    def philox_seed(state):  # a CUDA generator's state: seed, offset (int64 each)
+        return int.from_bytes(bytes(state[:8].tolist()), "little") if state.numel() == 16 else None
+
     return {"random": repr(random.getstate()[1][:4]), "numpy": int(np.random.get_state()[2]),
             "numpy_key": [int(v) for v in np.random.get_state()[1][:4]],
-            "torch": torch.get_rng_state()[:16].tolist()}
+            "torch": torch.get_rng_state()[:16].tolist(),
+            "tracker_seeds": {name: philox_seed(state)
+                              for name, state in get_cuda_rng_tracker().get_states().items()}}
 
 
 def train(out: str, train_iters: int, load, save, save_at, eval_iters: int) -> int:
