@@ -16,7 +16,7 @@ the 0.19 environment, skipped in the 0.16 one where ``megatron.training`` does n
 * A checkpoint in this trainer's older form (two chained optimizers at EP = 1, the scheduler in
   iterations, the router under ``mlp.routers.0``; written by ``megatron_coe.testing
   .old_checkpoint``) still resumes with optimizer and schedule, bit-identically (both
-  environments).
+  environments); so does an EP = 1 checkpoint (one optimizer) at EP = 2 (two).
 
 Each run: 1 CPU process, --mock-data, 2 layers, hidden 32.
 """
@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,25 @@ def test_megatron_lm_builds_the_tokenizer_our_checkpoint_names(ours, tmp_path):
     text = "Natalia sold clips to 48 of her friends in April, and then half as many in May."
     assert tok.tokenize(text) == ours_tok.tokenize(text)
     assert (tok.vocab_size, tok.eod) == (ours_tok.vocab_size, ours_tok.eod)
+
+
+@pytest.mark.timeout(600)
+def test_ep1_checkpoint_resumes_at_ep2_with_its_optimizer(tmp_path):
+    """One optimizer at EP = 1 (Megatron-LM's layout), two at EP = 2 (the experts' own): the
+    saved state is regrouped on load and the run goes on bit-identically."""
+    short = ["--train-iters", "4", "--eval-iters", "1", "--eval-interval", "100"]
+    _train([*short, "--metrics-file", "full.jsonl"], tmp_path)
+    _train([*short, "--exit-interval", "2", "--save", "ckpt"], tmp_path)
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                           "--master-port", str(port), "-m", "megatron_coe.train", *MOE, *short,
+                           "--expert-model-parallel-size", "2", "--load", "ckpt",
+                           "--metrics-file", "ep2.jsonl"], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "at iteration 2" in out, out[-3000:]
+    full = _records(tmp_path / "full.jsonl", "train")
+    assert _records(tmp_path / "ep2.jsonl", "train") == {3: full[3], 4: full[4]}
