@@ -269,3 +269,42 @@ def test_tool_prints_the_table_without_data(capsys):
     assert capsys.readouterr().err.strip() == (
         "estimate_memory: --num-experts 63 is not divisible by --expert-model-parallel-size 8: "
         "choose an EP size that divides the number of experts.")
+
+
+@pytest.mark.parametrize("n,pp,vpp,first,last", [
+    (8, 2, 1, None, None), (8, 2, 2, None, None), (12, 2, 3, None, None), (27, 2, 1, 13, None),
+    (10, 4, 1, 1, 3), (12, 2, 2, 2, None), (14, 3, 2, 2, 4)])
+def test_stage_layers_are_megatron_cores(n, pp, vpp, first, last):
+    """The layers of each pipeline rank (its virtual stages together) are the ones
+    Megatron-Core builds there (uneven first / last stages and virtual stages)."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from megatron_coe.testing.configs import tiny_config
+    from megatron_coe.training import memory
+
+    kw = dict(num_layers=n, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
+    if vpp > 1:
+        kw["virtual_pipeline_model_parallel_size"] = vpp
+    if first is not None:
+        kw["num_layers_in_first_pipeline_stage"] = first
+    if last is not None:
+        kw["num_layers_in_last_pipeline_stage"] = last
+    config = tiny_config(**kw)
+    want = []
+    for rank in range(pp):
+        layers = []
+        for v in range(vpp):
+            stage = v if vpp > 1 else None
+            offset = get_transformer_layer_offset(config, stage, rank)
+            layers += range(offset, offset + get_num_layers_to_build(config, stage, rank))
+        want.append(layers)
+    args = SimpleNamespace(
+        num_layers=n, pipeline_model_parallel_size=pp, decoder_first_pipeline_num_layers=first,
+        decoder_last_pipeline_num_layers=last, num_layers_per_virtual_pipeline_stage=None,
+        num_virtual_stages_per_pipeline_rank=vpp if vpp > 1 else None,
+        tensor_model_parallel_size=1, expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None, sequence_parallel=False)
+    assert memory.stage_layers(args, memory.parallel_of(args, pp)) == want

@@ -124,22 +124,22 @@ def stage_layers(args, par: Parallel) -> list:
     """``[[layer indices] per pipeline rank]``: even stages, Megatron-Core's uneven first/last
     (``--decoder-first/last-pipeline-num-layers``) and the virtual stages (a rank holds virtual
     stages rank, rank + PP, ...)."""
-    n, pp = args.num_layers, par.pp
+    n, pp, vpp = args.num_layers, par.pp, par.vpp
     first = getattr(args, "decoder_first_pipeline_num_layers", None)
     last = getattr(args, "decoder_last_pipeline_num_layers", None)
-    chunks = pp * par.vpp
-    if first is None and last is None:
-        sizes = [n // chunks] * chunks
-    else:
-        middle = n - (first or 0) - (last or 0)
-        inner = chunks - (first is not None) - (last is not None)
-        each = middle // inner if inner else 0
-        sizes = ([first] if first is not None else []) + [each] * inner + (
-            [last] if last is not None else [])
-    starts = [sum(sizes[:i]) for i in range(chunks)]
-    out = [[] for _ in range(pp)]
-    for c in range(chunks):
-        out[c % pp] += list(range(starts[c], starts[c] + sizes[c]))
+    middle_ranks = pp - (first is not None) - (last is not None)
+    middle = (n - (first or 0) - (last or 0)) // middle_ranks if middle_ranks else 0
+    per_rank = [middle] * pp  # layers of each pipeline rank, all its virtual stages together
+    if first is not None:
+        per_rank[0] = first
+    if last is not None:
+        per_rank[-1] = last
+    out, start = [[] for _ in range(pp)], 0
+    for _ in range(vpp):  # virtual stage v of rank 0, 1, ..., then v + 1
+        for rank in range(pp):
+            size = per_rank[rank] // vpp
+            out[rank] += list(range(start, start + size))
+            start += size
     return out
 
 
