@@ -112,6 +112,7 @@ BASE = {
     "coe_shared_router": False, "coe_router_init_method": "normal",
     # layout: 2 CPU processes, EP=2 (DP=2 for the dense part), fp32
     "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+    "decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
     "expert_model_parallel_size": 2, "expert_tensor_parallel_size": None,
     "sequence_parallel": False, "distributed_backend": "gloo", "transformer_impl": "local",
     "bf16": False, "fp8_format": None, "fp8_recipe": "delayed", "distributed_timeout_minutes": 10.0,
