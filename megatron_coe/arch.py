@@ -447,13 +447,15 @@ class ModelArch:
         for f in option_fields():
             if not f.metadata["function"] or f.metadata["shape"] or f.name in unused:
                 continue
-            a, b = self._function_value(f.name), other._function_value(f.name)
+            a, b = self.function_value(f.name), other.function_value(f.name)
             if a != b:
                 out.append((arg_name(f), flag_of(f), getattr(self, f.name),
                             getattr(other, f.name)))
         return out
 
-    def _function_value(self, name: str):
+    def function_value(self, name: str):
+        """The value of function field ``name`` as the model builds it (an unset YaRN field or
+        top-k scaling factor is its default)."""
         value = getattr(self, name)
         if value is None and name in ("original_max_position_embeddings", "beta_fast",
                                       "beta_slow"):
