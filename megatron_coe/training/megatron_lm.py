@@ -11,6 +11,13 @@ loading read them. This trainer's options already carry Megatron-LM's names; the
 what Megatron-LM derives or fixes elsewhere (``padded_vocab_size``, ``max_position_embeddings``,
 position embedding, bias, tying, ``ckpt_format``, ...), read from the built model.
 
+A standard-MoE (C=1) checkpoint crosses both ways with its whole training state: a one-pass
+layer's router has Megatron-Core's key (``match_router_keys`` reads older spellings); the
+optimizer is chained as Megatron-LM chains it (``regroup_optimizer_state`` for checkpoints
+chained otherwise); the scheduler counts samples (``scheduler_state`` converts older
+iteration-unit states); ``rng_state`` holds CUDA generator states a GPU restores
+(``cuda_rng_states``), and the tokenizer is one Megatron-LM builds (``tokenizer_dir``).
+
 A directory with dist_checkpointing's ``metadata.json`` but without this
 trainer's ``coe_checkpoint.json`` is a Megatron-LM checkpoint: ``read_meta`` turns its ``args``
 into this trainer's metadata (options under this trainer's names; a Megatron MoE is C=1, inner
