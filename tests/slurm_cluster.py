@@ -429,3 +429,17 @@ def cluster_logs(cluster: SlurmCluster, lines: int = 30) -> str:
     for p in sorted((cluster.base / "log").glob("*.log")):
         out.append(f"== {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def cluster_or_skip(nodes: int = 2, cpus_per_node: Optional[int] = None) -> Iterator[SlurmCluster]:
+    """``slurm_cluster`` for a pytest fixture: the test is skipped, with the reason, only when
+    SLURM is not installed and cannot be installed here."""
+    import pytest
+
+    try:
+        ensure_slurm_installed()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no SLURM: {e}")
+    with slurm_cluster(nodes=nodes, cpus_per_node=cpus_per_node) as c:
+        yield c

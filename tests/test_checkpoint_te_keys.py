@@ -151,20 +151,9 @@ def test_te_spec_is_megatron_cores_own_on_cpu():
 
 # --------------------------------------------------------------------------- trainer save / load
 def _setup(argv, world):
-    from megatron_coe.parallel import initialize_parallel
-    from megatron_coe.testing.train_args import explicit
-    from megatron_coe.training import options, setup
+    from megatron_coe.testing.trainer_parts import build_trainer_parts
 
-    args = options.parse_args(explicit(argv))
-    layout = setup.check_layout(args, world)
-    config = setup.build_model_config(args)
-    pg = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                             args.expert_model_parallel_size, args.expert_tensor_parallel_size,
-                             args.seed)
-    vocab = setup.padded_vocab_size(args.vocab_size, args)
-    model = setup.build_model(args, config, vocab, pg)
-    optimizer = setup.build_optimizer(args, model)
-    return args, layout, vocab, model, optimizer, setup.build_scheduler(args, optimizer)
+    return build_trainer_parts(argv, world)
 
 
 def _optimizers(optimizer):

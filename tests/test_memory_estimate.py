@@ -39,19 +39,10 @@ BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-experts 4
 
 
 def _build(argv, world):
-    from megatron_coe.parallel import initialize_parallel
-    from megatron_coe.testing.train_args import explicit
-    from megatron_coe.training import options, setup
+    from megatron_coe.testing.trainer_parts import build_trainer_parts
 
-    args = options.parse_args(explicit(argv))
-    setup.check_layout(args, world)
-    config = setup.build_model_config(args)
-    pg = initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                             args.expert_model_parallel_size, args.expert_tensor_parallel_size,
-                             args.seed)
-    vocab = setup.padded_vocab_size(args.vocab_size, args)
-    model = setup.build_model(args, config, vocab, pg)
-    return args, vocab, model
+    parts = build_trainer_parts(argv, world, optimizer=False)
+    return parts.args, parts.vocab, parts.model
 
 
 def _measure_state(rank, world, argv):

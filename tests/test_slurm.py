@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmUnavailable, cluster_logs, ensure_slurm_installed, slurm_cluster
+from slurm_cluster import cluster_logs, cluster_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
@@ -41,11 +41,7 @@ NODES_2 = ["--nodes=2", "--ntasks-per-node=1", "--time=10"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        ensure_slurm_installed()
-    except SlurmUnavailable as e:
-        pytest.skip(f"no SLURM: {e}")
-    with slurm_cluster(nodes=2) as c:   # own temp dir: munged needs o+x on every parent
+    with cluster_or_skip(nodes=2) as c:   # own temp dir: munged needs o+x on every parent
         yield c
 
 

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from slurm_cluster import SlurmUnavailable, cluster_logs, ensure_slurm_installed, slurm_cluster
+from slurm_cluster import cluster_logs, cluster_or_skip
 from test_slurm import PRETRAIN, REPO, TINY_CONFIG, _python_env, tiny_data  # noqa: F401
 
 ONE_ENV = not importlib.metadata.version("megatron-core").startswith("0.16")
@@ -35,11 +35,7 @@ ARGS = ["--micro-batch-size", "2", "--global-batch-size", "16", "--eval-iters", 
 @pytest.fixture(scope="module")
 def cluster4():
     """Two emulated nodes of 4 CPUs each (configured: SLURM schedules 4 tasks per node)."""
-    try:
-        ensure_slurm_installed()
-    except SlurmUnavailable as e:
-        pytest.skip(f"no SLURM: {e}")
-    with slurm_cluster(nodes=2, cpus_per_node=4) as c:
+    with cluster_or_skip(nodes=2, cpus_per_node=4) as c:
         yield c
 
 
@@ -71,18 +67,17 @@ def test_ep8_on_two_nodes_resumes_at_ep4_and_matches_ep1(cluster4, tiny_data, tm
 
     env = dict(DEVICE="cpu", CONFIG=TINY_CONFIG, DATA_PATH=str(tiny_data), RUN_DIR=str(tmp_path),
                RUN_NAME="ep8", **_python_env())
-    first = cluster4.submit(PRETRAIN, args=ARGS, name="coe-ep8", cwd=REPO, timeout=600,
-                            sbatch_args=["--nodes=2", "--ntasks-per-node=4", "--time=15"],
-                            env=dict(env, EP="8", TRAIN_ITERS="4"))
-    assert first.returncode == 0, first.output[-6000:] + cluster_logs(cluster4, 15)
-    assert "world=8 (2 nodes x 4) TP=1 PP=1 EP=8" in first.output
-    assert "resumed from" in first.output and "iter_0000002" in first.output
-    second = cluster4.submit(PRETRAIN, args=ARGS, name="coe-ep4", cwd=REPO, timeout=600,
-                             sbatch_args=["--nodes=1", "--ntasks-per-node=4", "--time=15"],
-                             env=dict(env, EP="4", TRAIN_ITERS="6"))
-    assert second.returncode == 0, second.output[-6000:] + cluster_logs(cluster4, 15)
-    assert "world=4 (1 nodes x 4) TP=1 PP=1 EP=4" in second.output
-    assert "resumed from" in second.output and "iter_0000004" in second.output
+    def job(name, nodes, ep, iters, resumed_from):
+        r = cluster4.submit(PRETRAIN, args=ARGS, name=name, cwd=REPO, timeout=600,
+                            sbatch_args=[f"--nodes={nodes}", "--ntasks-per-node=4", "--time=15"],
+                            env=dict(env, EP=str(ep), TRAIN_ITERS=str(iters)))
+        assert r.returncode == 0, r.output[-6000:] + cluster_logs(cluster4, 15)
+        assert f"world={4 * nodes} ({nodes} nodes x 4) TP=1 PP=1 EP={ep}" in r.output
+        assert "resumed from" in r.output and f"iter_{resumed_from:07d}" in r.output
+        return r
+
+    first = job("coe-ep8", nodes=2, ep=8, iters=4, resumed_from=2)
+    second = job("coe-ep4", nodes=1, ep=4, iters=6, resumed_from=4)
 
     ep8 = _losses(tmp_path / f"coe-ep8_{first.job_id}" / "tensorboard" / "metrics.jsonl")
     ep4 = _losses(tmp_path / f"coe-ep4_{second.job_id}" / "tensorboard" / "metrics.jsonl")

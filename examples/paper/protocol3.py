@@ -232,14 +232,6 @@ def _fmt(x, spec="+.4f"):
     return "-" if x is None else format(x, spec)
 
 
-def _interval(st: dict) -> str:
-    if not st["n"]:
-        return "-"
-    if st["n"] == 1:
-        return f"{st['mean']:+.4f} (n=1)"
-    return f"{st['mean']:+.4f} [{st['lo']:+.4f}, {st['hi']:+.4f}] (n={st['n']})"
-
-
 def report(summaries: dict, out: Path, opts) -> str:
     """results.md, results.csv (one row per verdict), runs.csv and the plots."""
     curves = {n: s["valid_curve"] for n, s in summaries.items()}
@@ -263,7 +255,7 @@ def report(summaries: dict, out: Path, opts) -> str:
         dec = v[key]
         q, step = key.split("@")
         st = dec["stats"]
-        L.append(f"| {q} | {step} | {dec['verdict']} | {_interval(st)} | {dec['reason']} |")
+        L.append(f"| {q} | {step} | {dec['verdict']} | {p2._interval(st)} | {dec['reason']} |")
         rows.append({"question": q, "step": step, "verdict": dec["verdict"], "n": st["n"],
                      "d_mean": st["mean"], "d_lo": st["lo"], "d_hi": st["hi"],
                      "d_values": " ".join(repr(x) for x in st.get("values", []))})
