@@ -229,8 +229,7 @@ def _megatron_internals_outside_compat():
 
 
 # private attributes of megatron_coe's own objects (not Megatron-Core's) used across its modules
-_OWN_PRIVATE = {("megatron_coe/conversion/hf_io.py", "_pad"),  # data/tokenizer.py's tokenizer
-                ("megatron_coe/conversion/megatron_ckpt.py", "_EXPERT_RE")}  # conversion/mapping.py
+_OWN_PRIVATE = {("megatron_coe/conversion/megatron_ckpt.py", "_EXPERT_RE")}  # conversion/mapping.py
 
 
 def test_private_attributes_outside_compat_are_registered_internals():

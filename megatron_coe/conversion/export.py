@@ -185,7 +185,7 @@ def _write_files(out: str, arch: ModelArch, get_layer, non_layer, fmt: str, tok,
     written = []
     token_ids = None
     if tok is not None:
-        token_ids = hf_io.write_tokenizer(out, tok, model_max_length=arch.max_position_embeddings)
+        token_ids = tok.save_for_transformers(out, model_max_length=arch.max_position_embeddings)
         written += list(hf_io.TOKENIZER_FILES)
     cfg = config_json(arch, fmt, token_ids, dtype=str(out_dtype).replace("torch.", ""))
     hf_io.write_json(os.path.join(out, "config.json"), cfg)

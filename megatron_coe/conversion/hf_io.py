@@ -11,6 +11,7 @@ from typing import Dict, Iterable, Optional
 import torch
 
 from megatron_coe.conversion.hf_config import ConversionError
+from megatron_coe.data.tokenizer import TRANSFORMERS_FILES as TOKENIZER_FILES  # the export writes them
 
 INDEX = "model.safetensors.index.json"
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_template")
@@ -311,22 +312,3 @@ def check_tokenizer(tokenizer_path: str, vocab_size: Optional[int] = None):
     return tok
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def write_tokenizer(out_dir: str, tok, model_max_length: Optional[int] = None) -> dict:
-    """``tokenizer.json`` + ``tokenizer_config.json`` (+ special tokens) of a ``check_tokenizer``
-    result for ``AutoTokenizer``. Returns the special token ids ({"eos": .., "pad": .., "bos": None})
-    for ``config.json``.
-    """
-    tok.hf_tokenizer.save(os.path.join(out_dir, "tokenizer.json"), pretty=True)
-    special = {"eos_token": tok.eod_token}
-    if tok.pad_token is not None:
-        special["pad_token"] = tok.pad_token
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
-                  add_bos_token=False, add_eos_token=False, **special)
-    if model_max_length:
-        config["model_max_length"] = int(model_max_length)
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
-    write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
-    return {"eos": tok.eod, "pad": tok._pad, "bos": None}

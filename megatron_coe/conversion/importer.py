@@ -362,18 +362,15 @@ def load_checkpoint_into(model, path: str) -> None:
     from megatron_coe import checkpointing
     from megatron_coe.conversion.megatron_ckpt import (SHARDING_METADATA, as_conversion_errors,
                                                        find_checkpoint_dir, read_meta)
+    from megatron_coe.models.checkpoint_keys import match_to_checkpoint
 
     path = find_checkpoint_dir(path)
     with as_conversion_errors():
         checkpointing.verify(path, read_meta(path))
     with cuda_device_redirect():
         state = {"model": model.sharded_state_dict(metadata=SHARDING_METADATA)}
-        from megatron_coe.training.megatron_lm import match_router_keys
-
-        match_router_keys(state["model"], path)  # C=1 router: mlp.router or (older) routers.0
-        from megatron_coe.training.checkpoint import match_checkpoint_keys
-
-        match_checkpoint_keys(state["model"], model.config, path)  # local / TE norm keys
+        # router (mlp.router or, older, routers.0) and local / TE norm spellings
+        match_to_checkpoint(state["model"], model.config, path)
         loaded = dist_checkpointing.load(state, path)
     model.load_state_dict(loaded["model"])
 

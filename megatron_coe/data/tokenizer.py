@@ -40,6 +40,8 @@ SPECIAL_TOKENS = (EOD_TOKEN, PAD_TOKEN)
 EOD_CANDIDATES = (EOD_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]")
 TOKENIZER_FILE = "tokenizer.json"
+# the files of a tokenizer directory for transformers.AutoTokenizer (save_for_transformers)
+TRANSFORMERS_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # 256 byte symbols + the special tokens: the smallest vocabulary a byte-level BPE can have.
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -169,6 +171,26 @@ class CoETokenizer:
         os.replace(tmp, path)
         self.path = path
         return path
+
+    def save_for_transformers(self, out_dir: str, model_max_length: Optional[int] = None) -> dict:
+        """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` in
+        ``out_dir``, the directory ``transformers.AutoTokenizer`` (and Megatron-LM's
+        ``HuggingFaceTokenizer``) loads. Returns the special token ids ({"eos", "pad", "bos"})
+        for an HF ``config.json``."""
+        tokenizer_json, config_json, special_json = TRANSFORMERS_FILES
+        self._tok.save(os.path.join(out_dir, tokenizer_json), pretty=True)
+        special = {"eos_token": self.eod_token}
+        if self.pad_token is not None:
+            special["pad_token"] = self.pad_token
+        config = dict(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
+                      add_bos_token=False, add_eos_token=False, **special)
+        if model_max_length:
+            config["model_max_length"] = int(model_max_length)
+        for name, obj in ((config_json, config), (special_json, special)):
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=False)
+                f.write("\n")
+        return {"eos": self._eod, "pad": self._pad, "bos": None}
 
     def __repr__(self) -> str:
         return (

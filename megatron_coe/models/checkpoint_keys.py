@@ -25,10 +25,11 @@ where TE is absent): which norm slot is a module and which is fused into the lin
 
 Uses: conversion names every tensor by its canonical (module) name (``canonical_suffix``, any
 spelling in); the trainer's ``--load`` respells the model's keys as the checkpoint spells them
-(``match_checkpoint``: the spelling recorded in the checkpoint's metadata under
+(``match_to_checkpoint``: the spelling recorded in the checkpoint's metadata under
 ``RECORD_KEY``, or for checkpoints without it, the one its keys show), so that a checkpoint of
 either spec loads into a model of the other, model and optimizer state (the distributed
-optimizer's keys are derived from the model's).
+optimizer's keys are derived from the model's); it also takes the checkpoint's spelling of a
+one-pass layer's router (``ROUTER_KEYS``).
 """
 
 from __future__ import annotations
@@ -275,3 +276,73 @@ def match_checkpoint(sharded_state_dict: dict, config, saved_keys: Iterable[str]
     if spelling is not None:
         respell_sharded(sharded_state_dict, config, spelling)
     return spelling
+
+
+# A one-pass (C=1) layer's router: Megatron-Core's MoELayer key, which this trainer saves
+# (ChainOfExpertsLayer.sharded_state_dict: Megatron-LM loads it as is), and the key checkpoints
+# written before that spell it with.
+ROUTER_KEYS = (".mlp.router.", ".mlp.routers.0.")
+
+
+def match_router_spelling(sharded_state_dict: dict, saved_keys: Iterable[str]) -> None:
+    """Rename a one-pass layer's router in the model's sharded state dict to the spelling the
+    checkpoint's ``saved_keys`` use (``ROUTER_KEYS``)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    saved = list(saved_keys)
+    for asked, stored in (ROUTER_KEYS, ROUTER_KEYS[::-1]):
+        if any(asked in key for key in saved) or not any(stored in key for key in saved):
+            continue  # the checkpoint has this spelling (or not the other): nothing to rename
+        for sharded in nested_values(sharded_state_dict):
+            key = getattr(sharded, "key", None)
+            if isinstance(key, str) and asked in key:
+                sharded.key = key.replace(asked, stored)
+
+
+def match_to_checkpoint(sharded_state_dict: dict, config, path: str) -> None:
+    """Collective: make the model's sharded state dict ask checkpoint ``path`` for what it holds,
+    under its keys, before ``dist_checkpointing.load`` (the trainer's ``--load`` and the HF
+    exporter's and importer's loads; the optimizer state built from it afterwards follows).
+
+    * a one-pass layer's router takes the checkpoint's spelling (``match_router_spelling``);
+    * norms that the local and the TE layer specs spell differently take the checkpoint's
+      spelling (``match_checkpoint``);
+    * a TE module's ``_extra_state`` (its FP8 scaling state) that the checkpoint lacks (saved by
+      the local spec) keeps the model's own;
+    * a tensor the checkpoint still lacks is refused on every rank in one line
+      (``CheckpointError``, not a ``KeyError`` from inside the load)."""
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import (LocalNonpersistentObject,
+                                                          ShardedObject, ShardedTensor,
+                                                          ShardedTensorFactory)
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    from megatron_coe import checkpointing
+
+    metadata = load_sharded_metadata(path)  # tensors by key, objects by unique key
+    saved = {sh.key for sh in metadata.values()}
+    match_router_spelling(sharded_state_dict, saved)
+    recorded = (checkpointing.read_meta_quiet(path) or {}).get(RECORD_KEY)
+    match_checkpoint(sharded_state_dict, config, saved, recorded)
+
+    def keep_own_extra_state(x):
+        if (isinstance(x, ShardedObject) and x.key.endswith("_extra_state")
+                and x.unique_key not in metadata):
+            return LocalNonpersistentObject(x.data)
+        return x
+
+    dict_list_map_inplace(keep_own_extra_state, sharded_state_dict)
+    missing = sorted({x.key for x in nested_values(sharded_state_dict)
+                      if isinstance(x, (ShardedTensor, ShardedTensorFactory))
+                      and x.key not in saved})
+    if torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, missing)
+        missing = sorted({k for part in everyone for k in part})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise checkpointing.CheckpointError(
+            f"--load: checkpoint {path} has no tensor {missing[0]}{more}, which this model needs: "
+            "it holds a different model; load a checkpoint of this model or give the "
+            "checkpoint's model options.")

@@ -123,62 +123,16 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def match_checkpoint_keys(model_sd: dict, config, path: str) -> None:
-    """Collective: make the model's sharded state dict ask checkpoint ``path`` for what it holds,
-    under its keys (the optimizer state built from ``model_sd`` afterwards follows).
-
-    * Norms that the local and the Transformer Engine layer specs spell differently take the
-      checkpoint's spelling (``models.checkpoint_keys``: the one its metadata records under
-      ``checkpoint_keys``, else the one its keys show): a CPU or imported checkpoint loads into
-      the TE model and a GPU one into the local model.
-    * A TE module's ``_extra_state`` (its FP8 scaling state) that the checkpoint lacks (saved by
-      the local spec) keeps the model's own.
-    * A tensor the checkpoint still lacks is refused on every rank in one line (not a
-      ``KeyError`` from inside the load)."""
-    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
-    from megatron.core.dist_checkpointing.mapping import (LocalNonpersistentObject,
-                                                          ShardedObject, ShardedTensor,
-                                                          ShardedTensorFactory)
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    from megatron_coe.models import checkpoint_keys
-
-    metadata = load_sharded_metadata(path)  # tensors by key, objects by unique key
-    saved = {sh.key for sh in metadata.values()}
-    recorded = (checkpointing.read_meta_quiet(path) or {}).get(checkpoint_keys.RECORD_KEY)
-    checkpoint_keys.match_checkpoint(model_sd, config, saved, recorded)
-
-    def keep_own_extra_state(x):
-        if (isinstance(x, ShardedObject) and x.key.endswith("_extra_state")
-                and x.unique_key not in metadata):
-            return LocalNonpersistentObject(x.data)
-        return x
-
-    dict_list_map_inplace(keep_own_extra_state, model_sd)
-    missing = sorted({x.key for x in nested_values(model_sd)
-                      if isinstance(x, (ShardedTensor, ShardedTensorFactory))
-                      and x.key not in saved})
-    if torch.distributed.is_initialized():
-        everyone = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(everyone, missing)
-        missing = sorted({k for part in everyone for k in part})
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"--load: checkpoint {path} has no tensor {missing[0]}{more}, which "
-                              "this model needs: it holds a different model; load a checkpoint "
-                              "of this model or give the checkpoint's model options.")
-
-
 def _sharded_state(model: list, optimizer, is_loading: bool,
                    load_from: Optional[str] = None) -> dict:
-    """``load_from``: the checkpoint being loaded, whose spelling of a one-pass layer's router
-    key the model's tensors take (``megatron_lm.match_router_keys``)."""
+    """``load_from``: the checkpoint being loaded, whose keys the model's tensors take
+    (``models.checkpoint_keys.match_to_checkpoint``: router and norm spellings)."""
+    from megatron_coe.models.checkpoint_keys import match_to_checkpoint
     from megatron_coe.training.setup import unwrap
 
     model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
     if load_from:
-        megatron_lm.match_router_keys(model_sd, load_from)
-        match_checkpoint_keys(model_sd, unwrap(model[0]).config, load_from)
+        match_to_checkpoint(model_sd, unwrap(model[0]).config, load_from)
     state = {"model": model_sd}
     if optimizer is not None:
         ensure_optimizer_state(optimizer)  # torch AdamW without Apex/TE (compat)

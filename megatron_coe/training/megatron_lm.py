@@ -12,7 +12,7 @@ what Megatron-LM derives or fixes elsewhere (``padded_vocab_size``, ``max_positi
 position embedding, bias, tying, ``ckpt_format``, ...), read from the built model.
 
 A standard-MoE (C=1) checkpoint crosses both ways with its whole training state: a one-pass
-layer's router has Megatron-Core's key (``match_router_keys`` reads older spellings); the
+layer's router has Megatron-Core's key (``models.checkpoint_keys`` reads older spellings); the
 optimizer is chained as Megatron-LM chains it (``regroup_optimizer_state`` for checkpoints
 chained otherwise); the scheduler counts samples (``scheduler_state`` converts older
 iteration-unit states); ``rng_state`` holds CUDA generator states a GPU restores
@@ -114,14 +114,13 @@ def tokenizer_dir(root: str, iteration: int, args: TrainArgs) -> Optional[str]:
 def write_tokenizer(tmp: str, args: TrainArgs) -> None:
     """Save the run's tokenizer into the iteration directory being written, as a directory
     ``AutoTokenizer`` (Megatron-LM's ``HuggingFaceTokenizer``) loads."""
-    from megatron_coe.conversion.hf_io import write_tokenizer as write_hf
     from megatron_coe.training.data import load_tokenizer
 
     if args.mock_data:
         return
     out = os.path.join(tmp, TOKENIZER_DIR)
     os.makedirs(out, exist_ok=True)
-    write_hf(out, load_tokenizer(args), args.seq_length)
+    load_tokenizer(args).save_for_transformers(out, args.seq_length)
 
 
 def philox_state(seed: int, offset: int = 0):
@@ -272,28 +271,6 @@ def read_meta(path: str) -> dict:
                 megatron_lm=True,
                 num_floating_point_operations_so_far=common.get(
                     "num_floating_point_operations_so_far", 0.0))
-
-
-ROUTER_KEYS = (".mlp.router.", ".mlp.routers.0.")  # Megatron-Core's MoELayer, this trainer's
-
-
-def match_router_keys(model_sharded_state: dict, path: str) -> None:
-    """Rename, in this trainer's model sharded state dict, a one-pass layer's router to the
-    spelling checkpoint ``path`` uses. A C=1 layer saves it under Megatron-Core's own key
-    ``mlp.router`` (``ChainOfExpertsLayer.sharded_state_dict``: Megatron-LM loads it as is);
-    checkpoints written before that, by this trainer, spell it ``mlp.routers.0``. The optimizer
-    state keys follow (they are derived from these)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-
-    saved = dist_checkpointing.load_tensors_metadata(path)
-    for asked, stored in (ROUTER_KEYS, ROUTER_KEYS[::-1]):
-        if any(asked in key for key in saved) or not any(stored in key for key in saved):
-            continue  # the checkpoint has this spelling (or not the other): nothing to rename
-        for sharded in nested_values(model_sharded_state):
-            key = getattr(sharded, "key", None)
-            if isinstance(key, str) and asked in key:
-                sharded.key = key.replace(asked, stored)
 
 
 def _plain_states(loaded: dict) -> list:

@@ -116,7 +116,7 @@ class ChainOfExpertsLayer(Float32Buffers, MoELayer):
         router under Megatron-Core's own ``MoELayer`` key ``{prefix}router.*`` (not
         ``routers.0.*``), so that Megatron-LM loads the checkpoint of a standard MoE as is.
         Only the checkpoint keys change (the module keeps ``routers.0``); loading a checkpoint
-        that spells it ``routers.0`` (older ones) is ``training.megatron_lm.match_router_keys``."""
+        that spells it ``routers.0`` (older ones) is ``models.checkpoint_keys.match_to_checkpoint``."""
         from megatron.core.dist_checkpointing.dict_utils import nested_values
 
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
