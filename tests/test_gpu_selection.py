@@ -142,7 +142,7 @@ def test_cli_on_a_cuda_machine_with_a_broken_te_exits_2_with_one_line():
     assert proc.stderr.strip() == (
         f"coe-train: error: Transformer Engine does not import on this CUDA machine "
         f"({TE_BROKEN}): fix the install (a TE built for this torch: the NVIDIA PyTorch "
-        "container's own, see the README's GPU install) or run without it with "
+        "container's own, see docs/parallelism-and-gpu.md, GPU install) or run without it with "
         "--transformer-impl local.")
     assert "start-up:" not in proc.stdout
 

@@ -177,8 +177,9 @@ def resolve_transformer_impl(args: TrainArgs, probe: Optional["DeviceProbe"] = N
     if error is not None:
         raise PrecisionError(
             f"Transformer Engine does not import on this CUDA machine ({error}): fix the "
-            "install (a TE built for this torch: the NVIDIA PyTorch container's own, see the "
-            "README's GPU install) or run without it with --transformer-impl local.")
+            "install (a TE built for this torch: the NVIDIA PyTorch container's own, see "
+            "docs/parallelism-and-gpu.md, GPU install) or run without it with "
+            "--transformer-impl local.")
     return TE
 
 
@@ -458,8 +459,8 @@ def check_fp8_device(args: TrainArgs, probe: Optional[DeviceProbe] = None) -> No
     if probe.te_error() is not None:
         raise PrecisionError(
             f"{what} needs Transformer Engine, which is not importable here "
-            f"({probe.te_error()}): install it (the NVIDIA PyTorch container's own; see the "
-            "README's GPU install) or drop --fp8-format.")
+            f"({probe.te_error()}): install it (the NVIDIA PyTorch container's own; see "
+            "docs/parallelism-and-gpu.md, GPU install) or drop --fp8-format.")
     need = FP8_MIN_CAPABILITY[args.fp8_recipe]
     have = tuple(probe.capability())
     if have < need:
