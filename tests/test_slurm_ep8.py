@@ -13,7 +13,6 @@ also covered in both environments by ``tests/test_slurm.py``.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -25,9 +24,7 @@ import pytest
 from slurm_cluster import cluster_logs, cluster_or_skip
 from test_slurm import PRETRAIN, REPO, TINY_CONFIG, _python_env, tiny_data  # noqa: F401
 
-ONE_ENV = not importlib.metadata.version("megatron-core").startswith("0.16")
-pytestmark = pytest.mark.skipif(
-    ONE_ENV, reason="eight-rank EP=8 run: the 0.16 environment runs it (suite-time budget)")
+pytestmark = pytest.mark.one_env  # eight gloo ranks: the 0.16 environment runs it
 ARGS = ["--micro-batch-size", "2", "--global-batch-size", "16", "--eval-iters", "0",
         "--log-interval", "1"]
 
