@@ -211,6 +211,7 @@ def test_a_first_cpu_run_is_quiet(quickstart_tree):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.one_env  # the commands do not depend on the release; the 0.16 environment runs them
 def test_readme_non_training_commands_run_as_written(quickstart_tree):
     tree, _ = quickstart_tree
     env = _env(PATH=f"{tree / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}",

@@ -29,6 +29,8 @@ import pytest
 
 from slurm_cluster import cluster_logs, cluster_or_skip
 
+pytestmark = pytest.mark.one_env  # SLURM mechanics (release-independent): the 0.16 env
+
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN = REPO / "slurm" / "pretrain.sbatch"
 CONVERT = REPO / "slurm" / "convert.sbatch"
