@@ -518,3 +518,19 @@ def test_results_page_numbers_follow_from_the_committed_csv():
                        ("megatron_moe_8_32", "moe_8_32", 1.5e-3)):
         st = diff(a, b, lr_a)
         assert f"{st['mean']:+.3f} [{st['lo']:+.3f}, {st['hi']:+.3f}]" in page, (a, st)
+
+
+def test_results_page_protocol3_verdicts_follow_from_the_committed_curves():
+    """RESULTS.md's protocol-3 verdict table and per-seed differences are the ones the rules
+    give from the committed curves (a re-run changing a curve changes the page or fails here)."""
+    p3 = _protocol3()
+    page = (BENCH.parent / "RESULTS.md").read_text()
+    v = p3.verdicts(p3.read_curves(p3.RESULTS_DIR / "curves"))
+    for key in ("Q1@500", "Q1@1000", "Q2@500", "Q2@1000", "Q3@1000"):
+        st, verdict = v[key]["stats"], v[key]["verdict"]
+        ci = f"{st['mean']:+.3f} [{st['lo']:+.3f}, {st['hi']:+.3f}] ({st['n']} seeds)"
+        rows = [ln for ln in page.splitlines() if ln.startswith("| ") and ci in ln]
+        assert rows and all(f"**{verdict}**" in ln for ln in rows), (key, ci, verdict)
+        if key.endswith("@1000"):
+            per_seed = ", ".join(f"{x:+.3f}" for x in st["values"]).replace("-0.000", "+0.000")
+            assert per_seed in page, (key, per_seed)
