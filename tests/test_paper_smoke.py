@@ -464,6 +464,26 @@ def test_protocol3_smoke(gsm8k_small, tmp_path):
     assert "3 of 25 runs finished" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(8 * 3600)
+def test_protocol3_full_run_reproduces_the_committed_curves(tmp_path):
+    """The whole of protocol 3 (25 runs, about 4-5 h on 2 cores), re-trained from scratch: every
+    validation curve equals the committed one and the report gives the committed verdicts."""
+    p3 = _protocol3()
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "protocol3.py"), "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=8 * 3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    fresh, committed = (p3.read_curves(d / "curves") for d in (out, p3.RESULTS_DIR))
+    assert set(fresh) == set(committed)
+    for run in committed:
+        assert fresh[run] == pytest.approx(committed[run], abs=1e-6), run
+    verdicts = lambda d: [(r["question"], r["step"], r["verdict"])  # noqa: E731
+                          for r in csv.DictReader(open(d / "results.csv"))]
+    assert verdicts(out) == verdicts(p3.RESULTS_DIR)
+
+
 def test_gpu_scale_protocol_plan_and_refusal_on_cpu():
     """The paper-size protocol: estimates from the trainer's own FLOPs and parameter counts;
     the runs themselves refuse to start without a GPU (one line)."""
