@@ -24,16 +24,25 @@ def initialize_parallel(
     expert_tensor_parallel_size: int | None = None,
     seed: int = 1234,
     distributed_timeout_minutes: float = 10.0,
+    context_parallel_size: int = 1,
 ) -> ProcessGroupCollection:
-    """Build TP/PP/EP/DP groups on the already-initialized default process group and seed RNGs.
+    """Build TP/PP/CP/EP/DP groups on the already-initialized default process group and seed
+    RNGs.
 
     Returns the ``ProcessGroupCollection`` that modules receive as ``pg_collection``.
     ``distributed_timeout_minutes`` is every new group's collective timeout (Megatron-Core's own
     default is 30 minutes; the trainer passes ``--distributed-timeout-minutes``).
+
+    With ``context_parallel_size`` > 1 Megatron-Core lays the ranks out as tp-cp-ep-dp-pp:
+    ``cp`` holds the ranks that share one sequence, ``dp`` the replicas that read different
+    samples, ``dp_cp`` both (DDP reduces the dense gradients and the distributed optimizer
+    shards over it), and the experts' own layout (EP x expert-TP x expert-DP per stage) folds CP
+    into the expert data-parallel group ``expt_dp``.
     """
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=distributed_timeout_minutes,

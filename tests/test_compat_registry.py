@@ -102,6 +102,9 @@ def _exercise(rank, world_size, directory):
     from megatron_coe.compat.te_layer_spec import te_layer_spec
 
     te_layer_spec(num_experts=2)  # the TE spec's checkpoint keys, read without TE
+    from megatron_coe.compat.context_parallel import batch_on_this_cp_rank
+
+    assert batch_on_this_cp_rank({"tokens": tokens}, pg.cp)["tokens"] is tokens  # CP 1: as is
     assert tiny_config(cuda_graph_impl="transformer_engine").coe_iterations == 2  # whole layers
     with write_results_queue_swapped(queue.Queue()), cuda_device_redirect():
         assert torch.zeros(1, device="cuda").device.type == "cpu"

@@ -284,8 +284,9 @@ def judge_perf(m: dict) -> Row:
 
 
 def judge_context_parallel(m: dict) -> Row:
-    return Row("", UNTESTED, m.get("why") or "the trainer has no --context-parallel-size; "
-               "context parallelism needs >= 2 GPUs to mean anything", "none on one GPU")
+    return Row("", UNTESTED, m.get("why") or "--context-parallel-size (Transformer Engine "
+               "attention only) needs >= 2 GPUs to mean anything; never run on a GPU",
+               "none on one GPU")
 
 
 def rows_from(measurements: dict, quick: bool) -> list:

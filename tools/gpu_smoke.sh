@@ -22,7 +22,7 @@
 #     --recompute-modules moe, over the same N steps: mean loss of the last 5 within 3% of bf16;
 #   (full) a tools/convert_from_hf.py checkpoint made on the CPU, loaded by the TE model: logits
 #     vs the Hugging Face model; CoE/MoE layer time ratio and MFU (tools/bench_coe_layer.py's
-#     FLOP count);  context parallelism: UNTESTED (one GPU).
+#     FLOP count);  context parallelism (--context-parallel-size): UNTESTED, it needs >= 2 GPUs.
 # The criteria are printed in the table (constants at the top of tools/gpu_acceptance.py).
 #
 # Exit status: 0 every row that ran passed; 1 a row failed (or none passed); 2 no CUDA device

@@ -161,6 +161,12 @@ REGISTRY: Tuple[Entry, ...] = (
            "load_common_state_dict / _legacy_common_state_exists (0.19.2 reads both)",),
           ALL, "--load of a checkpoint the installed release cannot read (0.19.2's saved under "
                "0.16.1) is refused in one line before loading"),
+    # ---------------------------------------------------------------- context_parallel
+    Entry("cp.batch_slicing", "context_parallel", "adaptation",
+          ("utils.py: get_batch_on_this_cp_rank(batch, cp_group) (0.16.1); "
+           "get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group, ...) (0.19.2)",),
+          ALL, "the trainer's forward step slices each micro-batch to this context-parallel "
+               "rank's load-balanced chunks through the installed signature"),
     # ---------------------------------------------------------------- async_checkpoint
     Entry("ckpt.async_strategy", "async_checkpoint", "adaptation",
           ("dist_checkpointing/serialization.py: save(async_sharded_save=True) takes "

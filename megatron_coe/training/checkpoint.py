@@ -284,7 +284,7 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
             print(f"note: {path} holds model weights only (converted checkpoint): starting at "
                   "iteration 0 with a new optimizer, LR schedule and data position.", flush=True)
     elif not args.no_load_rng:
-        if meta["layout"] == vars(layout):
+        if {"cp": 1, **meta["layout"]} == vars(layout):  # saved before --context-parallel-size: 1
             _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{rank:05d}.pt"),
                                       weights_only=False))
         elif rank == 0:

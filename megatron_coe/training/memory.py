@@ -12,16 +12,17 @@ Exact parts (what the trainer builds: ``setup.build_model`` / ``build_optimizer`
   on the first stage, the final norm and the output layer (untied, or the tied copy with PP > 1)
   on the last. They live in Megatron-Core DDP's parameter buffers (the distributed optimizer
   maps every parameter into one), which pad each parameter's start to 64 elements and each
-  bucket's end to a multiple of lcm(DP, 128); routed experts have their own buffer (expert
+  bucket's end to a multiple of lcm(DP x CP, 128); routed experts have their own buffer (expert
   data-parallel group) when EP > 1 or the expert-TP size differs from the TP size, and the
   embedding tied across pipeline stages its own bucket. bf16/fp16: 2 bytes, fp32: 4.
 * **gradients**: the same buffers' fp32 main-grad storage (``grad_reduce_in_fp32``): 4 bytes
   per element.
 * **optimizer**: Adam's two fp32 moments, plus the fp32 main parameters with bf16/fp16 (fp32
   parameters are their own main copy), sharded by the distributed optimizer: the dense buffer
-  over the data-parallel group, the expert buffer over the expert data-parallel group. The
-  shards hold the real parameter elements (not the padding): the number is the group's total
-  divided by its size; one rank's shard differs from it by at most the padding.
+  over the data-parallel group with the context-parallel ranks (DP x CP), the expert buffer
+  over the expert data-parallel group. The shards hold the real parameter elements (not the
+  padding): the number is the group's total divided by its size; one rank's shard differs
+  from it by at most the padding.
 
 Estimated part:
 
@@ -35,8 +36,11 @@ Estimated part:
   the dropout mask) only with the local (unfused) attention; Transformer Engine's fused
   attention keeps the softmax statistics only (the Transformer Engine terms are not measured
   here: no GPU in the tests). Divided by TP where the layers split the tensors (the residual
-  stream under sequence parallelism). Times the micro-batches in flight on the pipeline stage
-  (1F1B: PP - stage; interleaved: Megatron-LM's 1 + (PP - 1) / (PP x VPP) factor), plus what
+  stream under sequence parallelism), and by CP (``--context-parallel-size``: a rank holds
+  seq / CP tokens of each sequence; the keys and values Transformer Engine's context-parallel
+  attention receives from the other ranks are not counted). Times the micro-batches in flight
+  on the pipeline stage (1F1B: PP - stage; interleaved: Megatron-LM's 1 + (PP - 1) / (PP x VPP)
+  factor), plus what
   exists only for a moment: the loss's tensors (released first in backward) or one recomputed
   unit. Selective recompute drops the recomputed modules' tensors (core_attn, moe, moe_act,
   layernorm, shared_experts, mla_up_proj); full recompute keeps each unit's input. Not counted:
@@ -66,9 +70,15 @@ class Parallel:
     etp: int = 1
     vpp: int = 1
     sequence_parallel: bool = False
+    cp: int = 1
 
     @property
     def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def dp_cp(self) -> int:
+        """The data-parallel-with-CP group (DDP's dense buffers, the distributed optimizer)."""
         return self.world_size // (self.tp * self.pp)
 
     @property
@@ -117,7 +127,8 @@ def parallel_of(args, world_size: int) -> Parallel:
     return Parallel(world_size=world_size, tp=tp, pp=args.pipeline_model_parallel_size,
                     ep=args.expert_model_parallel_size,
                     etp=args.expert_tensor_parallel_size or tp, vpp=vpp,
-                    sequence_parallel=bool(args.sequence_parallel))
+                    sequence_parallel=bool(args.sequence_parallel),
+                    cp=getattr(args, "context_parallel_size", 1))
 
 
 def stage_layers(args, par: Parallel) -> list:
@@ -207,9 +218,11 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
                       modules: tuple = ()) -> dict:
     """Bytes one layer saves for backward for one micro-batch: ``{"attention", "mlp",
     "mlp_input"}`` (``mlp_input``: what the MLP keeps when the MoE chain is recomputed).
-    ``modules``: the selectively recomputed modules."""
+    ``modules``: the selectively recomputed modules. With context parallelism a rank holds
+    seq / CP tokens of each sequence (its queries attend to all seq keys)."""
     s, b = args.seq_length, args.micro_batch_size
-    T = s * b
+    sq = s // par.cp  # this rank's tokens (queries) of each sequence
+    T = sq * b
     bf16 = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False)
                 or getattr(args, "fp8_format", None))
     e = 2 if bf16 else 4
@@ -247,9 +260,9 @@ def layer_activations(arch: ModelArch, args, par: Parallel, impl: str, moe: bool
     if impl == "local":  # unfused softmax: the probabilities [b, n/tp, s, s] (+ dropout mask)
         # softmax in fp32 (Megatron-Core's attention_softmax_in_fp32 under bf16), cast back
         per = (4 + (e if e != 4 else 0)) + (2 * e if ad > 0 else 0)  # + mask, dropped
-        probs = b * (nh // tp) * s * s * per
+        probs = b * (nh // tp) * sq * s * per
     else:  # flash/fused attention: no seq^2 tensor, the softmax statistics only
-        probs = b * (nh // tp) * s * 4
+        probs = b * (nh // tp) * sq * 4
     if "core_attn" in modules:
         probs = 0
     attention = norm + attn + probs + dropout
@@ -296,7 +309,7 @@ def stage_activations(arch: ModelArch, args, par: Parallel, impl: str, stage: in
     sel = tuple(modules) if gran == "selective" else ()
     pattern = arch.moe_layer_pattern()
     s, b = args.seq_length, args.micro_batch_size
-    T = s * b
+    T = s // par.cp * b  # this rank's tokens (context parallelism: seq / CP of each sequence)
     bf16 = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False)
                 or getattr(args, "fp8_format", None))
     e = 2 if bf16 else 4
@@ -371,9 +384,10 @@ def estimate(args, world_size: int, vocab_size: int, impl: Optional[str] = None)
         raise ValueError(f"--num-experts {arch.num_moe_experts} is not divisible by "
                          f"--expert-model-parallel-size {par.ep}: choose an EP size that "
                          "divides the number of experts.")
-    if world_size % (par.tp * par.pp) or (world_size // par.pp) % (par.ep * par.etp):
-        raise ValueError(f"world size {world_size} does not fit TP {par.tp} x PP {par.pp} with "
-                         f"EP {par.ep} x expert-TP {par.etp}: change the sizes or the world size.")
+    if world_size % (par.tp * par.pp * par.cp) or (world_size // par.pp) % (par.ep * par.etp):
+        raise ValueError(f"world size {world_size} does not fit TP {par.tp} x PP {par.pp} x CP "
+                         f"{par.cp} with EP {par.ep} x expert-TP {par.etp}: change the sizes or "
+                         "the world size.")
     bf16 = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False)
                 or getattr(args, "fp8_format", None))
     p_bytes = 2 if bf16 else 4
@@ -384,8 +398,8 @@ def estimate(args, world_size: int, vocab_size: int, impl: Optional[str] = None)
     out = []
     for stage, layers in enumerate(stage_layers(args, par)):
         dense, experts, shared_emb = rank_tensors(arch, vocab_size, par, stage, layers, impl)
-        dense_buf = buffer_numel(dense, par.dp) + sum(buffer_numel([n], par.dp)
-                                                      for n in shared_emb)
+        dense_buf = buffer_numel(dense, par.dp_cp) + sum(buffer_numel([n], par.dp_cp)
+                                                         for n in shared_emb)
         expert_buf = buffer_numel(experts, par.expert_dp)
         r = RankMemory(stage=stage, layers=layers)
         r.params = sum(dense) + sum(experts) + sum(shared_emb)
@@ -394,7 +408,7 @@ def estimate(args, world_size: int, vocab_size: int, impl: Optional[str] = None)
         r.param_bytes = r.buffer_numel * p_bytes
         r.grad_bytes = r.buffer_numel * 4
         r.dense_sharded, r.expert_sharded = sum(dense) + sum(shared_emb), sum(experts)
-        r.optimizer_bytes = int(round(opt_per_elem * (r.dense_sharded / par.dp
+        r.optimizer_bytes = int(round(opt_per_elem * (r.dense_sharded / par.dp_cp
                                                       + r.expert_sharded / par.expert_dp)))
         kept, transient, r.notes = stage_activations(arch, args, par, impl, stage, layers,
                                                      vocab_size)
@@ -425,7 +439,8 @@ def startup_line(ranks: list, args) -> str:
 def table(ranks: list, args, world_size: int) -> str:
     """Markdown table, one row per pipeline stage."""
     par = parallel_of(args, world_size)
-    head = (f"layout: {world_size} ranks = TP {par.tp} x PP {par.pp} x DP {par.dp} "
+    cp = f" x CP {par.cp}" if par.cp > 1 else ""
+    head = (f"layout: {world_size} ranks = TP {par.tp} x PP {par.pp}{cp} x DP {par.dp} "
             f"(EP {par.ep}, expert-TP {par.etp}, expert-DP {par.expert_dp}); "
             f"C={args.coe_iterations}; micro-batch {args.micro_batch_size} x seq "
             f"{args.seq_length}; {', '.join(ranks[0].notes)}\n\n")

@@ -152,6 +152,14 @@ class TrainArgs(_ArchOptions):
                                           valid='>= 1')
     pipeline_model_parallel_size: int = opt(1, "Pipeline-parallel size.", model=True, group=P,
                                             valid='>= 1')
+    context_parallel_size: int = opt(
+        1, "Context-parallel size: each sequence split over this many ranks (Megatron-Core's "
+        "load-balanced 2 x CP chunks). Needs Transformer Engine's attention (a CUDA GPU; refused "
+        "on CPU and with --transformer-impl local) and --seq-length divisible by 2 x CP.",
+        model=True, group=P, valid='>= 1')
+    cp_comm_type: list = opt(
+        ["p2p"], "Context-parallel communication of the attention: p2p, a2a or allgather; one "
+        "for every layer, or one per layer (as many as --num-layers).", list_of=str, group=P)
     decoder_first_pipeline_num_layers: Optional[int] = opt(
         None, "Uneven pipeline: layers of the first stage (the other stages share the rest "
         "evenly; e.g. DeepSeek-V3's dense first layers).", type=int,
@@ -502,6 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
         group = groups[meta["group"]]
         default = f.default if f.default is not dataclasses.MISSING else None
+        if meta["list_of"] is not None:
+            default = f.default_factory() or None  # an empty list shows as None
         help_text = f"{meta['help']} (default: {default})"
         flag, dest = flag_name(f.name), f.name
         if meta["list_of"] is not None:
@@ -558,10 +568,39 @@ def check_ranges(args: TrainArgs) -> None:
                               f"range; valid: {valid}")
 
 
+# --cp-comm-type values Megatron-Core's TE attention takes; Megatron-LM's fourth, a2a+p2p, needs
+# its --hierarchical-context-parallel-sizes, which this trainer does not have
+CP_COMM_TYPES = ("p2p", "a2a", "allgather")
+
+
+def check_context_parallel(args: TrainArgs) -> None:
+    """``--cp-comm-type`` values and count, and Megatron-LM's ``--seq-length`` rule: a multiple
+    of 2 x ``--context-parallel-size`` (the load-balanced chunks). Whether the machine can run
+    context parallelism at all (Transformer Engine's attention) is ``setup.check_runtime``'s."""
+    types, cp = args.cp_comm_type, args.context_parallel_size
+    for t in types:
+        if t == "a2a+p2p":
+            raise OptionError("option cp_comm_type (--cp-comm-type): 'a2a+p2p' needs Megatron-LM's "
+                              "--hierarchical-context-parallel-sizes, which this trainer does not "
+                              f"have; valid: {', '.join(CP_COMM_TYPES)}")
+        if t not in CP_COMM_TYPES:
+            raise OptionError(f"option cp_comm_type (--cp-comm-type): {t!r} is not one of "
+                              f"{list(CP_COMM_TYPES)}")
+    if len(types) not in (1, args.num_layers):
+        raise OptionError(f"option cp_comm_type (--cp-comm-type): {len(types)} values for "
+                          f"--num-layers {args.num_layers}; valid: one for every layer, or one "
+                          "per layer")
+    if cp > 1 and args.seq_length % (2 * cp):
+        raise OptionError(f"option seq_length (--seq-length): {args.seq_length} is not a multiple "
+                          f"of 2 x --context-parallel-size {cp} = {2 * cp} (each sequence is "
+                          f"split into {2 * cp} chunks); valid: a multiple of {2 * cp}")
+
+
 def validate(args: TrainArgs) -> TrainArgs:
     """Ranges, then the rules between options that need only the options (see the docstring)."""
     check_ranges(args)
     check_required(args)
+    check_context_parallel(args)
     problems = arch.ModelArch.from_args(args).check()  # the rules between architecture fields
     if problems:
         raise OptionError(problems[0])

@@ -183,6 +183,21 @@ def resolve_transformer_impl(args: TrainArgs, probe: Optional["DeviceProbe"] = N
     return TE
 
 
+def check_context_parallel(args: TrainArgs, impl: str, cuda: bool) -> None:
+    """``--context-parallel-size`` > 1 only with Transformer Engine's attention (``impl``, as
+    ``resolve_transformer_impl`` chose it): Megatron-Core's local ``DotProductAttention`` has no
+    context parallelism (it asserts CP == 1). Refused in one line, never run with CP silently
+    dropped."""
+    cp = args.context_parallel_size
+    if cp == 1 or impl == TE:
+        return
+    fix = ("drop --transformer-impl local" if cuda else
+           "this machine has no CUDA GPU; use --context-parallel-size 1 on CPU")
+    raise PrecisionError(f"--context-parallel-size {cp} needs Transformer Engine's attention "
+                         "(Megatron-Core's local attention has no context parallelism): "
+                         f"{fix}.")
+
+
 # --------------------------------------------------------------------------- fusions
 # (config field, command-line option that turns it off or on, short name in the start-up line)
 FUSIONS = (

@@ -33,12 +33,14 @@ def check_runtime(args: TrainArgs) -> None:
     """GPU-only features refused on a CPU machine, with the option to change.
 
     FP8: a CUDA device, Transformer Engine and a GPU of the recipe's class
-    (``precision.check_fp8_device``; ``PrecisionError`` is a ``SetupError``).
+    (``precision.check_fp8_device``; ``PrecisionError`` is a ``SetupError``). Context
+    parallelism: Transformer Engine's attention (``precision.check_context_parallel``).
     """
     precision.check_fp8_device(args)
     # a CUDA machine whose Transformer Engine does not import: refused unless --transformer-impl
     # local (never a silent fall back to the local layers)
-    precision.resolve_transformer_impl(args)
+    impl = precision.resolve_transformer_impl(args)
+    precision.check_context_parallel(args, impl, use_cuda())  # TE attention only
     precision.check_flex_dispatcher(args)  # DeepEP / HybridEP, on every machine
     if use_cuda():
         precision.check_cuda_max_connections(
@@ -73,7 +75,9 @@ def transformer_impl(args: TrainArgs) -> str:
 
 @dataclass
 class Layout:
-    """Parallel layout of this job (sizes only; Megatron's parallel_state holds the groups)."""
+    """Parallel layout of this job (sizes only; Megatron's parallel_state holds the groups).
+    world_size = tp x pp x cp x dp; ``cp`` last, so that the layouts recorded by checkpoints
+    saved before it existed read as cp 1 (``checkpoint.load_checkpoint``)."""
 
     world_size: int
     tp: int
@@ -81,6 +85,7 @@ class Layout:
     ep: int
     dp: int
     num_microbatches: int
+    cp: int = 1
 
 
 def stage_layers(args: TrainArgs, pp: int) -> list:
@@ -136,14 +141,19 @@ def _check_stages_have_coe_layers(args: TrainArgs, sizes: list) -> None:
 
 
 def check_layout(args: TrainArgs, world_size: int) -> Layout:
-    """Parallel sizes and batch arithmetic; errors say what to change."""
-    tp, pp, ep = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                  args.expert_model_parallel_size)
+    """Parallel sizes and batch arithmetic; errors say what to change.
+
+    world = TP x PP x CP x DP (Megatron-Core's order tp-cp-ep-dp-pp); the experts' layout
+    (EP x expert-TP x expert-DP per pipeline stage) folds CP into the expert data-parallel size.
+    """
+    tp, pp, ep, cp = (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                      args.expert_model_parallel_size, args.context_parallel_size)
     etp = args.expert_tensor_parallel_size or tp
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         raise SetupError(f"world size {world_size} is not divisible by tensor-parallel {tp} x "
-                         f"pipeline-parallel {pp}: change --tensor-model-parallel-size / "
-                         "--pipeline-model-parallel-size or the number of processes.")
+                         f"pipeline-parallel {pp} x context-parallel {cp}: change "
+                         "--tensor-model-parallel-size / --pipeline-model-parallel-size / "
+                         "--context-parallel-size or the number of processes.")
     if (world_size // pp) % (ep * etp):
         raise SetupError(f"world size {world_size} / pipeline-parallel {pp} is not divisible by "
                          f"expert-parallel {ep} x expert-tensor-parallel {etp}: change "
@@ -152,7 +162,7 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
     if tp > 1 and not args.sequence_parallel:
         raise SetupError("MoE/CoE layers with tensor parallelism need --sequence-parallel.")
     _check_stages_have_coe_layers(args, sizes)
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
         lower = max(per_step, args.global_batch_size // per_step * per_step)
@@ -160,8 +170,9 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}: use a multiple of "
             f"{per_step} (e.g. {lower} or {lower + per_step}) or change --micro-batch-size "
-            "(data-parallel size = processes / (tensor-parallel x pipeline-parallel)).")
-    layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step)
+            "(data-parallel size = processes / (tensor-parallel x pipeline-parallel x "
+            "context-parallel)).")
+    layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step, cp)
     check_attention_memory(args, layout)
     return layout
 
@@ -278,6 +289,9 @@ def _build_model_config(args: TrainArgs):
     kw.update(add_bias_linear=False, variable_seq_lengths=False)
     if args.recompute_modules:  # (options.validate made the granularity selective)
         kw.update(recompute_modules=list(args.recompute_modules))
+    # as Megatron-LM: one value for every layer is a string, several are the per-layer list
+    types = list(args.cp_comm_type)
+    kw.update(cp_comm_type=types[0] if len(types) == 1 else types)
     # dtypes, transformer_impl, grouped GEMM and, for FP8, the recipe + router padding
     kw.update(precision_plan(args).config)
     kw.update(fusion_plan(args).config)  # GPU: Megatron-LM's fusions whose kernels import

@@ -78,7 +78,12 @@ _PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|peer", re.IGNORE
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Megatron 0.16 3-tuple: (summed loss, token count, {'lm loss': [sum, count]}).
 
-    The schedule divides the sum by the count and by the number of micro-batches.
+    The schedule divides the sum by the count and by the number of micro-batches. With context
+    parallelism each rank sees its share of the tokens (``on_this_cp_rank``), as in Megatron-LM's
+    ``loss_func``: the report's sums and counts are added over all ranks
+    (``metrics.reduce_lm_loss``; Megatron-LM adds them over the data-parallel-with-CP group), and
+    the gradients of the ranks' partial means are averaged over that group by Megatron-Core's
+    DDP.
     """
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
@@ -86,6 +91,24 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss.detach().clone(), mask.sum().detach()])
     return loss, num_tokens, {"lm loss": report}
+
+
+SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def on_this_cp_rank(batch: dict, attention_mask: torch.Tensor, cp_group) -> dict:
+    """The micro-batch's sequence tensors and the causal ``attention_mask`` [1, 1, s, s], as
+    this context-parallel rank sees them: with CP > 1 its two load-balanced chunks of each
+    sequence (of 2 x CP; the mask's query rows), by Megatron-Core's ``get_batch_on_this_cp_rank``
+    as Megatron-LM's ``get_batch`` does; with CP = 1 unchanged. Other keys (``dataset_id``) are
+    dropped."""
+    out = {key: batch[key] for key in SEQUENCE_KEYS}
+    out["attention_mask"] = attention_mask
+    if cp_group.size() > 1:
+        from megatron_coe.compat.context_parallel import batch_on_this_cp_rank
+
+        out = batch_on_this_cp_rank(out, cp_group)
+    return out
 
 
 @dataclass
@@ -104,7 +127,8 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
     setup.check_runtime(args)
     timelimit.check(args)
     if args.global_batch_size is None:  # Megatron-LM: one micro-batch per data-parallel rank
-        model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        model_parallel = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+                          * args.context_parallel_size)
         args.global_batch_size = args.micro_batch_size * max(1, world_size // model_parallel)
     layout = setup.check_layout(args, world_size)
     metrics.check_wandb(args)
@@ -195,7 +219,8 @@ class Trainer:
             self.pg_collection = initialize_parallel(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed,
-                distributed_timeout_minutes=args.distributed_timeout_minutes)  # also seeds
+                distributed_timeout_minutes=args.distributed_timeout_minutes,
+                context_parallel_size=args.context_parallel_size)  # also seeds
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
             with setup.dataset_build_timeout(args):  # rank 0 builds indices, others wait
@@ -311,9 +336,9 @@ class Trainer:
         os.replace(tmp, path)
 
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        batch = on_this_cp_rank(next(data_iterator), self.attention_mask, self.pg_collection.cp)
         with outside_cuda_device_redirect():  # the schedule needs the redirect, the model not
-            output = model(batch["tokens"], batch["position_ids"], self.attention_mask,
+            output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
                            labels=batch["labels"])
         return output, partial(loss_func, batch["loss_mask"])
 
