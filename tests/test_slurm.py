@@ -135,7 +135,9 @@ def test_srun_spans_two_emulated_nodes(cluster, tmp_path):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("layout, args, message", [
     (dict(EP="3"), [], r"not divisible by EP=3 x ETP=1"),
-    (dict(TP="4"), [], r"world size 2 .* not divisible by TP=4 x PP=1"),
+    (dict(TP="4"), [], r"world size 2 .* not divisible by TP=4 x PP=1 x CP=1"),
+    (dict(CP="4"), [], r"world size 2 .* not divisible by TP=1 x PP=1 x CP=4"),
+    (dict(CP="0"), [], r"CP=0 must be a positive integer"),
     (dict(EP="2", ETP="2"), [], r"not divisible by EP=2 x ETP=2"),
     (dict(EP="2"), ["--num-experts", "15"], r"num_experts=15 \(--num-experts\) is not divisible"),
 ])
@@ -153,10 +155,11 @@ def test_dry_run_resolves_master_and_layout(cluster, tmp_path):
     assert r.returncode == 0, _explain(r, cluster)
     # n1 does not resolve: the script falls back to its NodeAddr; the port comes from the job id
     assert f"master=127.0.0.1:{10000 + int(r.job_id) % 20000}" in r.output, r.output
-    assert "world=2 (2 nodes x 1) TP=1 PP=1 EP=2 ETP=1 -> DP=2 expert-DP=1" in r.output
+    assert "world=2 (2 nodes x 1) TP=1 PP=1 CP=1 EP=2 ETP=1 -> DP=2 expert-DP=1" in r.output
     assert f"checkpoints={tmp_path}/checkpoints/coe-dry" in r.output
     assert f"logs={tmp_path}/coe-dry_{r.job_id}" in r.output
     assert "--moe-router-dtype fp32" in r.output, r.output   # the routers in fp32 (issue 19)
+    assert "--context-parallel-size 1" in r.output, r.output
 
 
 LAUNCH_ENV = ("CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_DUMP_ON_TIMEOUT",
@@ -270,7 +273,7 @@ def test_convert_job_runs_the_converter(cluster, tmp_path):
 def test_pretrain_two_nodes_expert_parallel(cluster, reference):
     r, run_dir = reference["result"], reference["run_dir"]
     assert r.returncode == 0, _explain(r, cluster)
-    assert "world=2 (2 nodes x 1) TP=1 PP=1 EP=2" in r.output
+    assert "world=2 (2 nodes x 1) TP=1 PP=1 CP=1 EP=2" in r.output
     losses = _metrics(run_dir, "coe-ref", r.job_id)
     assert sorted(losses) == list(range(1, TRAIN_ITERS + 1)), losses
     first = sum(losses[i] for i in (1, 2, 3)) / 3

@@ -69,7 +69,7 @@ def test_ep8_on_two_nodes_resumes_at_ep4_and_matches_ep1(cluster4, tiny_data, tm
                             sbatch_args=[f"--nodes={nodes}", "--ntasks-per-node=4", "--time=15"],
                             env=dict(env, EP=str(ep), TRAIN_ITERS=str(iters)))
         assert r.returncode == 0, r.output[-6000:] + cluster_logs(cluster4, 15)
-        assert f"world={4 * nodes} ({nodes} nodes x 4) TP=1 PP=1 EP={ep}" in r.output
+        assert f"world={4 * nodes} ({nodes} nodes x 4) TP=1 PP=1 CP=1 EP={ep}" in r.output
         assert "resumed from" in r.output and f"iter_{resumed_from:07d}" in r.output
         return r
 
