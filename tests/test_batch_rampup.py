@@ -169,6 +169,12 @@ def test_two_rank_ramp_follows_the_calculator_and_resumes_bit_exact(tmp_path):
     # aux losses are per-micro-batch means whether a rank runs 2 or 6 micro-batches
     aux = [v for r in steps for v in r["aux"].values()]
     assert aux and all(0.9 < v < 1.2 for v in aux), aux
+    # Megatron-LM's args in the checkpoint: the run's sample-based values, its derived steps
+    from megatron.core import dist_checkpointing
+
+    ns = dist_checkpointing.load_common_state_dict(str(tmp_path / "ckpt/iter_0000003"))["args"]
+    assert (ns.train_samples, ns.rampup_batch_size, ns.lr_warmup_samples, ns.train_iters,
+            ns.consumed_train_samples) == (60, [4, 4, 24], 8, 7, 12)
     # iteration 3 (12 samples): the next step is the first of global batch 8
     (tmp_path / "ckpt/latest_checkpointed_iteration.txt").write_text("3")
     log = run([*RUN, "--load", tmp_path / "ckpt", "--metrics-file", tmp_path / "resumed.jsonl"],
