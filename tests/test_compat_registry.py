@@ -119,6 +119,11 @@ def _exercise(rank, world_size, directory):
     from megatron_coe.compat.dist_checkpointing import common_state_unreadable
 
     assert common_state_unreadable(directory) is None  # what this release saved, it reads
+    from megatron_coe.compat.batch_rampup import num_microbatches_calculator
+
+    ramp = num_microbatches_calculator(12, 1, 2, (4, 4, 24))  # --rampup-batch-size 4 4 24
+    ramp.update(12, consistency_check=True)
+    assert (ramp.get_current_global_batch_size(), ramp.get()) == (8, 4)
     model(tokens, torch.arange(8).expand(2, -1), None, labels=tokens)
     aux = reduce_aux_losses(1, pg)  # across ranks through the installed tracker API, then cleared
     assert {"z_loss_pass1", "z_loss_pass2"} <= set(aux), aux

@@ -16,6 +16,8 @@ with the versions it applies to; ``python -m megatron_coe.compat`` prints the ta
                               state (0.16.1: common.pt; 0.19.2: inside the shards)
     async_checkpoint          --async-save through Megatron-Core's own async writer
     context_parallel          a micro-batch sliced to this context-parallel rank (both signatures)
+    batch_rampup              --rampup-batch-size: Megatron-Core's ramp calculator (<0.18) or the
+                              same ramp as a step schedule (>=0.18)
     mla_q_norm                DeepSeek-V2 MLA without query compression builds no q norm (0.19)
     mla_latent_eps            the latent norms keep their eps through the q/kv norm resolver (0.19)
     float32_buffers           count buffers stay float32 when Float16Module casts a model to bf16

@@ -173,6 +173,15 @@ REGISTRY: Tuple[Entry, ...] = (
            "async_strategy (>=0.17, default 'nvrx' = nvidia-resiliency-ext); Megatron-Core's own "
            "async writer is 'mcore' (the only one before 0.17)",),
           ALL, "--async-save requests Megatron-Core's own async writer in every release"),
+    # ---------------------------------------------------------------- batch_rampup
+    Entry("batch.rampup_calculator", "batch_rampup", "adaptation",
+          ("num_microbatches_calculator.py: RampupBatchsizeNumMicroBatchesCalculator (<0.18)",),
+          ">=0.16.1,<0.18", "--rampup-batch-size is Megatron-Core's ramp calculator"),
+    Entry("batch.rampup_step_schedule", "batch_rampup", "adaptation",
+          ("num_microbatches_calculator.py: StepBatchsizeNumMicroBatchesCalculator (>=0.18; the "
+           "ramp calculator removed, Megatron-LM's --rampup-batch-size ignored)",),
+          ">=0.18", "--rampup-batch-size is a step schedule with the ramp calculator's "
+                    "thresholds (the same batch at every consumed-sample count)"),
     # ---------------------------------------------------------------- optimizer_state
     Entry("optim.fresh_adam_state", "optimizer_state", "adaptation",
           ("optimizer/distrib_optimizer.py: DistributedOptimizer.state_dict reads state['step'] "

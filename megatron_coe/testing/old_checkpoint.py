@@ -19,7 +19,7 @@ import sys
 
 def install() -> None:
     from megatron_coe import checkpointing
-    from megatron_coe.training import setup
+    from megatron_coe.training import options, setup
     from megatron_coe.transformer.coe_layer import ChainOfExpertsLayer
 
     def mark_routed_experts(model) -> None:
@@ -33,7 +33,7 @@ def install() -> None:
         decay = args.lr_decay_iters or args.train_iters
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-            lr_warmup_steps=setup.warmup_iters(args), lr_decay_steps=decay,
+            lr_warmup_steps=options.lr_lengths(args)[0], lr_decay_steps=decay,
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
             end_wd=args.weight_decay, wd_incr_steps=args.train_iters, wd_incr_style="constant",
             wsd_decay_steps=args.lr_wsd_decay_iters, lr_wsd_decay_style=args.lr_wsd_decay_style)

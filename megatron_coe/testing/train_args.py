@@ -62,5 +62,7 @@ def explicit(argv: list, **overrides) -> list:
     (``overrides`` replace those values)."""
     argv = [str(a) for a in argv]
     have = given(argv)
+    if "train_samples" in have:  # sample-based training: no --train-iters
+        have.add("train_iters")
     missing = {n: v for n, v in dict(PREVIOUS_DEFAULTS, **overrides).items() if n not in have}
     return argv + flags(missing)

@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from megatron_coe.training.options import TrainArgs
-from megatron_coe.training.setup import SetupError
+from megatron_coe.training.setup import SetupError, train_iters_and_samples
 
 
 class MockDataset(torch.utils.data.Dataset):
@@ -45,8 +45,12 @@ class MockTokenizer:
 
 
 def num_samples(args: TrainArgs) -> tuple[int, int, int]:
-    """(train, valid, test) samples the run reads."""
-    train = args.train_iters * args.global_batch_size
+    """(train, valid, test) samples the run reads (train: --train-samples as in Megatron-LM, or
+    what the steps take when a run ending on the batch ramp takes more)."""
+    if args.train_samples is not None:
+        train = max(args.train_samples, train_iters_and_samples(args)[1])
+    else:
+        train = args.train_iters * args.global_batch_size
     valid = args.eval_iters * args.global_batch_size
     return train, valid, 0
 

@@ -72,7 +72,8 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
         num_experts=args.num_experts, mtp_num_layers=None, spec=None,
         ckpt_format="torch_dist", use_dist_ckpt=True, use_distributed_optimizer=True,
         dist_ckpt_optim_fully_reshardable=True, iteration=iteration,
-        consumed_train_samples=consumed, consumed_valid_samples=0, train_samples=None,
+        consumed_train_samples=consumed, consumed_valid_samples=0,
+        rampup_batch_size=args.rampup_batch_size or None,  # Megatron-LM's unset value
         world_size=layout.world_size, data_parallel_size=layout.dp,
         virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
         moe_grouped_gemm=bool(config.moe_grouped_gemm),  # resolved: unset = the layers' choice

@@ -10,6 +10,9 @@ All ranks take part in the reductions (they are collectives); only global rank 0
   over all ranks (data/expert/sequence shards see disjoint tokens, pipeline stages own disjoint
   layers) since the last log line; with token dropping also the dropped fraction of each
   (layer, pass)'s expert choices (capacity is per pass, on that pass's routing).
+* global batch: each step's (the ``--rampup-batch-size`` ramp's current size) and the samples
+  consumed after it, in every JSONL record (``global_batch_size``, ``consumed_samples``) and as
+  TensorBoard's ``train/batch_size``; throughput and FLOPs per step use it.
 * model FLOPs per step count attention, the router, C x top-k routed experts and the shared
   expert of every pass, and the output layer (x3 for forward + backward). MFU needs a peak:
   ``--peak-tflops`` or a known GPU.
@@ -221,10 +224,10 @@ def _fmt_time(seconds: float) -> str:
 class MetricsWriter:
     """Rank 0: progress lines, JSONL (one record per train step / validation) and TensorBoard."""
 
-    def __init__(self, args: TrainArgs, flops_per_step: float, world_size: int):
+    def __init__(self, args: TrainArgs, flops_per_sample: float, world_size: int):
         self.args = args
         self.rank0 = torch.distributed.get_rank() == 0
-        self.flops_per_step = flops_per_step
+        self.flops_per_sample = flops_per_sample
         self.world_size = world_size
         self.peak = peak_flops_per_device(args)
         self.gpu = GpuMonitor() if self.rank0 else None
@@ -261,24 +264,28 @@ class MetricsWriter:
             self.wandb.log(values, step=step)
 
     def train_step(self, iteration: int, loss: float, lr: float, grad_norm, step_time: float,
-                   aux: dict, imbalance: Optional[dict]) -> None:
+                   aux: dict, imbalance: Optional[dict], global_batch: int,
+                   consumed: int) -> None:
+        """Step ``iteration`` of ``global_batch`` samples (the batch ramp's current size), after
+        which ``consumed`` samples are consumed."""
         if not self.rank0:
             return
         self.step_times = (self.step_times + [step_time])[-20:]
-        tokens = self.args.global_batch_size * self.args.seq_length
-        tok_s = tokens / step_time
+        tok_s = global_batch * self.args.seq_length / step_time
+        flops = self.flops_per_sample * global_batch
         gn = float(grad_norm) if grad_norm is not None else None
         per_pass = summarize_passes(aux)
         record = dict(type="train", iteration=iteration, lm_loss=loss, lr=lr, grad_norm=gn,
+                      global_batch_size=global_batch, consumed_samples=consumed,
                       step_time_s=step_time, tokens_per_s=tok_s,
-                      model_tflops_per_step=self.flops_per_step / 1e12, aux=per_pass)
+                      model_tflops_per_step=flops / 1e12, aux=per_pass)
         scalars = {"train/lm_loss": loss, "train/lr": lr, "train/tokens_per_s": tok_s,
-                   "train/step_time_ms": step_time * 1e3,
-                   "train/model_tflops_per_step": self.flops_per_step / 1e12}
+                   "train/step_time_ms": step_time * 1e3, "train/batch_size": global_batch,
+                   "train/model_tflops_per_step": flops / 1e12}
         if gn is not None:
             scalars["train/grad_norm"] = gn
         if self.peak:
-            record["mfu"] = self.flops_per_step / (step_time * self.world_size * self.peak)
+            record["mfu"] = flops / (step_time * self.world_size * self.peak)
             scalars["train/mfu"] = record["mfu"]
         for name, values in aux.items():
             scalars[f"aux/{name}"] = per_pass[name]
@@ -304,10 +311,10 @@ class MetricsWriter:
         self._scalars(scalars, iteration)
         if imbalance is not None:  # a log-interval step
             self._print(iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance,
-                        record.get("mfu"), record.get("max_memory_allocated_gib"))
+                        record.get("mfu"), record.get("max_memory_allocated_gib"), global_batch)
 
     def _print(self, iteration, loss, lr, gn, tok_s, step_time, per_pass, imbalance, mfu,
-               peak_gib=None):
+               peak_gib=None, global_batch=None):
         mean_step = sum(self.step_times) / len(self.step_times)
         eta = mean_step * (self.args.train_iters - iteration)
         parts = [f"iter {iteration:>{len(str(self.args.train_iters))}}/{self.args.train_iters}",
@@ -329,6 +336,8 @@ class MetricsWriter:
                 drops[t].append(v)
             parts.append("dropped " + " ".join(f"p{t} {100 * sum(v) / len(v):.1f}%"
                                                for t, v in sorted(drops.items())))
+        if self.args.rampup_batch_size:  # the ramp's current size (Megatron-LM's line has it)
+            parts.append(f"global batch {global_batch}")
         parts += [f"lr {lr:.3e}", f"grad norm {gn:.3f}" if gn is not None else "grad norm -",
                   f"{tok_s:,.0f} tok/s", f"{step_time * 1e3:.1f} ms/step"]
         if mfu is not None:

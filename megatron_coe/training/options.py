@@ -14,11 +14,12 @@ checkpoint must agree on all of them (``checkpoint.check_compatible``).
 ``valid=`` is the option's range (``'>= 1'``, ``'> 0'``, ``'[0, 1)'``; None, the unset value of an
 optional option, is always allowed, and a float must be finite). ``parse_args`` checks every value
 against it, and the few rules between options that need nothing but the options (``--min-lr <=
---lr``, the ``--split`` string, LR warmup shorter than the decay, the architecture record's
-``ModelArch.check``), once, before anything else runs:
-an ``OptionError`` naming the flag, the value and the valid range. Rules that need the world size,
-the data or the machine live with their owners (model config ``__post_init__``; parallel layout,
-batch arithmetic and memory in ``setup.check_layout``).
+--lr``, the ``--split`` string, ``--train-iters`` or ``--train-samples`` with only the LR
+lengths (and the batch ramp) of that kind of training, LR warmup shorter than the decay, the
+architecture record's ``ModelArch.check``), once, before anything else runs: an ``OptionError``
+naming the flag, the value and the valid range. Rules that need the world size, the data or the
+machine live with their owners (model config ``__post_init__``; parallel layout, batch
+arithmetic, the batch ramp's sizes and memory in ``setup.check_layout``).
 """
 
 from __future__ import annotations
@@ -245,8 +246,15 @@ class TrainArgs(_ArchOptions):
     global_batch_size: Optional[int] = opt(None, "Samples per optimizer step (all ranks, all "
                                            "micro-batches; default: --micro-batch-size x the "
                                            "data-parallel size).", type=int, valid='>= 1')
-    train_iters: Optional[int] = opt(None, "Optimizer steps to train for (required).", type=int,
-                                     valid='>= 1')
+    rampup_batch_size: list = opt(
+        None, "START INCR SAMPLES: ramp the global batch from START up to --global-batch-size "
+        "in steps of INCR spread evenly over the first SAMPLES samples (Megatron-LM's ramp; "
+        "needs --train-samples).", list_of=int)
+    train_iters: Optional[int] = opt(None, "Optimizer steps to train for (this or "
+                                     "--train-samples is required).", type=int, valid='>= 1')
+    train_samples: Optional[int] = opt(
+        None, "Samples to train on, instead of --train-iters (the LR schedule and the batch "
+        "ramp count samples; the steps are derived as in Megatron-LM).", type=int, valid='>= 1')
     lr: Optional[float] = opt(None, "Peak learning rate (required).", type=float, valid='> 0')
     min_lr: float = opt(0.0, "Final learning rate of the decay.", valid='>= 0')
     lr_decay_style: str = opt("linear", "LR decay after warmup (WSD: warmup-stable-decay, the "
@@ -257,12 +265,18 @@ class TrainArgs(_ArchOptions):
                                   choices=["exponential", "linear", "cosine", "minus_sqrt"])
     lr_wsd_decay_iters: Optional[int] = opt(None, "Steps of the WSD decay phase (required with "
                                             "--lr-decay-style WSD).", type=int, valid='>= 1')
+    lr_wsd_decay_samples: Optional[int] = opt(None, "Samples of the WSD decay phase (with "
+                                              "--train-samples).", type=int, valid='>= 1')
     lr_warmup_iters: int = opt(0, "Linear warmup steps (from 0).", valid='>= 0')
-    lr_warmup_fraction: Optional[float] = opt(None, "Warmup as a fraction of the decay steps "
-                                              "(overrides --lr-warmup-iters).", type=float,
-                                              valid='[0, 1)')
+    lr_warmup_samples: int = opt(0, "Linear warmup samples (with --train-samples).",
+                                 valid='>= 0')
+    lr_warmup_fraction: Optional[float] = opt(None, "Warmup as a fraction of the decay "
+                                              "(overrides --lr-warmup-iters/-samples).",
+                                              type=float, valid='[0, 1)')
     lr_decay_iters: Optional[int] = opt(None, "Decay steps (default: --train-iters).", type=int,
                                         valid='>= 1')
+    lr_decay_samples: Optional[int] = opt(None, "Decay samples (with --train-samples; default: "
+                                          "--train-samples).", type=int, valid='>= 1')
     weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and norms).", valid='>= 0')
     adam_beta1: float = opt(0.9, "AdamW beta1.", valid='[0, 1)')
     adam_beta2: float = opt(0.999, "AdamW beta2.", valid='[0, 1)')
@@ -547,14 +561,67 @@ LEGACY_SPLIT = "969,30,1"
 
 def check_required(args: TrainArgs) -> None:
     """``OptionError`` naming every required option (``REQUIRED``) that is unset."""
-    missing = [n for n in REQUIRED if getattr(args, n) is None]
+    missing = [n for n in REQUIRED if getattr(args, n) is None
+               and not (n == "train_iters" and args.train_samples is not None)]
     if args.mock_data and args.vocab_size is None:
         missing.append("vocab_size")
     if missing:
         flags = " ".join(flag_name(n) for n in missing)
+        either = " or --train-samples" if "train_iters" in missing else ""
         raise OptionError(f"missing required option{'s' if len(missing) > 1 else ''}: {flags} "
-                          "(no default, as in Megatron-LM; give them as flags or in --config, "
-                          "or the model's with --load DIR --use-checkpoint-args)")
+                          f"(no default, as in Megatron-LM{either}; give them as flags or in "
+                          "--config, or the model's with --load DIR --use-checkpoint-args)")
+
+
+# Options of iteration-based training and their counterparts for sample-based training
+# (--train-samples); Megatron-LM refuses each with the other kind of training.
+BY_ITERS_OR_SAMPLES = (("lr_decay_iters", "lr_decay_samples"),
+                       ("lr_warmup_iters", "lr_warmup_samples"),
+                       ("lr_wsd_decay_iters", "lr_wsd_decay_samples"),
+                       (None, "rampup_batch_size"))
+
+
+def check_training_length(args: TrainArgs) -> None:
+    """Megatron-LM's rules: --train-iters or --train-samples, and only the LR lengths (and the
+    batch ramp) of that kind of training."""
+    if args.train_iters is not None and args.train_samples is not None:
+        raise OptionError("option train_samples (--train-samples): give --train-iters or "
+                          "--train-samples, not both (as in Megatron-LM)")
+    by_samples = args.train_samples is not None
+    for iters, samples in BY_ITERS_OR_SAMPLES:
+        name, other = (iters, samples) if by_samples else (samples, iters)
+        if name is None or getattr(args, name) in (None, 0, []):
+            continue
+        if other is None:
+            raise OptionError(f"option {name} ({flag_name(name)}): needs sample-based training: "
+                              "--train-samples instead of --train-iters (as in Megatron-LM)")
+        kind, length = (("sample", "--train-samples") if not by_samples
+                        else ("iteration", "--train-iters"))
+        raise OptionError(f"option {name} ({flag_name(name)}): applies to {kind}-based training "
+                          f"({length}); this run gives "
+                          f"{'--train-samples' if by_samples else '--train-iters'}: use "
+                          f"{flag_name(other)} (as in Megatron-LM)")
+    ramp = args.rampup_batch_size
+    if ramp and (len(ramp) != 3 or min(ramp) < 1):
+        raise OptionError(f"option rampup_batch_size (--rampup-batch-size): {ramp} is not START "
+                          "INCR SAMPLES; valid: three integers >= 1")
+
+
+def lr_lengths(args: TrainArgs) -> tuple:
+    """(warmup, decay, unit, warmup flag, decay flags) of the LR schedule as validated: in
+    steps with --train-iters, in samples with --train-samples (warmup truncated to an integer)."""
+    if args.train_samples is not None:
+        decay, unit = args.lr_decay_samples or args.train_samples, "samples"
+        warmup_flag = "--lr-warmup-samples"
+        decay_flags = "--lr-decay-samples, default --train-samples"
+        warmup = args.lr_warmup_samples
+    else:
+        decay, unit = args.lr_decay_iters or args.train_iters, "steps"
+        warmup_flag, decay_flags = "--lr-warmup-iters", "--lr-decay-iters, default --train-iters"
+        warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup, warmup_flag = int(args.lr_warmup_fraction * decay), "--lr-warmup-fraction"
+    return warmup, decay, unit, warmup_flag, decay_flags
 
 
 def check_ranges(args: TrainArgs) -> None:
@@ -625,13 +692,14 @@ def validate(args: TrainArgs) -> TrainArgs:
                           f"{args.profile_step_end} is not after --profile-step-start "
                           f"{args.profile_step_start}; valid: --profile-step-end > "
                           "--profile-step-start")
+    check_training_length(args)
+    warmup, decay, unit, warmup_flag, decay_flags = lr_lengths(args)
     if args.lr_decay_style == "WSD":
-        decay = args.lr_decay_iters or args.train_iters
-        if args.lr_wsd_decay_iters is None or args.lr_wsd_decay_iters > decay:
-            raise OptionError(f"option lr_wsd_decay_iters (--lr-wsd-decay-iters): "
-                              f"{args.lr_wsd_decay_iters!r} with --lr-decay-style WSD; valid: "
-                              f"1..{decay} (the LR decay steps, --lr-decay-iters or "
-                              "--train-iters)")
+        wsd = "lr_wsd_decay_samples" if unit == "samples" else "lr_wsd_decay_iters"
+        if getattr(args, wsd) is None or getattr(args, wsd) > decay:
+            raise OptionError(f"option {wsd} ({flag_name(wsd)}): {getattr(args, wsd)!r} with "
+                              f"--lr-decay-style WSD; valid: 1..{decay} (the LR decay {unit}, "
+                              f"{decay_flags.replace(', default', ' or')})")
     if args.recompute_activations and args.recompute_granularity not in (None, "selective"):
         raise OptionError("option recompute_activations (--recompute-activations): means "
                           "--recompute-granularity selective, but --recompute-granularity is "
@@ -664,15 +732,10 @@ def validate(args: TrainArgs) -> TrainArgs:
         raise OptionError("option overlap_param_gather (--overlap-param-gather): needs "
                           "--overlap-grad-reduce (as in Megatron-LM); add it or drop "
                           "--overlap-param-gather")
-    decay = args.lr_decay_iters or args.train_iters
-    warmup = (int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None
-              else args.lr_warmup_iters)
     if warmup >= decay:
-        flag = ("--lr-warmup-fraction" if args.lr_warmup_fraction is not None
-                else "--lr-warmup-iters")
-        raise OptionError(f"option {flag}: warmup of {warmup} steps is not shorter than the LR "
-                          f"decay of {decay} steps (--lr-decay-iters, default --train-iters); "
-                          f"valid: warmup < decay")
+        raise OptionError(f"option {warmup_flag}: warmup of {warmup} {unit} is not shorter than "
+                          f"the LR decay of {decay} {unit} ({decay_flags}); valid: warmup < "
+                          "decay")
     return args
 
 

@@ -172,9 +172,75 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
             f"{per_step} (e.g. {lower} or {lower + per_step}) or change --micro-batch-size "
             "(data-parallel size = processes / (tensor-parallel x pipeline-parallel x "
             "context-parallel)).")
+    check_batch_ramp(args, dp)
+    if args.train_samples is not None and train_iters_and_samples(args)[0] == 0:
+        raise SetupError(f"--train-samples {args.train_samples} is less than one global batch "
+                         f"(--global-batch-size {args.global_batch_size}): nothing to train; "
+                         "raise --train-samples.")
     layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step, cp)
     check_attention_memory(args, layout)
     return layout
+
+
+# --------------------------------------------------------------------------- batch ramp
+def check_batch_ramp(args: TrainArgs, dp: int) -> None:
+    """--rampup-batch-size START INCR SAMPLES against the global batch and the layout: START
+    below it, INCR dividing the difference, and every global batch the run takes on the ramp
+    a multiple of --micro-batch-size x the data-parallel size (one line naming the flag)."""
+    if not args.rampup_batch_size:
+        return
+    start, increment, _ = args.rampup_batch_size
+    gbs, flag = args.global_batch_size, "option rampup_batch_size (--rampup-batch-size)"
+    if start >= gbs:
+        raise SetupError(f"{flag}: START {start} is not below --global-batch-size {gbs}, the "
+                         "batch the ramp ends at; valid: START < --global-batch-size")
+    if (gbs - start) % increment:
+        raise SetupError(f"{flag}: INCR {increment} does not divide --global-batch-size {gbs} - "
+                         f"START {start} = {gbs - start}; valid: a divisor of {gbs - start}")
+    per_step = args.micro_batch_size * dp
+    consumed = 0
+    for batch in ramp_steps(args):
+        if batch % per_step:
+            raise SetupError(f"{flag}: the global batch {batch} of the step at sample "
+                             f"{consumed} is not divisible by --micro-batch-size "
+                             f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}; "
+                             f"valid: START and INCR multiples of {per_step}")
+        consumed += batch
+
+
+def batch_calculator(args: TrainArgs, dp: int, rank: int = 0):
+    """Megatron-Core's number-of-micro-batches calculator of this run (constant, or the
+    --rampup-batch-size ramp): ``update(consumed_samples, consistency_check)``, then ``get()``
+    (micro-batches per rank) and ``get_current_global_batch_size()``."""
+    from megatron_coe.compat.batch_rampup import num_microbatches_calculator
+
+    return num_microbatches_calculator(args.global_batch_size, args.micro_batch_size, dp,
+                                       args.rampup_batch_size or None, rank)
+
+
+def ramp_steps(args: TrainArgs) -> list:
+    """The global batch of each step the run takes on the --rampup-batch-size ramp, walked as
+    Megatron-LM's ``update_train_iters`` walks it: a step starts while the consumed samples are
+    at most SAMPLES and at most --train-samples."""
+    calculator = batch_calculator(args, dp=1)  # the batch sizes do not depend on the layout
+    steps, consumed = [], 0
+    while consumed <= args.rampup_batch_size[2] and consumed <= args.train_samples:
+        calculator.update(consumed, consistency_check=False)
+        steps.append(calculator.get_current_global_batch_size())
+        consumed += steps[-1]
+    return steps
+
+
+def train_iters_and_samples(args: TrainArgs) -> tuple:
+    """(steps, samples they consume) of a --train-samples run. The steps are Megatron-LM's
+    (``update_train_iters``): the ramp's, then whole global batches (a partial last one is
+    dropped), so a run that ends on the ramp can take a few samples more than --train-samples."""
+    gbs = args.global_batch_size
+    if not args.rampup_batch_size:
+        return args.train_samples // gbs, args.train_samples // gbs * gbs
+    steps = ramp_steps(args)
+    rest = max(0, args.train_samples - sum(steps)) // gbs
+    return len(steps) + rest, sum(steps) + rest * gbs
 
 
 def _memory_bytes() -> tuple[int, str]:
@@ -453,34 +519,37 @@ def build_optimizer(args: TrainArgs, model: list):
         return get_megatron_optimizer(config, model)
 
 
-def warmup_iters(args: TrainArgs) -> int:
-    decay = args.lr_decay_iters or args.train_iters
-    if args.lr_warmup_fraction is not None:
-        return int(args.lr_warmup_fraction * decay)
-    return args.lr_warmup_iters
-
-
 def build_scheduler(args: TrainArgs, optimizer):
-    """Megatron-Core's scheduler as Megatron-LM builds it for --train-iters
-    (``megatron.training.training.get_optimizer_param_scheduler``): in samples (every length
-    is the iterations times --global-batch-size; the trainer steps it by the global batch), a
-    linear warmup from 0, then decay. A checkpoint's ``opt_param_scheduler`` is then the state
-    Megatron-LM's own scheduler keeps, and loads there without its mismatch assertions."""
+    """Megatron-Core's scheduler as Megatron-LM builds it
+    (``megatron.training.training.get_optimizer_param_scheduler``): in samples, a linear warmup
+    from 0, then decay. With --train-iters every length is the iterations times
+    --global-batch-size (the trainer steps it by each step's global batch); with --train-samples
+    the lengths are the --lr-*-samples options (decay default: --train-samples). A checkpoint's
+    ``opt_param_scheduler`` is then the state Megatron-LM's own scheduler keeps, and loads there
+    without its mismatch assertions."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    gbs = args.global_batch_size
-    decay = args.lr_decay_iters or args.train_iters
-    warmup = warmup_iters(args)
+    from megatron_coe.training.options import lr_lengths
+
+    warmup, decay, unit, _, _ = lr_lengths(args)
     if warmup >= decay:
-        raise SetupError(f"warmup ({warmup} steps) must be shorter than the LR decay ({decay} "
-                         "steps): lower --lr-warmup-iters/--lr-warmup-fraction.")
-    decay_samples = decay * gbs
-    warmup_samples = (args.lr_warmup_fraction * decay_samples if args.lr_warmup_fraction
-                      is not None else args.lr_warmup_iters * gbs)
-    wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
+        raise SetupError(f"warmup ({warmup} {unit}) must be shorter than the LR decay ({decay} "
+                         f"{unit}): lower --lr-warmup-iters/--lr-warmup-samples/"
+                         "--lr-warmup-fraction.")
+    if args.train_samples is not None:
+        decay_samples, total = decay, args.train_samples
+        wsd = args.lr_wsd_decay_samples
+        warmup_samples = args.lr_warmup_samples
+    else:
+        gbs = args.global_batch_size
+        decay_samples, total = decay * gbs, args.train_iters * gbs
+        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters is not None else None
+        warmup_samples = args.lr_warmup_iters * gbs
+    if args.lr_warmup_fraction is not None:
+        warmup_samples = args.lr_warmup_fraction * decay_samples
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=warmup_samples, lr_decay_steps=decay_samples,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant", wsd_decay_steps=wsd,
+        wd_incr_steps=total, wd_incr_style="constant", wsd_decay_steps=wsd,
         lr_wsd_decay_style=args.lr_wsd_decay_style)

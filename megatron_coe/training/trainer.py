@@ -8,6 +8,12 @@ exists; ``Trainer(args, preflight)`` builds the rest (``setup.py``); ``Trainer.t
                 -> optimizer.step (clip, AdamW) -> LR scheduler -> metrics
                 -> validate / save / exit (interval, signal, time limit) at the step boundary
 
+Each step's global batch comes from Megatron-Core's number-of-micro-batches calculator
+(``setup.batch_calculator``), updated from the consumed samples at the start of the step as in
+Megatron-LM: constant, or the ``--rampup-batch-size`` ramp (more micro-batches per rank). The LR
+scheduler, the consumed samples, the aux-loss scale and the logged throughput follow it; a
+resumed run recomputes it from the checkpoint's consumed samples.
+
 Stopping early (``signals.py``, ``timelimit.py``): a SIGTERM/SIGUSR1 (handler installed by
 ``train.main`` before anything is loaded) or a time limit that the next step would overrun is
 seen by every rank through the step's loss all-reduce; all ranks save at the same boundary and
@@ -131,6 +137,8 @@ def preflight(args: TrainArgs, world_size: int) -> Preflight:
                           * args.context_parallel_size)
         args.global_batch_size = args.micro_batch_size * max(1, world_size // model_parallel)
     layout = setup.check_layout(args, world_size)
+    if args.train_samples is not None:  # Megatron-LM derives the steps from the samples
+        args.train_iters = setup.train_iters_and_samples(args)[0]
     metrics.check_wandb(args)
     profiling.check(args, world_size)
     model_config = setup.build_model_config(args)  # validates itself (CoEConfigError / SetupError)
@@ -190,9 +198,11 @@ def check_something_to_train(meta: dict, args: TrainArgs, path: str) -> None:
     if args.skip_train or args.no_load_optim or meta.get("weights_only"):
         return
     if iteration >= args.train_iters:
+        length = (f"--train-samples {args.train_samples} ({args.train_iters} steps)"
+                  if args.train_samples is not None else f"--train-iters {args.train_iters}")
+        flag = length.split()[0]
         raise NothingToTrain(f"nothing to train: checkpoint {path} is at iteration {iteration} "
-                             f">= --train-iters {args.train_iters} (raise --train-iters to train "
-                             "further)")
+                             f">= {length} (raise {flag} to train further)")
 
 
 class Trainer:
@@ -223,6 +233,9 @@ class Trainer:
                 context_parallel_size=args.context_parallel_size)  # also seeds
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
+            # Megatron-Core's calculator: the global batch and micro-batches of each step
+            # (constant, or the --rampup-batch-size ramp over the consumed samples)
+            self.batches = setup.batch_calculator(args, self.dp_size, self.rank)
             with setup.dataset_build_timeout(args):  # rank 0 builds indices, others wait
                 self.train_ds, self.valid_ds = data.build_datasets(args, tokenizer)
 
@@ -255,9 +268,11 @@ class Trainer:
         s = args.seq_length
         mask = torch.triu(torch.ones(1, 1, s, s, dtype=torch.bool), diagonal=1)
         self.attention_mask = mask.cuda() if torch.cuda.is_available() else mask
-        flops = metrics.flops_per_token(args, self.vocab_size) * args.global_batch_size * s
-        self.metrics = metrics.MetricsWriter(args, flops, world)
-        self.flops_per_step = flops
+        self.flops_per_sample = metrics.flops_per_token(args, self.vocab_size) * s
+        flops = self.flops_per_sample * args.global_batch_size  # a step of the full batch
+        self.metrics = metrics.MetricsWriter(args, self.flops_per_sample, world)
+        self.consumed_at_log = self.consumed  # straggler report: FLOPs since the last log line
+        self.global_batch, self.num_microbatches = args.global_batch_size, None  # of this step
         self.profiler = profiling.StepProfiler(args, self.rank)
         self.straggler = profiling.StragglerReport(args, self.rank, world)
         self.lr = args.lr  # LR of the current step (for the metrics)
@@ -342,23 +357,30 @@ class Trainer:
                            labels=batch["labels"])
         return output, partial(loss_func, batch["loss_mask"])
 
-    def _run_schedule(self, iterator, forward_only: bool) -> list:
+    def _run_schedule(self, iterator, forward_only: bool,
+                      num_microbatches: Optional[int] = None) -> list:
+        """The schedule over ``num_microbatches`` micro-batches per rank (default: those of the
+        full --global-batch-size)."""
         return self.forward_backward(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
-            num_microbatches=self.layout.num_microbatches, seq_length=self.args.seq_length,
+            num_microbatches=num_microbatches or self.layout.num_microbatches,
+            seq_length=self.args.seq_length,
             micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, iterator):
+        """One optimizer step of ``self.num_microbatches`` micro-batches per rank (the global
+        batch ``self.global_batch``, set by ``_one_step`` from the consumed samples)."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
         with cuda_device_redirect():
             with self.straggler.timed():
-                reports = self._run_schedule(iterator, forward_only=False)
+                reports = self._run_schedule(iterator, forward_only=False,
+                                             num_microbatches=self.num_microbatches)
             _, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=self.args.global_batch_size)  # in samples (build_scheduler)
+        self.scheduler.step(increment=self.global_batch)  # in samples (build_scheduler)
         return reports, grad_norm
 
     @torch.no_grad()
@@ -392,7 +414,7 @@ class Trainer:
         reports = []
         with cuda_device_redirect():
             for _ in range(self.args.eval_iters):
-                reports += self._run_schedule(iterator, forward_only=True)
+                reports += self._run_schedule(iterator, forward_only=True)  # the full batch
         for chunk in self.model:
             chunk.train()
         loss, _ = metrics.reduce_lm_loss(reports)
@@ -419,7 +441,7 @@ class Trainer:
             path = ckpt.save_checkpoint(self.args.save, self.iteration, self.consumed,
                                         self.model, self.optimizer, self.scheduler, self.args,
                                         self.vocab_size, self.layout,
-                                        flops_so_far=self.flops_per_step * self.iteration,
+                                        flops_so_far=self.flops_per_sample * self.consumed,
                                         async_queue=self.async_queue)
         self.last_saved = self.iteration
         self.save_seconds = metrics.now() - t0
@@ -540,18 +562,23 @@ class Trainer:
         """One optimizer step plus what is due after it; the reason when the run should stop."""
         args = self.args
         self.profiler.before_step(self.iteration)
+        # the step's batch from the samples consumed so far (Megatron-LM: update_num_microbatches
+        # at the start of each iteration; a batch that does not divide is refused at preflight)
+        self.batches.update(self.consumed, consistency_check=True)
+        self.num_microbatches = self.batches.get()
+        self.global_batch = self.batches.get_current_global_batch_size()
         t0 = metrics.now()
         with self.doing(f"iteration {self.iteration + 1}: forward/backward (expert all-to-all, "
                         "pipeline send/recv, gradient reduce-scatter) and optimizer step"):
             reports, grad_norm = self.train_step(iterator)
         self.iteration += 1
         self.profiler.after_step(self.iteration)
-        self.consumed += args.global_batch_size
+        self.consumed += self.global_batch
         self.time_guard.record_step(metrics.now() - t0)
         time_up = (self.iteration < args.train_iters
                    and self.time_guard.time_up(time.time(), self._boundary_work()))
         with self.doing(f"iteration {self.iteration}: loss and aux-loss all-reduce"):
-            aux = metrics.reduce_aux_losses(self.layout.num_microbatches, self.pg_collection)
+            aux = metrics.reduce_aux_losses(self.num_microbatches, self.pg_collection)
             check = args.check_for_nan_in_loss_and_grad
             bad_grad = check and grad_norm is not None and not math.isfinite(float(grad_norm))
             bad_aux = check and not all(math.isfinite(v) for vals in aux.values() for v in vals)
@@ -563,10 +590,13 @@ class Trainer:
             imbalance = (metrics.expert_load_imbalance(self.model, self.model_config)
                          if log_now else None)
             if log_now:
-                self.straggler.report(self.flops_per_step * args.log_interval)
+                self.straggler.report(self.flops_per_sample * (self.consumed -
+                                                               self.consumed_at_log))
+                self.consumed_at_log = self.consumed
         step_time = metrics.now() - t0
         self.finalize_async_saves(blocking=False)  # publish background saves that are done
-        self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance)
+        self.metrics.train_step(self.iteration, loss, self.lr, grad_norm, step_time, aux, imbalance,
+                                self.global_batch, self.consumed)
         if check:
             self._stop_if_non_finite(loss, grad_norm, aux, bool(grad_seen), bool(aux_seen))
 
