@@ -24,12 +24,16 @@ def initialize_parallel(
     expert_tensor_parallel_size: int | None = None,
     seed: int = 1234,
     distributed_timeout_minutes: float = 10.0,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> ProcessGroupCollection:
     """Build TP/PP/EP/DP groups on the already-initialized default process group and seed RNGs.
 
     Returns the ``ProcessGroupCollection`` that modules receive as ``pg_collection``.
     ``distributed_timeout_minutes`` is every new group's collective timeout (Megatron-Core's own
     default is 30 minutes; the trainer passes ``--distributed-timeout-minutes``).
+    ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (None: not
+    interleaved), recorded in the parallel state as Megatron-LM does; the model chunks take
+    their ``vp_stage`` explicitly.
     """
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -37,6 +41,7 @@ def initialize_parallel(
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=distributed_timeout_minutes,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     seed_rngs(seed, pg_collection)
