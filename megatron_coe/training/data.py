@@ -150,8 +150,8 @@ def micro_batches(dataset, micro_batch_size: int, consumed_samples: int, dp_rank
 def per_chunk(iterator: Iterator[dict], chunks: int):
     """The data iterator(s) for the pipeline schedule: ``iterator`` itself for one model chunk;
     for an interleaved pipeline one iterator per chunk (Megatron-Core's interleaved schedule
-    asks each chunk's for its micro-batches), each giving every micro-batch of ``iterator`` in
-    order (a micro-batch is kept until the last chunk has taken it)."""
+    reads each chunk's micro-batches from that chunk's iterator), each giving every micro-batch
+    of ``iterator`` in order (a micro-batch is kept until the last chunk has taken it)."""
     if chunks == 1:
         return iterator
     return list(itertools.tee(iterator, chunks))

@@ -210,13 +210,13 @@ class Trainer:
         self.vocab_size, self.resume_from = pre.vocab_size, pre.resume_from
         tokenizer = pre.tokenizer
 
+        vpp = self.model_config.virtual_pipeline_model_parallel_size  # None: not interleaved
         with self.doing("start-up: building process groups, datasets, model and optimizer"):
             self.pg_collection = initialize_parallel(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed,
                 distributed_timeout_minutes=args.distributed_timeout_minutes,  # also seeds
-                virtual_pipeline_model_parallel_size=self.model_config.
-                virtual_pipeline_model_parallel_size)
+                virtual_pipeline_model_parallel_size=vpp)
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
             with setup.dataset_build_timeout(args):  # rank 0 builds indices, others wait
@@ -231,8 +231,7 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         # the interleaved schedule with virtual stages (one data iterator per model chunk)
-        self.forward_backward = get_forward_backward_func(
-            pp_size=self.layout.pp, vp_size=config.virtual_pipeline_model_parallel_size)
+        self.forward_backward = get_forward_backward_func(pp_size=self.layout.pp, vp_size=vpp)
 
         self.iteration, self.consumed = 0, 0
         if self.resume_from:
