@@ -25,6 +25,7 @@ def initialize_parallel(
     seed: int = 1234,
     distributed_timeout_minutes: float = 10.0,
     context_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: int | None = None,
 ) -> ProcessGroupCollection:
     """Build TP/PP/CP/EP/DP groups on the already-initialized default process group and seed
     RNGs.
@@ -38,6 +39,9 @@ def initialize_parallel(
     samples, ``dp_cp`` both (DDP reduces the dense gradients and the distributed optimizer
     shards over it), and the experts' own layout (EP x expert-TP x expert-DP per stage) folds CP
     into the expert data-parallel group ``expt_dp``.
+    ``virtual_pipeline_model_parallel_size``: model chunks per pipeline rank (None: not
+    interleaved), recorded in the parallel state as Megatron-LM does; the model chunks take
+    their ``vp_stage`` explicitly.
     """
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -46,6 +50,7 @@ def initialize_parallel(
         expert_model_parallel_size=expert_model_parallel_size,
         expert_tensor_parallel_size=expert_tensor_parallel_size,
         distributed_timeout_minutes=distributed_timeout_minutes,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     seed_rngs(seed, pg_collection)

@@ -123,6 +123,14 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def model_keys(model: list) -> list:
+    """The state-dict entry of each model chunk, as Megatron-LM names them: ``model`` for one
+    chunk, ``model0``, ``model1``, ... for the chunks of an interleaved pipeline. The tensors
+    inside carry global names (layer numbers over the whole model), by which
+    ``dist_checkpointing`` matches them, so a checkpoint loads under any other chunking."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
 def _sharded_state(model: list, optimizer, is_loading: bool,
                    load_from: Optional[str] = None) -> dict:
     """``load_from``: the checkpoint being loaded, whose keys the model's tensors take
@@ -130,13 +138,15 @@ def _sharded_state(model: list, optimizer, is_loading: bool,
     from megatron_coe.models.checkpoint_keys import match_to_checkpoint
     from megatron_coe.training.setup import unwrap
 
-    model_sd = unwrap(model[0]).sharded_state_dict(metadata=SHARDING_METADATA)
-    if load_from:
-        match_to_checkpoint(model_sd, unwrap(model[0]).config, load_from)
-    state = {"model": model_sd}
+    state = {}
+    for key, chunk in zip(model_keys(model), model):
+        state[key] = unwrap(chunk).sharded_state_dict(metadata=SHARDING_METADATA)
+        if load_from:
+            match_to_checkpoint(state[key], unwrap(chunk).config, load_from)
     if optimizer is not None:
         ensure_optimizer_state(optimizer)  # torch AdamW without Apex/TE (compat)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+        models = state["model"] if len(model) == 1 else dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(models, is_loading=is_loading,
                                                           metadata=SHARDING_METADATA)
     return state
 
@@ -269,7 +279,8 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
         state = _sharded_state(model, optimizer if load_optim else None, is_loading=True,
                                load_from=path)
         loaded = dist_checkpointing.load(state, path)
-        unwrap(model[0]).load_state_dict(loaded["model"])
+        for key, chunk in zip(model_keys(model), model):
+            unwrap(chunk).load_state_dict(loaded[key])
         if load_optim:  # chained as Megatron-LM chains (regrouped if saved otherwise)
             with adam_step_tolerant_load(optimizer):
                 optimizer.load_state_dict(megatron_lm.regroup_optimizer_state(
@@ -284,7 +295,7 @@ def load_checkpoint(path: str, model: list, optimizer, scheduler, args: TrainArg
             print(f"note: {path} holds model weights only (converted checkpoint): starting at "
                   "iteration 0 with a new optimizer, LR schedule and data position.", flush=True)
     elif not args.no_load_rng:
-        if {"cp": 1, **meta["layout"]} == vars(layout):  # saved before --context-parallel-size: 1
+        if {"cp": 1, "vpp": 1, **meta["layout"]} == vars(layout):  # older checkpoints: cp 1, vpp 1
             _set_rng_state(torch.load(os.path.join(path, "rng", f"rank_{rank:05d}.pt"),
                                       weights_only=False))
         elif rank == 0:

@@ -9,6 +9,7 @@ validation pass reads the same first ``eval_iters`` global batches of the valida
 from __future__ import annotations
 
 import atexit
+import itertools
 from typing import Iterator
 
 import torch
@@ -148,6 +149,16 @@ def micro_batches(dataset, micro_batch_size: int, consumed_samples: int, dp_rank
         if torch.cuda.is_available():
             batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
         yield batch
+
+
+def per_chunk(iterator: Iterator[dict], chunks: int):
+    """The data iterator(s) for the pipeline schedule: ``iterator`` itself for one model chunk;
+    for an interleaved pipeline one iterator per chunk (Megatron-Core's interleaved schedule
+    reads each chunk's micro-batches from that chunk's iterator), each giving every micro-batch
+    of ``iterator`` in order (a micro-batch is kept until the last chunk has taken it)."""
+    if chunks == 1:
+        return iterator
+    return list(itertools.tee(iterator, chunks))
 
 
 _WORKERS: list = []  # DataLoader worker processes (they ignore SIGTERM)

@@ -75,7 +75,7 @@ def namespace(args: TrainArgs, model: list, vocab_size: int, iteration: int, con
         consumed_train_samples=consumed, consumed_valid_samples=0,
         rampup_batch_size=args.rampup_batch_size or None,  # Megatron-LM's unset value
         world_size=layout.world_size, data_parallel_size=layout.dp,
-        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         moe_grouped_gemm=bool(config.moe_grouped_gemm),  # resolved: unset = the layers' choice
         fp16=False, params_dtype=config.params_dtype,
         vocab_file=None, merge_file=None)

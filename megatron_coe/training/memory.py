@@ -119,10 +119,10 @@ class RankMemory:
 def parallel_of(args, world_size: int) -> Parallel:
     tp = args.tensor_model_parallel_size
     vpp = 1
-    per_vstage = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    per_vstage = args.num_layers_per_virtual_pipeline_stage
     if per_vstage:
         vpp = max(1, args.num_layers // (args.pipeline_model_parallel_size * per_vstage))
-    elif getattr(args, "num_virtual_stages_per_pipeline_rank", None):
+    elif args.num_virtual_stages_per_pipeline_rank:
         vpp = args.num_virtual_stages_per_pipeline_rank
     return Parallel(world_size=world_size, tp=tp, pp=args.pipeline_model_parallel_size,
                     ep=args.expert_model_parallel_size,
@@ -136,8 +136,7 @@ def stage_layers(args, par: Parallel) -> list:
     (``--decoder-first/last-pipeline-num-layers``) and the virtual stages (a rank holds virtual
     stages rank, rank + PP, ...)."""
     n, pp, vpp = args.num_layers, par.pp, par.vpp
-    first = getattr(args, "decoder_first_pipeline_num_layers", None)
-    last = getattr(args, "decoder_last_pipeline_num_layers", None)
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
     middle_ranks = pp - (first is not None) - (last is not None)
     middle = (n - (first or 0) - (last or 0)) // middle_ranks if middle_ranks else 0
     per_rank = [middle] * pp  # layers of each pipeline rank, all its virtual stages together

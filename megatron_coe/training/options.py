@@ -168,6 +168,14 @@ class TrainArgs(_ArchOptions):
     decoder_last_pipeline_num_layers: Optional[int] = opt(
         None, "Uneven pipeline: layers of the last stage.", type=int,
         model="num_layers_in_last_pipeline_stage", group=P, valid=">= 1")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = opt(
+        None, "Interleaved pipeline: layers per virtual stage (each pipeline rank then holds "
+        "layers / (pipeline size x this) model chunks; even stages only, excludes "
+        "--num-virtual-stages-per-pipeline-rank).", type=int, group=P, valid=">= 1")
+    num_virtual_stages_per_pipeline_rank: Optional[int] = opt(
+        None, "Interleaved pipeline: model chunks (virtual stages) per pipeline rank; also with "
+        "--decoder-first/last-pipeline-num-layers (every stage's layers divisible by it).",
+        type=int, group=P, valid=">= 1")
     expert_model_parallel_size: int = opt(1, "Expert-parallel size.", model=True, group=P,
                                           valid='>= 1')
     expert_tensor_parallel_size: Optional[int] = opt(None, "Expert tensor-parallel size "

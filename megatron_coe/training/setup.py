@@ -86,6 +86,7 @@ class Layout:
     dp: int
     num_microbatches: int
     cp: int = 1
+    vpp: int = 1  # model chunks (virtual pipeline stages) per pipeline rank; 1: not interleaved
 
 
 def stage_layers(args: TrainArgs, pp: int) -> list:
@@ -119,25 +120,75 @@ def stage_layers(args: TrainArgs, pp: int) -> list:
         [last if last is not None else even]
 
 
-def _check_stages_have_coe_layers(args: TrainArgs, sizes: list) -> None:
-    """Every pipeline stage must hold a CoE layer: a stage of only dense layers has no expert
-    parameters, so its distributed optimizer (and checkpoint save) differs from its peers' and
-    the ranks' collectives no longer match. Refused here rather than failing at the first save."""
-    if len(sizes) == 1 or args.moe_layer_freq == 1:
+VPP_FLAGS = ("--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank")
+
+
+def virtual_stages(args: TrainArgs, pp: int) -> int:
+    """Model chunks (virtual pipeline stages) per pipeline rank, 1 without interleaving, from
+    ``--num-layers-per-virtual-pipeline-stage`` or ``--num-virtual-stages-per-pipeline-rank``
+    by Megatron-LM's rules (at most one of them; layers per virtual stage only with even stages;
+    one chunk per rank is no interleaving; a pipeline of at least 2 ranks; every stage's layers
+    a multiple of the chunks); errors say what to change."""
+    per_stage, chunks = (args.num_layers_per_virtual_pipeline_stage,
+                         args.num_virtual_stages_per_pipeline_rank)
+    if per_stage is None and chunks is None:
+        return 1
+    if per_stage is not None and chunks is not None:
+        raise SetupError(f"{VPP_FLAGS[0]} and {VPP_FLAGS[1]} exclude each other (as in "
+                         "Megatron-LM): give one of them.")
+    sizes = stage_layers(args, pp)
+    if per_stage is not None:
+        what = f"{VPP_FLAGS[0]} {per_stage}"
+        if len(set(sizes)) > 1 or args.decoder_first_pipeline_num_layers is not None \
+                or args.decoder_last_pipeline_num_layers is not None:
+            raise SetupError(f"{what} with uneven stages (--decoder-first/last-pipeline-num-layers)"
+                             f": give the chunks per rank with {VPP_FLAGS[1]} instead (as in "
+                             "Megatron-LM).")
+        if sizes[0] % per_stage:
+            raise SetupError(f"{what}: the {sizes[0]} layers of each pipeline rank (--num-layers "
+                             f"{args.num_layers} / --pipeline-model-parallel-size {pp}) are not a "
+                             "multiple of it; change one of the three.")
+        vpp = sizes[0] // per_stage
+    else:
+        what, vpp = f"{VPP_FLAGS[1]} {chunks}", chunks
+    if vpp == 1:  # Megatron-LM: one virtual stage per rank is the plain schedule
+        return 1
+    if pp == 1:
+        raise SetupError(f"{what}: the interleaved pipeline needs --pipeline-model-parallel-size "
+                         "> 1; raise it or drop the flag.")
+    for stage, size in enumerate(sizes):
+        if size % vpp:
+            raise SetupError(f"{what}: pipeline stage {stage} has {size} layers, not a multiple "
+                             f"of {vpp} virtual stages; change --num-layers, the stage sizes "
+                             "(--decoder-first/last-pipeline-num-layers) or the virtual stages.")
+    return vpp
+
+
+def _check_stages_have_coe_layers(args: TrainArgs, sizes: list, vpp: int = 1) -> None:
+    """Every pipeline stage (with ``vpp`` > 1: every model chunk, virtual stage v of rank r
+    holding the v-th share of that rank's layers after all ranks' shares of virtual stages
+    before it) must hold a CoE layer: a stage of only dense layers has no expert parameters, so
+    its distributed optimizer (and checkpoint save) differs from its peers' and the ranks'
+    collectives no longer match. Refused here rather than failing at the first save."""
+    if (len(sizes) == 1 and vpp == 1) or args.moe_layer_freq == 1:
         return
     from megatron_coe.arch import moe_layer_pattern
 
     pattern = moe_layer_pattern(args.moe_layer_freq, args.num_layers)
     start = 0
-    for stage, size in enumerate(sizes):
-        if not any(pattern[start:start + size]):
-            raise SetupError(
-                f"--moe-layer-freq {args.moe_layer_freq} with --pipeline-model-parallel-size "
-                f"{len(sizes)}: pipeline stage {stage} (layers {start + 1}-{start + size}) has no "
-                "CoE layer, which is not supported; change --moe-layer-freq, the pipeline size or "
-                "the stage sizes (--decoder-first/last-pipeline-num-layers) so that every stage "
-                "holds at least one.")
-        start += size
+    for chunk in range(vpp):
+        for stage, stage_size in enumerate(sizes):
+            size = stage_size // vpp
+            if not any(pattern[start:start + size]):
+                where = f"pipeline stage {stage}" + (f", virtual stage {chunk}" if vpp > 1 else "")
+                raise SetupError(
+                    f"--moe-layer-freq {args.moe_layer_freq} with --pipeline-model-parallel-size "
+                    f"{len(sizes)}: {where} (layers {start + 1}-{start + size}) has no CoE layer, "
+                    "which is not supported; change --moe-layer-freq, the pipeline size or the "
+                    "stage sizes (--decoder-first/last-pipeline-num-layers"
+                    + (", the virtual stages" if vpp > 1 else "")
+                    + ") so that every stage holds at least one.")
+            start += size
 
 
 def check_layout(args: TrainArgs, world_size: int) -> Layout:
@@ -159,9 +210,10 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
                          f"expert-parallel {ep} x expert-tensor-parallel {etp}: change "
                          "--expert-model-parallel-size or the number of processes.")
     sizes = stage_layers(args, pp)
+    vpp = virtual_stages(args, pp)
     if tp > 1 and not args.sequence_parallel:
         raise SetupError("MoE/CoE layers with tensor parallelism need --sequence-parallel.")
-    _check_stages_have_coe_layers(args, sizes)
+    _check_stages_have_coe_layers(args, sizes, vpp)
     dp = world_size // (tp * pp * cp)
     per_step = args.micro_batch_size * dp
     if args.global_batch_size % per_step:
@@ -172,21 +224,32 @@ def check_layout(args: TrainArgs, world_size: int) -> Layout:
             f"{per_step} (e.g. {lower} or {lower + per_step}) or change --micro-batch-size "
             "(data-parallel size = processes / (tensor-parallel x pipeline-parallel x "
             "context-parallel)).")
-    check_batch_ramp(args, dp)
+    check_batch_ramp(args, dp, pp if vpp > 1 else 1)
     if args.train_samples is not None and train_iters_and_samples(args)[0] == 0:
         raise SetupError(f"--train-samples {args.train_samples} is less than one global batch "
                          f"(--global-batch-size {args.global_batch_size}): nothing to train; "
                          "raise --train-samples.")
-    layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step, cp)
+    layout = Layout(world_size, tp, pp, ep, dp, args.global_batch_size // per_step, cp, vpp)
+    if vpp > 1 and layout.num_microbatches % pp:
+        # Megatron-Core's interleaved schedule runs groups of PP micro-batches per model chunk
+        # (microbatch_group_size_per_vp_stage, default PP)
+        multiple = per_step * pp
+        raise SetupError(
+            f"the interleaved pipeline needs a multiple of --pipeline-model-parallel-size {pp} "
+            f"micro-batches per step, but --global-batch-size {args.global_batch_size} gives "
+            f"{layout.num_microbatches} (micro-batch {args.micro_batch_size} x data-parallel "
+            f"{dp} each): use a multiple of {multiple}, e.g. "
+            f"{max(multiple, args.global_batch_size // multiple * multiple)}.")
     check_attention_memory(args, layout)
     return layout
 
 
 # --------------------------------------------------------------------------- batch ramp
-def check_batch_ramp(args: TrainArgs, dp: int) -> None:
+def check_batch_ramp(args: TrainArgs, dp: int, groups: int = 1) -> None:
     """--rampup-batch-size START INCR SAMPLES against the global batch and the layout: START
     below it, INCR dividing the difference, and every global batch the run takes on the ramp
-    a multiple of --micro-batch-size x the data-parallel size (one line naming the flag)."""
+    a multiple of --micro-batch-size x the data-parallel size x ``groups`` (the interleaved
+    pipeline's PP micro-batches per group; else 1), in one line naming the flag."""
     if not args.rampup_batch_size:
         return
     start, increment, _ = args.rampup_batch_size
@@ -197,14 +260,16 @@ def check_batch_ramp(args: TrainArgs, dp: int) -> None:
     if (gbs - start) % increment:
         raise SetupError(f"{flag}: INCR {increment} does not divide --global-batch-size {gbs} - "
                          f"START {start} = {gbs - start}; valid: a divisor of {gbs - start}")
-    per_step = args.micro_batch_size * dp
+    per_step = args.micro_batch_size * dp * groups
+    interleaved = (f" x --pipeline-model-parallel-size {groups} (the interleaved pipeline's "
+                   "micro-batch groups)" if groups > 1 else "")
     consumed = 0
     for batch in ramp_steps(args):
         if batch % per_step:
             raise SetupError(f"{flag}: the global batch {batch} of the step at sample "
                              f"{consumed} is not divisible by --micro-batch-size "
-                             f"{args.micro_batch_size} x data-parallel size {dp} = {per_step}; "
-                             f"valid: START and INCR multiples of {per_step}")
+                             f"{args.micro_batch_size} x data-parallel size {dp}{interleaved} = "
+                             f"{per_step}; valid: START and INCR multiples of {per_step}")
         consumed += batch
 
 
@@ -353,6 +418,10 @@ def _build_model_config(args: TrainArgs):
     if kw["expert_tensor_parallel_size"] is None:
         kw.pop("expert_tensor_parallel_size")
     kw.update(add_bias_linear=False, variable_seq_lengths=False)
+    vpp = virtual_stages(args, args.pipeline_model_parallel_size)
+    if vpp > 1:  # Megatron-LM's interleaved defaults: overlapped, unbatched p2p
+        kw.update(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True,
+                  batch_p2p_comm=False)
     if args.recompute_modules:  # (options.validate made the granularity selective)
         kw.update(recompute_modules=list(args.recompute_modules))
     # as Megatron-LM: one value for every layer is a string, several are the per-layer list
@@ -369,43 +438,59 @@ def _build_model_config(args: TrainArgs):
 
 
 def build_model(args: TrainArgs, config, vocab_size: int, pg_collection) -> list:
-    """``[DistributedDataParallel(GPTModel)]`` (one chunk: no virtual pipeline stages).
+    """``[DistributedDataParallel(GPTModel)]``: one chunk, or with an interleaved pipeline one
+    per virtual stage (``vp_stage=i``), each in its own DDP (buckets for the first only, as
+    Megatron-LM does), all in one optimizer.
 
     ``pg_collection``: the ``ProcessGroupCollection`` from ``parallel.initialize_parallel``
     (which also seeded the RNGs); the model and all its layers use these groups."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
+    from megatron.core.distributed import DistributedDataParallelConfig
 
     from megatron_coe.models.gpt import build_coe_gpt_model
 
     install_cpu_compat()
     plan = precision_plan(args)
-    model = build_coe_gpt_model(
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = [build_coe_gpt_model(
         config, pg_collection=pg_collection, vocab_size=vocab_size,
         max_sequence_length=args.seq_length, use_transformer_engine=plan.use_transformer_engine,
-        **ModelArch.from_args(args).gpt_model_kwargs())
-    if use_cuda():
-        model.cuda(torch.cuda.current_device())
+        vp_stage=stage, **ModelArch.from_args(args).gpt_model_kwargs())
+        for stage in (range(vpp) if vpp else [None])]
     if torch.distributed.get_rank() == 0:
         for line in precision.precision_warnings(args):
             print(line, flush=True)
-        print(precision.startup_line(args, plan, fusion_plan(args), built_experts_class(model)),
-              flush=True)
-    if plan.bf16:
-        model = Float16Module(config, model)
-    mark_routed_experts(model)
+        print(precision.startup_line(args, plan, fusion_plan(args),
+                                     built_experts_class(chunks[0])), flush=True)
     # --overlap-grad-reduce: bucketed async reduce-scatter launched during backward (Megatron-Core
     # DDP); --overlap-param-gather: the distributed optimizer's all-gather of updated parameters
     # is dispatched after the step and waited for by forward pre-hooks (the trainer disables the
-    # hooks, forcing the gather, around validation and checkpoint saves, as Megatron-LM does).
+    # hooks, forcing the gather, around validation and checkpoint saves, as Megatron-LM does);
+    # with an interleaved pipeline the schedule dispatches each chunk's gather
+    # (align_param_gather, Megatron-LM's default there).
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-        overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=True)
+        overlap_param_gather=args.overlap_param_gather, use_distributed_optimizer=True,
+        align_param_gather=bool(vpp) and args.overlap_param_gather)
+    return [_wrap_chunk(args, config, chunk, ddp_config, plan.bf16, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)]
+
+
+def _wrap_chunk(args: TrainArgs, config, model, ddp_config, bf16: bool, disable_bucketing: bool):
+    """One model chunk on its device, in Float16Module (bf16) and DistributedDataParallel."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    if use_cuda():
+        model.cuda(torch.cuda.current_device())
+    if bf16:
+        model = Float16Module(config, model)
+    mark_routed_experts(model)
     with cuda_device_redirect():
-        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+        model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                        disable_bucketing=disable_bucketing)
     if args.overlap_param_gather:
         wait_for_params_of_grouped_experts(model)
-    return [model]
+    return model
 
 
 def built_experts_class(model) -> str | None:

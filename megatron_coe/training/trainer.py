@@ -185,6 +185,25 @@ def _report_missing_checkpoint(args: TrainArgs) -> None:
               "error)", flush=True)
 
 
+def set_schedule_hooks(config, model: list, args: TrainArgs) -> None:
+    """The schedule's gradient and parameter sync hooks, as Megatron-LM sets them for its model
+    chunks (a list with several chunks, the function itself with one): ``no_sync_func`` (each
+    chunk's ``no_sync``: the gradient reduce waits for the last micro-batch); with
+    --overlap-grad-reduce ``grad_sync_func`` (each chunk's ``start_grad_sync``, which the
+    interleaved schedule launches as soon as a chunk's last backward is done); with
+    --overlap-param-gather and model chunks ``param_sync_func`` (each chunk's
+    ``start_param_sync``, dispatched by the schedule before that chunk's first forward)."""
+    def hooks(name: str):
+        found = [getattr(chunk, name) for chunk in model]
+        return found[0] if len(found) == 1 else found
+
+    config.no_sync_func = hooks("no_sync")
+    if args.overlap_grad_reduce:
+        config.grad_sync_func = hooks("start_grad_sync")
+    if args.overlap_param_gather and len(model) > 1:
+        config.param_sync_func = hooks("start_param_sync")
+
+
 def _first_sentence(error: BaseException) -> str:
     """The gist of a backend error: its first line, without gloo's ``[file.cc:N]`` prefix."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -225,12 +244,14 @@ class Trainer:
         self.vocab_size, self.resume_from = pre.vocab_size, pre.resume_from
         tokenizer = pre.tokenizer
 
+        vpp = self.model_config.virtual_pipeline_model_parallel_size  # None: not interleaved
         with self.doing("start-up: building process groups, datasets, model and optimizer"):
             self.pg_collection = initialize_parallel(
                 args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.seed,
-                distributed_timeout_minutes=args.distributed_timeout_minutes,
-                context_parallel_size=args.context_parallel_size)  # also seeds
+                distributed_timeout_minutes=args.distributed_timeout_minutes,  # also seeds
+                context_parallel_size=args.context_parallel_size,
+                virtual_pipeline_model_parallel_size=vpp)
             self.dp_rank = ps.get_data_parallel_rank()
             self.dp_size = ps.get_data_parallel_world_size()
             # Megatron-Core's calculator: the global batch and micro-batches of each step
@@ -244,10 +265,11 @@ class Trainer:
             self.optimizer = setup.build_optimizer(args, self.model)
             self.scheduler = setup.build_scheduler(args, self.optimizer)
         config = self.model_config
-        config.no_sync_func = self.model[0].no_sync
+        set_schedule_hooks(config, self.model, args)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_backward = get_forward_backward_func()
+        # the interleaved schedule with virtual stages (one data iterator per model chunk)
+        self.forward_backward = get_forward_backward_func(pp_size=self.layout.pp, vp_size=vpp)
 
         self.iteration, self.consumed = 0, 0
         if self.resume_from:
@@ -360,7 +382,8 @@ class Trainer:
     def _run_schedule(self, iterator, forward_only: bool,
                       num_microbatches: Optional[int] = None) -> list:
         """The schedule over ``num_microbatches`` micro-batches per rank (default: those of the
-        full --global-batch-size)."""
+        full --global-batch-size). ``iterator``: the micro-batches, or with model chunks
+        (``data.per_chunk``) one iterator per chunk, each giving every micro-batch."""
         return self.forward_backward(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=num_microbatches or self.layout.num_microbatches,
@@ -407,8 +430,9 @@ class Trainer:
 
     def _evaluate(self) -> float:
         t0 = metrics.now()
-        iterator = data.micro_batches(self.valid_ds, self.args.micro_batch_size, 0, self.dp_rank,
-                                      self.dp_size, self.args.num_workers)
+        iterator = data.per_chunk(
+            data.micro_batches(self.valid_ds, self.args.micro_batch_size, 0, self.dp_rank,
+                               self.dp_size, self.args.num_workers), len(self.model))
         for chunk in self.model:
             chunk.eval()
         reports = []
@@ -477,8 +501,9 @@ class Trainer:
             self._write_exit_reason("signal")
             self.metrics.close()
             return
-        iterator = data.micro_batches(self.train_ds, args.micro_batch_size, self.consumed,
-                                      self.dp_rank, self.dp_size, args.num_workers)
+        iterator = data.per_chunk(
+            data.micro_batches(self.train_ds, args.micro_batch_size, self.consumed, self.dp_rank,
+                               self.dp_size, args.num_workers), len(self.model))
         self._log(f"training from iteration {self.iteration} to {args.train_iters}")
         try:
             while self.iteration < args.train_iters:
