@@ -191,6 +191,7 @@ def test_truncated_metadata_json_is_one_line_with_the_path(copy):
 
 # --------------------------------------------------------------------------- ownership
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_second_writer_on_one_save_fails_at_start_naming_the_holder(tmp_path):
     save = tmp_path / "ckpt"
     first = subprocess.Popen(
@@ -275,6 +276,7 @@ fa._write_item, os.statvfs = write_item, statvfs
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_read_only_save_is_reported_before_training(tmp_path):
     save = tmp_path / "ckpt"
     save.mkdir()
@@ -313,6 +315,7 @@ def _can_mount() -> bool:
 @pytest.mark.timeout(2 * HANG_S)
 @pytest.mark.skipif(not _can_mount(), reason="needs unshare -rm (a user namespace) for a tmpfs")
 @pytest.mark.parametrize("fault", ["full", "read_only"])
+@pytest.mark.one_env
 def test_real_small_or_read_only_filesystem(tmp_path, fault):
     """The same faults on a real file system: a 2.2 MB tmpfs (room for one checkpoint of the
     tiny model; the previous one is kept until the next is published) or a read-only mount."""
@@ -341,6 +344,7 @@ def test_real_small_or_read_only_filesystem(tmp_path, fault):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_regular_file_as_save_is_one_line(tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("keep me\n")
@@ -353,6 +357,7 @@ def test_regular_file_as_save_is_one_line(tmp_path):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_load_of_an_empty_directory_warns_or_exits(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -371,6 +376,7 @@ def test_load_of_an_empty_directory_warns_or_exits(tmp_path):
 
 # --------------------------------------------------------------------------- processes
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_exit_right_after_a_save_is_quick_and_leaves_no_process(tmp_path):
     """The old writer warm-up started a spawn Manager that the exit handler joined forever.
     Quick: the exit after the last line takes less than the run took up to that line (start-up,

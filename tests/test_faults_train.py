@@ -312,6 +312,7 @@ def test_global_batch_size_0_from_the_command_line(tmp_path):
 
 # --------------------------------------------------------------------------- nothing to train
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_resuming_a_finished_run_exits_0_in_seconds(tmp_path):
     """Quick: the second start takes less than 3 x the first run (which also built, trained and
     saved), measured in this test (a wide multiple: the machine's load changes between the
@@ -335,6 +336,7 @@ def test_resuming_a_finished_run_exits_0_in_seconds(tmp_path):
 
 # --------------------------------------------------------------------------- signals at start-up
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_sigterm_to_torchrun_during_startup_ends_in_bounded_time(tmp_path):
     """SIGTERM to torchrun while its 2 ranks import and build: every process is gone within a
     bound (a multiple of ``baseline_seconds``), and nothing is written."""
@@ -387,6 +389,7 @@ def _sigint_once(args: list, log: Path, ready, wait_s: float):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
     bound = 3 * baseline_seconds()
     rc, elapsed, text, _ = _sigint_once(
@@ -397,6 +400,7 @@ def test_sigint_during_startup_is_one_line_and_exit_130(tmp_path):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path):
     """SIGINT mid-run (data workers running): exit 130 with the one line within a bound (a
     multiple of ``baseline_seconds``), no traceback, nothing published after it, and no helper
@@ -456,6 +460,7 @@ def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_sigkill_of_torchrun_stops_its_ranks(tmp_path):
     """SIGKILL to torchrun alone (not its ranks): both ranks are gone within a bound (a multiple
     of ``baseline_seconds``) and no checkpoint is published after that."""

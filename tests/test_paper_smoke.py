@@ -104,6 +104,7 @@ def test_routing_rejects_dropped_tokens():
 
 # --------------------------------------------------------------------------- smoke: end to end
 @pytest.mark.timeout(1800)  # two benchmark invocations on a possibly loaded machine
+@pytest.mark.one_env
 def test_benchmark_and_routing_analysis_smoke(gsm8k_small, tmp_path):
     """The benchmark command end to end (2 models, 1 seed, 4 steps, 1 process) -> table, CSV,
     plot, routing analysis; a second invocation skips the finished runs."""
@@ -281,6 +282,7 @@ def test_protocol2_statistics_by_hand():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.one_env
 def test_protocol2_smoke(gsm8k_small, tmp_path):
     """Protocol 2 end to end on a GSM8K slice (2 arms, 1 rate, 1 seed, 4 steps, 1 process):
     stage 0 prints a planned wall time, the report and tables are written; a second invocation
@@ -429,6 +431,7 @@ def test_protocol3_report_recomputes_from_committed_curves():
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.one_env
 def test_protocol3_smoke(gsm8k_small, tmp_path):
     """Protocol 3 end to end on a GSM8K slice (2 runs of 4 steps, 1 process): summaries and
     curves written where they are committed, the report IN PROGRESS with no verdict, a second
