@@ -113,6 +113,8 @@ BASE = {
     # layout: 2 CPU processes, EP=2 (DP=2 for the dense part), fp32
     "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
     "decoder_first_pipeline_num_layers": None, "decoder_last_pipeline_num_layers": None,
+    "num_layers_per_virtual_pipeline_stage": None, "num_virtual_stages_per_pipeline_rank": None,
+    "context_parallel_size": 1, "cp_comm_type": ["p2p"],
     "expert_model_parallel_size": 2, "expert_tensor_parallel_size": None,
     "sequence_parallel": False, "distributed_backend": "gloo", "transformer_impl": "local",
     "bf16": False, "fp8_format": None, "fp8_recipe": "delayed", "distributed_timeout_minutes": 10.0,
@@ -127,7 +129,9 @@ BASE = {
     "micro_batch_size": 4, "global_batch_size": 16, "train_iters": 500, "lr": 3.0e-3,
     "min_lr": 0.0, "lr_decay_style": "constant", "lr_wsd_decay_style": "exponential",
     "lr_wsd_decay_iters": None, "lr_warmup_iters": 0, "lr_warmup_fraction": 0.1,
-    "lr_decay_iters": None, "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
+    "lr_decay_iters": None, "train_samples": None, "rampup_batch_size": [],
+    "lr_warmup_samples": 0, "lr_decay_samples": None, "lr_wsd_decay_samples": None,
+    "weight_decay": 0.01, "adam_beta1": 0.9, "adam_beta2": 0.95,
     "adam_eps": 1.0e-8, "clip_grad": 1.0, "seed": 1, "calculate_per_token_loss": False,
     "check_for_nan_in_loss_and_grad": True,
     # data: GSM8K train cut 98,2,0 by documents; validation = the whole held-out 2%
