@@ -557,3 +557,29 @@ def test_results_page_protocol3_verdicts_follow_from_the_committed_curves():
         if key.endswith("@1000"):
             per_seed = ", ".join(f"{x:+.3f}" for x in st["values"]).replace("-0.000", "+0.000")
             assert per_seed in page, (key, per_seed)
+
+
+def test_protocol2_curves_are_the_committed_runs():
+    """Protocol 2's regenerated curves (examples/paper/protocol2_curves.py): each committed curve
+    gives, by the protocol's own score, the score committed in runs.csv when protocol 2 ran, and
+    the check file says so; a curve that differs would be marked, never passed off as the run's."""
+    from megatron_coe.analysis import paired
+
+    sys.path.insert(0, str(BENCH.parent))
+    import protocol2_curves as pc
+    import protocol3 as p3
+
+    committed = {r["run"]: r for r in csv.DictReader(open(pc.RESULTS_DIR / "runs.csv"))}
+    curves = p3.read_curves(pc.CURVES_DIR) if pc.CURVES_DIR.exists() else {}
+    check = pc.read_check()
+    assert set(curves) == set(check) and set(curves) <= set(committed)
+    for run, curve in curves.items():
+        row = committed[run]
+        score = paired.score_at(curve, int(row["iterations"]))
+        assert score == pytest.approx(float(row["score"]), abs=1e-9), run
+        assert check[run]["status"] == "equal", run
+    # the decision's runs come first, so a partial regeneration covers them before the ablations
+    order = [r["run"] for r in pc.committed_runs()]
+    assert order[:3] == ["coe2_4_32_lr3e-3_seed1", "moe_8_32_lr3e-3_seed1",
+                         "moe_8_32_4layers_lr3e-3_seed1"]
+    assert set(curves) == set(order[:len(curves)]) or len(curves) == len(order)
