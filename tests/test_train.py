@@ -340,6 +340,7 @@ def test_ep2_run_trains_and_reports(reference):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_sigkill_after_checkpoint_then_resume_is_bit_exact(gsm8k, reference):
     out = gsm8k["dir"] / "killed"
     args = [*TINY, *data_args(gsm8k), "--expert-model-parallel-size", "2", "--save",
@@ -385,6 +386,7 @@ def test_ep2_checkpoint_reshards_with_same_validation_loss(gsm8k, reference, lay
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_pipeline_parallel_2_trains(gsm8k):
     out = gsm8k["dir"] / "pp2"
     args = [*TINY, *data_args(gsm8k), "--pipeline-model-parallel-size", "2", "--train-iters",
@@ -515,6 +517,7 @@ def _helpers(procs: list) -> list:
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.one_env
 def test_sigterm_to_whole_process_group_saves_publishes_and_resumes(tmp_path):
     """2 ranks (EP=2) with DataLoader workers running (checkpoint writers fork during saves):
     SIGTERM to every process of the group -> checkpoint saved + published, exit 0; resume."""
