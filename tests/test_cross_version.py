@@ -145,6 +145,7 @@ def _tree(path: Path) -> dict:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.one_env
 def test_checkpoint_resumes_across_releases_with_identical_losses(other_python, tmp_path):
     old, new = ((sys.executable, other_python) if megatron_core_version() < (0, 17)
                 else (other_python, sys.executable))

@@ -222,6 +222,7 @@ def test_second_writer_on_one_save_fails_at_start_naming_the_holder(tmp_path):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_hf_import_into_a_run_directory_is_refused(copy, tmp_path):
     before = digest(copy)
     p = subprocess.run([sys.executable, "tools/convert_from_hf.py", "--load", tmp_path / "hf",
@@ -291,6 +292,7 @@ def test_read_only_save_is_reported_before_training(tmp_path):
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_full_disk_at_a_later_save_is_enospc_and_keeps_the_published_checkpoint(tmp_path):
     save = tmp_path / "ckpt"
     rc, out, _ = run([*TINY, "--train-iters", 3, "--save", save, "--save-interval", 1],
@@ -512,6 +514,7 @@ def test_lost_tracker_with_a_damaged_newest_iteration_is_refused_naming_it(copy)
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_a_new_run_never_replaces_another_runs_checkpoints(copy):
     """A fresh run (no --load) whose --save holds another run's iterations 1-2: refused before
     training (it used to train and replace both)."""

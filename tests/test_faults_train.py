@@ -110,6 +110,7 @@ def error_lines(text: str) -> list:
 
 # --------------------------------------------------------------------------- NaN / Inf
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpoint(tmp_path):
     """--lr 1e4, EP=2 over 2 ranks, a checkpoint every step: the gradient norm is NaN at step 2;
     both ranks exit 3 there with one line; iter 1 stays the latest and holds no NaN."""
@@ -144,6 +145,7 @@ def test_nan_stops_every_rank_at_the_same_step_and_keeps_the_last_finite_checkpo
 
 
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_no_check_for_nan_trains_on_but_publishes_no_non_finite_checkpoint(tmp_path):
     """--no-check-for-nan-in-loss-and-grad (Megatron-LM's switch): the NaN run is not stopped at
     the step, but the save-time check does not depend on that flag: the first save with
@@ -418,6 +420,7 @@ def test_sigint_during_training_exits_130_at_once_and_leaves_no_process(tmp_path
 
 # --------------------------------------------------------------------------- hung / orphaned
 @pytest.mark.timeout(2 * HANG_S)
+@pytest.mark.one_env
 def test_hung_rank_makes_its_peer_exit_within_the_timeout(tmp_path):
     """SIGSTOP rank 1 of an EP=2 run with --distributed-timeout-minutes 0.2 (12 s): rank 0 exits
     1 within 12 s plus a margin, naming the iteration and the collective it waited in; the

@@ -159,6 +159,7 @@ def test_preflight_refuses_fp8_on_this_cpu_machine():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 @pytest.mark.timeout(120)
+@pytest.mark.one_env
 def test_cli_refuses_fp8_before_training(tmp_path):
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(

@@ -125,6 +125,7 @@ def test_check_runtime_refuses_a_broken_te_on_cuda(monkeypatch):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.one_env
 def test_cli_on_a_cuda_machine_with_a_broken_te_exits_2_with_one_line():
     """The trainer on a faked CUDA machine whose TE import fails: one line quoting the import
     error, exit 2, nothing built; with --transformer-impl local it passes that check."""
@@ -167,6 +168,7 @@ def test_startup_line_names_impl_experts_dispatcher_precision_router_fusions():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_startup_line_of_a_real_cpu_run(tmp_path):
     """...and the checkpoint's Megatron-LM ``args`` record the experts actually built (no
     grouped GEMM on the local layers: False, not the unset option's None) and the router dtype."""
@@ -404,6 +406,7 @@ _BARRIER = textwrap.dedent("""
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_dataset_build_barrier_outlives_the_collective_timeout(monkeypatch):
     """Rank 0 works longer than the collective timeout (3 s) before a barrier the other rank
     waits in: inside the dataset-build timeout both ranks pass; after it (timeout restored) the

@@ -105,6 +105,7 @@ def _wandb_records(path: Path) -> list:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.one_env
 def test_wandb_offline_run_directory_holds_the_metrics(tmp_path):
     out = _run(["--save", "ckpt", "--wandb-project", "coe-test", "--wandb-exp-name", "tiny-run"],
                1, tmp_path, WANDB_MODE="offline", WANDB_CONFIG_DIR=str(tmp_path / "wbconfig"),

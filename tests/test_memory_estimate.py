@@ -222,6 +222,7 @@ def test_activation_estimate_within_25_percent(case):
 
 
 # --------------------------------------------------------------------------- start-up and tool
+@pytest.mark.one_env
 def test_trainer_prints_the_estimate_at_start_up(tmp_path):
     from megatron_coe.testing.train_args import explicit
     from megatron_coe.training import memory, options, setup

@@ -225,6 +225,7 @@ def gsm8k_test(gsm8k) -> str:
                         tokenizer_model=gsm8k["prefix"] + ".tokenizer.json")
 
 
+@pytest.mark.one_env
 def test_per_split_data_paths(gsm8k, gsm8k_test, tmp_path):
     """--train-data-path / --valid-data-path: the training and validation data come from their
     own prefixes (GSM8K train and test), used whole; conflicting data options are refused."""
@@ -452,6 +453,7 @@ def test_time_limit_deadline_from_flag_and_job_end_time():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_exit_duration_saves_publishes_and_exits_0(tmp_path):
     """--exit-duration-in-mins 0.05 (3 s, less than start-up): stop after the first step(s)."""
     reason = tmp_path / "exit_reason"
@@ -469,6 +471,7 @@ def test_exit_duration_saves_publishes_and_exits_0(tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.one_env
 def test_job_end_time_env_stops_before_the_margin(tmp_path):
     """$COE_JOB_END_TIME = now + 5 min + 1 s with the default 5-minute margin: stop at once."""
     args = [*TINY, "--mock-data", "--train-iters", "1000", "--eval-iters", "0", "--save",
