@@ -185,3 +185,22 @@ def test_two_rank_ramp_follows_the_calculator_and_resumes_bit_exact(tmp_path):
     ref, got = train_losses(full), train_losses(resumed)
     assert sorted(got) == [4, 5, 6, 7]
     assert [got[i] for i in range(4, 8)] == [ref[i] for i in range(4, 8)]  # bit-exact
+
+
+def test_a_length_flag_replaces_the_config_files_length_of_the_other_kind(tmp_path):
+    """--train-samples on the command line with a config that sets train_iters trains by samples
+    (the flag wins over the file, as every flag does); both as flags is still refused."""
+    from megatron_coe.training.options import OptionError, parse_args
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("num_layers: 2\nhidden_size: 32\nnum_attention_heads: 4\nnum_experts: 4\n"
+                   "seq_length: 32\nmicro_batch_size: 1\ntrain_iters: 300\nlr_decay_iters: 200\n"
+                   "lr: 0.001\n")
+    args = parse_args(["--config", str(cfg), "--train-samples", "640",
+                       "--lr-decay-samples", "320"])
+    assert (args.train_iters, args.train_samples, args.lr_decay_iters,
+            args.lr_decay_samples) == (None, 640, None, 320)
+    args = parse_args(["--config", str(cfg)])
+    assert (args.train_iters, args.train_samples, args.lr_decay_iters) == (300, None, 200)
+    with pytest.raises((OptionError, SystemExit)):
+        parse_args(["--config", str(cfg), "--train-iters", "3", "--train-samples", "640"])

@@ -747,11 +747,23 @@ def validate(args: TrainArgs) -> TrainArgs:
     return args
 
 
+# Training and LR-schedule lengths in steps or in samples (Megatron-LM allows one kind per run).
+LENGTH_PAIRS = (("train_iters", "train_samples"), ("lr_decay_iters", "lr_decay_samples"),
+                ("lr_warmup_iters", "lr_warmup_samples"),
+                ("lr_wsd_decay_iters", "lr_wsd_decay_samples"))
+
+
 def parse_args(argv: Optional[list] = None) -> TrainArgs:
-    """Defaults < ``--config`` file < flags, then ``validate``. Raises ``OptionError`` (flags:
+    """Defaults < ``--config`` file < flags, then ``validate``. A length given as a flag
+    (``--train-samples``, ``--lr-decay-iters``, ...) also replaces the config file's length of the
+    other kind (``train_iters``, ``lr_decay_samples``, ...). Raises ``OptionError`` (flags:
     argparse exits 2)."""
     ns = vars(build_parser().parse_args(argv))
     values = load_yaml(ns.pop("config")) if "config" in ns else {}
+    for iters, samples in LENGTH_PAIRS:  # a length on the command line replaces the config's
+        for given, other in ((iters, samples), (samples, iters)):  # length of the other kind
+            if given in ns and other not in ns:
+                values.pop(other, None)
     for name, value in ns.items():
         values[name] = coerce(name, value)
     if values.get("use_checkpoint_args"):
