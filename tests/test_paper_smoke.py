@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -578,8 +579,48 @@ def test_protocol2_curves_are_the_committed_runs():
         score = paired.score_at(curve, int(row["iterations"]))
         assert score == pytest.approx(float(row["score"]), abs=1e-9), run
         assert check[run]["status"] == "equal", run
-    # the decision's runs come first, so a partial regeneration covers them before the ablations
+    # every run of protocol 2 has its curve (the regeneration trained the decision's runs first)
     order = [r["run"] for r in pc.committed_runs()]
     assert order[:3] == ["coe2_4_32_lr3e-3_seed1", "moe_8_32_lr3e-3_seed1",
                          "moe_8_32_4layers_lr3e-3_seed1"]
-    assert set(curves) == set(order[:len(curves)]) or len(curves) == len(order)
+    assert sorted(curves) == sorted(order) == sorted(committed) and len(order) == 31
+
+
+def test_protocol2_step_efficiency_follows_from_the_committed_curves():
+    """Protocol 2's step-efficiency tables (results/protocol2/results.md, written by the command
+    from curves it did not keep) are recomputed from the regenerated curves, cell by cell, and
+    RESULTS.md's column carries the same means: the numbers a reader sees can be re-derived from
+    the repository."""
+    p2 = _protocol2()
+    import protocol2_curves as pc
+    import protocol3 as p3
+
+    curves = p3.read_curves(pc.CURVES_DIR)
+    order = [r["run"] for r in pc.committed_runs()]
+    assert sorted(curves) == sorted(order), "every protocol-2 run's curve is committed"
+    committed = list(csv.DictReader(open(pc.RESULTS_DIR / "runs.csv")))
+    # an arm's seed runs are at the rate its seed-2 run used (stage 2 runs seeds 2..n there)
+    lr_of = {r["arm"]: r["lr"] for r in committed if r["seed"] == "2"}
+    runs_of = {a: [{"seed": int(r["seed"]), "valid_curve": curves[r["run"]]} for r in committed
+                   if r["arm"] == a and r["lr"] == lr_of[a]] for a in lr_of}
+    assert len(runs_of[p2.COE]) == 5 and len(runs_of[p2.STD]) == 3
+
+    page = (pc.RESULTS_DIR / "results.md").read_text().splitlines()
+    results = (BENCH.parent / "RESULTS.md").read_text().splitlines()
+    checked = 0
+    for base, blabel in ((p2.MOE, "paper MoE(8/32)"), (p2.STD, "standard MoE(8/32)")):
+        start = next(i for i, ln in enumerate(page) if ln.startswith(f"Step efficiency vs the {blabel}"))
+        for a in runs_of:
+            if a == base:
+                continue
+            cells = [p2._eff(runs_of[a], runs_of[base], s) for s in p2.EFFICIENCY_STEPS]
+            row = f"| {p2.ARMS[a].label} | " + " | ".join(cells) + " |"
+            assert row in page[start:start + 12], (blabel, row)
+            checked += 1
+            if base == p2.MOE:   # RESULTS.md's table: the mean, or "not reached"
+                means = " / ".join(m.group(1) if (m := re.match(r"(\d+\.\d\d) ", c))
+                                   else "not reached" for c in cells)
+                lr = {"0.003": "3e-3", "0.0015": "1.5e-3"}[lr_of[a]]
+                mine = [ln for ln in results if ln.startswith(f"| {p2.ARMS[a].label} ({lr}) |")]
+                assert len(mine) == 1 and mine[0].rstrip(" |").endswith(means), (a, means, mine)
+    assert checked == 12
