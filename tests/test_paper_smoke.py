@@ -624,3 +624,34 @@ def test_protocol2_step_efficiency_follows_from_the_committed_curves():
                 mine = [ln for ln in results if ln.startswith(f"| {p2.ARMS[a].label} ({lr}) |")]
                 assert len(mine) == 1 and mine[0].rstrip(" |").endswith(means), (a, means, mine)
     assert checked == 12
+
+
+def test_protocol2_paired_band_follows_from_the_committed_curves(tmp_path):
+    """The crossing RESULTS.md reads off protocol 2's paired-difference band (below 0 up to step
+    175, above 0 from step 350, the decision's interval at 500) is what the committed curves
+    give, and the figure is drawn from them."""
+    from megatron_coe.analysis import paired
+
+    p2 = _protocol2()
+    import protocol2_curves as pc
+    import protocol3 as p3
+
+    arms = pc.seed_runs(p3.read_curves(pc.CURVES_DIR))
+    per_step = {}
+    for seed, c in arms[p2.COE].items():
+        for i, x in pc.paired_score_difference(c, arms[p2.MOE][seed]).items():
+            per_step.setdefault(i, []).append(x)
+    band = {i: paired.paired_interval(xs) for i, xs in sorted(per_step.items())}
+    assert all(st["n"] == 5 for st in band.values())
+    last_below = max(i for i, st in band.items() if st["hi"] < 0)
+    first_above_for_good = min(i for i in band if all(band[j]["lo"] > 0 for j in band if j >= i))
+    assert (last_below, first_above_for_good) == (175, 350)
+    assert all(st["hi"] < 0 for i, st in band.items() if i <= 175)
+    st = band[500]
+    page = (BENCH.parent / "RESULTS.md").read_text()
+    assert "below 0 up to step 175 and above 0 from step 350" in page
+    assert f"{st['mean']:+.4f} [{st['lo']:+.4f}, {st['hi']:+.4f}]" == "+0.0360 [+0.0116, +0.0603]"
+    # matplotlib is in both test environments (requirements*.txt): no plots is a failure here
+    written = pc.plots(p3.read_curves(pc.CURVES_DIR), tmp_path)
+    assert [p.name for p in written] == ["paired_difference_ci.png", "valid_loss_zoom.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)

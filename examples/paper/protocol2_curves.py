@@ -15,12 +15,18 @@ so rather than presenting it as the original run's curve.
 
 Order: the decision's runs first (CoE-2(4/32) and paper MoE(8/32) seed pairs, the depth control),
 then the ablations and the learning-rate sweep. Runs go to ``--work-dir`` (not committed).
+
+Once every curve is there, it draws from them the two figures protocol 2 could not
+(``--plots-only`` draws them without training): ``paired_difference_ci.png``, each arm's score
+minus the paper MoE's over steps with the 95% t-band of the paired seeds, and
+``valid_loss_zoom.png``, the mean curves zoomed to where the arms differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +84,97 @@ def check_row(name: str, committed: float, retrained: float, tolerance: float,
             "code_commit": commit}
 
 
+def seed_runs(curves: dict, runs_csv: Path = RESULTS_DIR / "runs.csv") -> dict:
+    """``{arm: {seed: curve}}`` at each arm's stage-2 rate (the rate of its seed-2 run)."""
+    rows = list(csv.DictReader(open(runs_csv)))
+    lr_of = {r["arm"]: r["lr"] for r in rows if r["seed"] == "2"}
+    return {a: {int(r["seed"]): curves[r["run"]] for r in rows
+                if r["arm"] == a and r["lr"] == lr and r["run"] in curves}
+            for a, lr in lr_of.items()}
+
+
+def paired_score_difference(curve_a, curve_b) -> dict:
+    """``{step: score_a - score_b}``: the protocol's score (mean of the last 3 validations) as
+    it would have been computed had the run stopped at that step."""
+    from megatron_coe.analysis import paired
+
+    b = {int(i) for i, _ in curve_b}
+    out = {}
+    for i, _ in curve_a:
+        sa, sb = paired.score_at(curve_a, int(i)), paired.score_at(curve_b, int(i))
+        if int(i) in b and sa is not None and sb is not None:
+            out[int(i)] = sa - sb
+    return out
+
+
+def plots(curves: dict, out: Path) -> list:
+    """The paired-difference figure with its 95% band and the zoomed loss curves; returns the
+    files written (none without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_coe.analysis import paired
+
+    arms = seed_runs(curves)
+    base = arms[p2.MOE]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for k, a in enumerate(p2.ARMS):
+        if a == p2.MOE or not arms.get(a) or a == "coe2_4_32_outer_residual":
+            continue   # the outer-residual ablation (+0.31) is off this scale; see the table
+        per_step = {}
+        for seed, c in arms[a].items():
+            if seed in base:
+                for i, x in paired_score_difference(c, base[seed]).items():
+                    per_step.setdefault(i, []).append(x)
+        its = sorted(i for i, xs in per_step.items() if len(xs) >= 2)
+        st = [paired.paired_interval(per_step[i]) for i in its]
+        ax.plot(its, [x["mean"] for x in st], color=f"C{k}", lw=2 if a == p2.COE else 1.2,
+                label=f"{p2.ARMS[a].label} (n={st[-1]['n']})")
+        ax.fill_between(its, [x["lo"] for x in st], [x["hi"] for x in st], color=f"C{k}",
+                        alpha=0.25 if a == p2.COE else 0.08)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhline(-0.03, color="k", lw=0.6, ls=":")
+    ax.set_ylim(-0.2, 0.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("score minus paper MoE(8/32), same seed")
+    ax.set_title("protocol 2: paired difference vs the paper MoE(8/32), mean and 95% t-band "
+                 "(dotted: the -0.03 rule)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written = [out / "paired_difference_ci.png"]
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    lows = []
+    for k, a in enumerate(p2.ARMS):
+        cs = list(arms.get(a, {}).values())
+        if not cs or a == "coe2_4_32_outer_residual":
+            continue
+        its = sorted(set.intersection(*[{i for i, _ in c} for c in cs]))
+        m = [statistics.mean(dict(map(tuple, c))[i] for c in cs) for i in its]
+        ax.plot(its, m, color=f"C{k}", label=f"{p2.ARMS[a].label} (n={len(cs)})")
+        lows += [x for i, x in zip(its, m) if i >= 200]
+    ax.set_ylim(min(lows) - 0.02, max(lows) + 0.02)
+    ax.set_xlim(200, None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation LM loss (mean over seeds)")
+    ax.set_title("protocol 2: validation loss from step 200 (outer-residual ablation off scale)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out / "valid_loss_zoom.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(RESULTS_DIR), help="curves/ and curves_check.csv go here")
@@ -88,6 +185,8 @@ def parse(argv=None):
                    help="largest |re-trained - committed| score called equal")
     p.add_argument("--runs-csv", default=str(RESULTS_DIR / "runs.csv"))
     p.add_argument("--train-data")
+    p.add_argument("--plots-only", action="store_true",
+                   help="draw the figures from the committed curves, train nothing")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--run-timeout", type=float, default=4 * 3600)
@@ -111,6 +210,10 @@ def main(argv=None) -> int:
     opts = parse(argv)
     out = Path(opts.out)
     curves, check_path = out / "curves", out / "curves_check.csv"
+    if opts.plots_only:
+        for path in plots(p3.read_curves(curves), out):
+            rb.log(f"wrote {path}")
+        return 0
     if not opts.train_data:
         rb.ensure_data(opts.python, opts.train_prefix, str(ROOT / "data/processed/gsm8k_test_v1k"),
                        1024)
@@ -143,6 +246,10 @@ def main(argv=None) -> int:
                f"{float(r['score']):.6f} ({check[r['run']]['status']})")
     if p2.STOP["signal"]:
         return 128 + int(p2.STOP["signal"])
+    if not failed and all((curves / f"{r['run']}.csv").exists()
+                          for r in committed_runs(Path(opts.runs_csv))):
+        for path in plots(p3.read_curves(curves), out):
+            rb.log(f"wrote {path}")
     return 1 if failed else 0
 
 
