@@ -25,25 +25,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_coe import train
 from megatron_coe.testing.distributed import run_distributed
 from megatron_coe.testing.train_args import explicit
 from megatron_coe.training import memory, options, precision, setup
+
+from test_option_refusals import _refused
 
 TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
         "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-2",
         "--vocab-size", "256", "--mock-data", "--eval-iters", "0", "--no-exit-signal-handler"]
-
-
-def _refused(argv: list, capfd) -> str:
-    """train.main in-process: exit 2, one line on stderr, no process group; that line."""
-    rc = train.main(explicit(argv))
-    out, err = capfd.readouterr()
-    assert rc == 2, out + err
-    assert not torch.distributed.is_initialized()
-    assert err.count("\n") == 1 and err.startswith("coe-train: error: "), err
-    return err.strip()
 
 
 # ------------------------------------------------------------------ flags, refusals, acceptance
