@@ -595,14 +595,10 @@ def test_protocol2_step_efficiency_follows_from_the_committed_curves():
     import protocol2_curves as pc
     import protocol3 as p3
 
-    curves = p3.read_curves(pc.CURVES_DIR)
-    order = [r["run"] for r in pc.committed_runs()]
-    assert sorted(curves) == sorted(order), "every protocol-2 run's curve is committed"
-    committed = list(csv.DictReader(open(pc.RESULTS_DIR / "runs.csv")))
-    # an arm's seed runs are at the rate its seed-2 run used (stage 2 runs seeds 2..n there)
-    lr_of = {r["arm"]: r["lr"] for r in committed if r["seed"] == "2"}
-    runs_of = {a: [{"seed": int(r["seed"]), "valid_curve": curves[r["run"]]} for r in committed
-                   if r["arm"] == a and r["lr"] == lr_of[a]] for a in lr_of}
+    # (that every run's curve is committed: test_protocol2_curves_are_the_committed_runs)
+    lr_of = pc.stage2_rates()
+    runs_of = {a: [{"seed": seed, "valid_curve": c} for seed, c in sorted(by_seed.items())]
+               for a, by_seed in pc.seed_runs(p3.read_curves(pc.CURVES_DIR)).items()}
     assert len(runs_of[p2.COE]) == 5 and len(runs_of[p2.STD]) == 3
 
     page = (pc.RESULTS_DIR / "results.md").read_text().splitlines()
@@ -655,3 +651,23 @@ def test_protocol2_paired_band_follows_from_the_committed_curves(tmp_path):
     written = pc.plots(p3.read_curves(pc.CURVES_DIR), tmp_path)
     assert [p.name for p in written] == ["paired_difference_ci.png", "valid_loss_zoom.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_protocol2_plots_only_refuses_missing_curves_in_one_line(tmp_path, capsys):
+    """``protocol2_curves.py --plots-only`` from a directory that lacks a run's curve draws
+    nothing and says in one line how many are missing and where; with every curve it draws."""
+    import shutil
+
+    _protocol2()  # examples/paper on the path
+    import protocol2_curves as pc
+
+    shutil.copytree(pc.CURVES_DIR, tmp_path / "curves")
+    (tmp_path / "curves" / "moe_8_32_lr3e-3_seed4.csv").unlink()
+    assert pc.main(["--plots-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "1 missing in" in err and "moe_8_32_lr3e-3_seed4.csv" in err
+    assert not list(tmp_path.glob("*.png"))
+    shutil.copy(pc.CURVES_DIR / "moe_8_32_lr3e-3_seed4.csv", tmp_path / "curves")
+    assert pc.main(["--plots-only", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["paired_difference_ci.png",
+                                                             "valid_loss_zoom.png"]
